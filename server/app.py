@@ -1,0 +1,340 @@
+"""`align-serve` routes (protocol v1). Routes stay thin: validation lives in `protocol`, work in the engine."""
+
+import asyncio
+import base64
+import binascii
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from protocol import (
+    API_PREFIX,
+    ChatCompletionRequest,
+    Completion,
+    ErrorBody,
+    ErrorCode,
+    ErrorEnvelope,
+    GeneratePrompt,
+    GenerateRequest,
+    GenerateResponse,
+    Limits,
+    PromptResult,
+    SamplingParams,
+    ServerInfo,
+    image_sha256,
+)
+from server.engines import Engine, EnginePrompt
+from server.images import ImageCache, ImageError
+from server.metrics import Metrics
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    api_key: str | None = None
+    max_pixels: int = 4096 * 4096
+    max_image_bytes: int = 16 * 1024 * 1024
+    image_cache_bytes: int = 2 * 1024**3
+
+
+class APIError(Exception):
+    def __init__(self, status: int, code: ErrorCode, message: str, detail=None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.detail = status, code, message, detail
+
+
+def _envelope(status: int, code: ErrorCode, message: str, detail=None) -> JSONResponse:
+    body = ErrorEnvelope(error=ErrorBody(code=code, message=message, detail=detail))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+
+def _field(loc) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    app = FastAPI(title="align-serve", version="1", docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.ready = False
+    app.state.committing = False
+    metrics = Metrics()
+    images = ImageCache(config.image_cache_bytes)
+    app.state.metrics, app.state.images = metrics, images
+
+    # ---- errors: one envelope, 4xx for the caller's mistakes --------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return _envelope(exc.status, exc.code, exc.message, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _envelope(400, ErrorCode.invalid_json, "request body is not valid JSON", str(errors[0].get("ctx", "")))
+        detail = [{"field": _field(e["loc"]), "message": e["msg"], **({"limit": e["ctx"]} if e.get("ctx") else {})}
+                  for e in errors]
+        for d in detail:  # ctx can hold exceptions; keep the envelope JSON
+            if "limit" in d:
+                d["limit"] = {k: v if isinstance(v, int | float | str) else str(v) for k, v in d["limit"].items()}
+        first = detail[0]
+        return _envelope(422, ErrorCode.invalid_request, f"{first['field']}: {first['message']}", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        code = ErrorCode.not_found if exc.status_code == 404 else ErrorCode.invalid_request
+        return _envelope(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_, exc: Exception):
+        return _envelope(500, ErrorCode.internal, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        start = time.perf_counter()
+        metrics.inflight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            metrics.inflight.dec()
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    async def auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, ErrorCode.unauthorized,
+                           "missing or wrong API key: send `Authorization: Bearer <key>` (the server's --api-key)")
+
+    def require_ready() -> None:
+        if not app.state.ready:
+            raise APIError(503, ErrorCode.not_ready, "the model is still loading; poll GET /ready")
+
+    # ---- liveness, readiness, info, metrics ---------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", dependencies=[Depends(auth)])
+    async def ready():
+        if not app.state.ready:
+            raise APIError(503, ErrorCode.not_ready, "the model is still loading")
+        if app.state.committing:
+            raise APIError(503, ErrorCode.not_ready, "a weight commit is in progress")
+        return {"ready": True, "weight_version": engine.weight_version}
+
+    def info() -> ServerInfo:
+        return ServerInfo(
+            model=config.model_name,
+            engine=engine.name,
+            weight_version=engine.weight_version,
+            image_token_id=engine.image_token_id,
+            eos_token_ids=engine.eos_token_ids,
+            limits=Limits(max_model_len=engine.max_model_len, max_pixels=config.max_pixels,
+                          max_image_bytes=config.max_image_bytes),
+        )
+
+    @app.get(f"{API_PREFIX}/info", dependencies=[Depends(auth), Depends(require_ready)])
+    async def get_info() -> ServerInfo:
+        return info()
+
+    @app.get("/metrics", dependencies=[Depends(auth)])
+    async def get_metrics():
+        metrics.weight_version.set(engine.weight_version)
+        metrics.cache_images.set(len(images))
+        metrics.cache_bytes.set(images.bytes)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- images -------------------------------------------------------------------------------
+    @app.put(API_PREFIX + "/images/{sha256}", dependencies=[Depends(auth)], status_code=201)
+    async def put_image(sha256: str, request: Request):
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise APIError(400, ErrorCode.invalid_request, "the path must be the image's lowercase hex sha256")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > config.max_image_bytes:
+            raise APIError(413, ErrorCode.too_large, f"image is {int(declared):,} bytes; the server accepts up to "
+                           f"{config.max_image_bytes:,} (see --max-image-bytes)")
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > config.max_image_bytes:
+                raise APIError(413, ErrorCode.too_large,
+                               f"image is over {config.max_image_bytes:,} bytes (see --max-image-bytes)")
+        data = bytes(body)
+        if image_sha256(data) != sha256:
+            raise APIError(400, ErrorCode.invalid_image,
+                           f"the body's sha256 is {image_sha256(data)}, not the {sha256} in the path")
+        try:
+            _, img = await asyncio.to_thread(images.add_bytes, data, f"image {sha256[:12]}",
+                                             config.max_image_bytes, config.max_pixels)
+        except ImageError as exc:
+            raise APIError(exc.status, exc.code, exc.message) from None
+        return {"sha256": sha256, "width": img.width, "height": img.height}
+
+    @app.head(API_PREFIX + "/images/{sha256}", dependencies=[Depends(auth)])
+    async def head_image(sha256: str):
+        return Response(status_code=200 if sha256 in images else 404)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def resolve_images(prompt: GeneratePrompt, i: int) -> list:
+        out = []
+        for j, ref in enumerate(prompt.images):
+            what = f"prompts[{i}].images[{j}]"
+            if ref.sha256 is not None:
+                img = images.get(ref.sha256)
+                if img is None:
+                    raise APIError(400, ErrorCode.unknown_image,
+                                   f"{what}: the server holds no image {ref.sha256}; PUT it to "
+                                   f"{API_PREFIX}/images/{ref.sha256} first",
+                                   {"field": what, "sha256": ref.sha256})
+            else:
+                try:
+                    data = base64.b64decode(ref.data, validate=True)
+                    _, img = images.add_bytes(data, what, config.max_image_bytes, config.max_pixels)
+                except binascii.Error:
+                    raise APIError(400, ErrorCode.invalid_image, f"{what}.data is not valid base64",
+                                   {"field": what}) from None
+                except ImageError as exc:
+                    raise APIError(exc.status, exc.code, exc.message, {"field": what}) from None
+            out.append(img)
+        return out
+
+    def to_engine_prompt(prompt: GeneratePrompt, i: int, sampling: SamplingParams) -> EnginePrompt:
+        imgs = resolve_images(prompt, i)
+        if prompt.messages is not None:
+            msgs = [m.model_dump() for m in prompt.messages]
+            n_parts = sum(1 for m in msgs if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+            if n_parts != len(imgs):
+                raise APIError(400, ErrorCode.invalid_request,
+                               f"prompts[{i}].messages has {n_parts} image parts but {len(imgs)} images",
+                               {"field": f"prompts[{i}].images"})
+            ids = engine.processing.chat_prompt_ids(msgs)
+        else:
+            ids = prompt.prompt_ids
+            vocab = len(engine.processing.tokenizer)
+            bad = next((t for t in ids if t < 0 or t >= vocab), None)
+            if bad is not None:
+                raise APIError(400, ErrorCode.invalid_request,
+                               f"prompts[{i}].prompt_ids holds token id {bad}, outside the vocabulary [0, {vocab})",
+                               {"field": f"prompts[{i}].prompt_ids"})
+            placeholders = ids.count(engine.image_token_id) if engine.image_token_id is not None else 0
+            if placeholders != len(imgs):
+                raise APIError(
+                    400, ErrorCode.invalid_request,
+                    f"prompts[{i}].prompt_ids has {placeholders} image placeholder tokens "
+                    f"(id {engine.image_token_id}) but {len(imgs)} images; send exactly one placeholder per "
+                    "image, not the processor-expanded run (AlignClient collapses runs for you)",
+                    {"field": f"prompts[{i}].prompt_ids"})
+            if imgs and engine.image_token_id is None:
+                raise APIError(400, ErrorCode.invalid_request, f"prompts[{i}].images: the served model is text-only",
+                               {"field": f"prompts[{i}].images"})
+        ep = EnginePrompt(prompt_ids=list(ids), images=imgs)
+        length = engine.prompt_len(ep)
+        if length + sampling.max_tokens > engine.max_model_len:
+            raise APIError(
+                400, ErrorCode.context_length,
+                f"prompts[{i}] takes {length} tokens (images expanded) and sampling.max_tokens is "
+                f"{sampling.max_tokens}: {length + sampling.max_tokens} is over max_model_len {engine.max_model_len}",
+                {"field": f"prompts[{i}]", "prompt_tokens": length, "max_tokens": sampling.max_tokens,
+                 "max_model_len": engine.max_model_len})
+        return ep
+
+    async def run_generate(prompts: list[GeneratePrompt], sampling: SamplingParams):
+        eprompts = [to_engine_prompt(p, i, sampling) for i, p in enumerate(prompts)]
+        outs = await engine.generate(eprompts, sampling)
+        metrics.prompts.inc(len(eprompts))
+        metrics.prompt_tokens.inc(sum(engine.prompt_len(p) for p in eprompts))
+        metrics.completion_tokens.inc(sum(len(c.token_ids) for cs in outs for c in cs))
+        return eprompts, outs
+
+    @app.post(API_PREFIX + "/generate", dependencies=[Depends(auth), Depends(require_ready)])
+    async def generate(req: GenerateRequest) -> GenerateResponse:
+        eprompts, outs = await run_generate(req.prompts, req.sampling)
+        results = [
+            PromptResult(prompt_ids=p.prompt_ids, completions=[Completion(**c.__dict__) for c in cs])
+            for p, cs in zip(eprompts, outs, strict=True)
+        ]
+        versions = {c.weight_version for cs in outs for c in cs}
+        return GenerateResponse(results=results, weight_version=max(versions))
+
+    # ---- OpenAI-compatible subset ---------------------------------------------------------------
+    @app.get(API_PREFIX + "/models", dependencies=[Depends(auth)])
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                              "owned_by": "align-serve"}]}
+
+    @app.post(API_PREFIX + "/chat/completions", dependencies=[Depends(auth), Depends(require_ready)])
+    async def chat(req: ChatCompletionRequest):
+        if req.model is not None and req.model != config.model_name:
+            raise APIError(404, ErrorCode.not_found, f"model {req.model!r} is not served here; "
+                           f"this server serves {config.model_name!r}", {"field": "model"})
+        messages, refs = [], []
+        for mi, m in enumerate(req.messages):
+            if isinstance(m.content, str):
+                messages.append({"role": m.role if m.role != "developer" else "system", "content": m.content})
+                continue
+            parts = []
+            for pi, part in enumerate(m.content):
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                url = part.image_url.url
+                head, _, b64 = url.partition(",")
+                if not (head.startswith("data:image/") and head.endswith(";base64")):
+                    raise APIError(400, ErrorCode.invalid_image,
+                                   f"messages[{mi}].content[{pi}].image_url: only data:image/...;base64 URLs are "
+                                   "accepted (the server fetches nothing from the network)",
+                                   {"field": f"messages[{mi}].content[{pi}].image_url.url"})
+                refs.append({"data": b64})
+                parts.append({"type": "image"})
+            messages.append({"role": m.role if m.role != "developer" else "system", "content": parts})
+        max_tokens = req.max_completion_tokens or req.max_tokens or 256
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        try:
+            sampling = SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                      min_p=req.min_p, max_tokens=max_tokens, repetition_penalty=req.repetition_penalty,
+                                      stop=stop, seed=req.seed, logprobs=req.logprobs)
+            prompt = GeneratePrompt(messages=messages, images=refs)
+        except ValueError as exc:
+            raise APIError(422, ErrorCode.invalid_request, str(exc)) from None
+        eprompts, outs = await run_generate([prompt], sampling)
+        choices = []
+        for k, c in enumerate(outs[0]):
+            choice = {"index": k, "message": {"role": "assistant", "content": c.text},
+                      "finish_reason": c.finish_reason, "logprobs": None}
+            if req.logprobs and c.logprobs is not None:
+                toks = engine.processing.tokenizer.convert_ids_to_tokens(c.token_ids)
+                choice["logprobs"] = {"content": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                    for t, lp in zip(toks, c.logprobs, strict=True)]}
+            choices.append(choice)
+        completion_tokens = sum(len(c.token_ids) for c in outs[0])
+        prompt_tokens = engine.prompt_len(eprompts[0])
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": config.model_name,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "system_fingerprint": f"weight_version-{outs[0][0].weight_version}",
+        }
+
+    return app

@@ -1,0 +1,85 @@
+"""`align-serve`: the rollout server daemon."""
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("align-serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="align-serve", description="Serve a VLM for RL rollouts (protocol v1).")
+    p.add_argument("--model", required=True, help="local model directory (HF format)")
+    p.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
+    p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the model dir name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("ALIGN_API_KEY"),
+                   help="bearer token required on every route but /health (default: $ALIGN_API_KEY)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image accepted, in pixels")
+    p.add_argument("--max-image-bytes", type=int, default=16 * 1024 * 1024, help="largest encoded image accepted")
+    p.add_argument("--image-cache-bytes", type=int, default=2 * 1024**3, help="decoded-image cache bound (LRU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM: fraction of device memory (on CPU, of host memory) to take; default 0.9 GPU, 0.2 CPU")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture / compilation (faster start)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+async def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import ServeConfig, create_app
+    from server.engines import create_engine
+
+    started = time.perf_counter()
+    model_name = args.served_model_name or Path(args.model).resolve().name
+    engine = create_engine(
+        args.engine, model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager,
+    )
+    app = create_app(engine, ServeConfig(model_name=model_name, api_key=args.api_key, max_pixels=args.max_pixels,
+                                         max_image_bytes=args.max_image_bytes,
+                                         image_cache_bytes=args.image_cache_bytes))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    # Bind first so /health answers (and the port is taken) while the model loads.
+    serving = asyncio.create_task(server.serve())
+    try:
+        await engine.start()
+    except Exception:
+        log.exception("failed to load %s with the %s engine", args.model, args.engine)
+        server.should_exit = True
+        await serving
+        return 1
+    app.state.ready = True
+    log.info("ready: %s on the %s engine at http://%s:%d (%.1f s to load)", model_name, args.engine,
+             args.host, args.port, time.perf_counter() - started)
+    await serving
+    await engine.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path(args.model).is_dir():
+        sys.exit(f"align-serve: --model {args.model!r} is not a directory (the server loads local models only)")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("binding %s without --api-key: anyone who reaches this port can change the served weights",
+                    args.host)
+    sys.exit(asyncio.run(serve(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The one small interface both engines implement; routes only ever talk to this."""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from protocol import SamplingParams
+
+if TYPE_CHECKING:
+    from server.engines.processing import ModelProcessing
+
+
+@dataclass
+class EnginePrompt:
+    prompt_ids: list[int]  # one image placeholder token per image
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class EngineCompletion:
+    token_ids: list[int]
+    logprobs: list[float] | None
+    text: str
+    finish_reason: Literal["stop", "length"]
+    weight_version: int
+
+
+class Engine(ABC):
+    name: str
+    model_path: str
+    max_model_len: int
+    image_token_id: int | None
+    eos_token_ids: list[int]
+    processing: "ModelProcessing"  # tokenizer, chat template, image token counts
+    weight_version: int = 0
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model; the server reports ready after this returns."""
+
+    @abstractmethod
+    async def generate(self, prompts: list[EnginePrompt], sampling: SamplingParams) -> list[list[EngineCompletion]]:
+        """`sampling.n` completions for each prompt, in order."""
+
+    async def shutdown(self) -> None:
+        return None
+
+    def prompt_len(self, prompt: EnginePrompt) -> int:
+        return len(prompt.prompt_ids) - len(prompt.images) + sum(self.processing.image_tokens(i) for i in prompt.images)
+
+
+def create_engine(name: str, **kwargs) -> Engine:
+    if name == "transformers":
+        from server.engines.transformers import TransformersEngine
+
+        return TransformersEngine(**kwargs)
+    if name == "vllm":
+        from server.engines.vllm import VLLMEngine
+
+        return VLLMEngine(**kwargs)
+    raise ValueError(f"unknown engine {name!r}; choose vllm or transformers")

@@ -1,0 +1,167 @@
+"""Portable engine: any HF VLM through `generate`, on any device. The reference vLLM is tested against.
+
+Concurrent requests with the same sampling parameters are merged into one padded `generate` call
+(a micro-batcher), which runs in a worker thread so the event loop keeps serving.
+"""
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import torch
+from protocol import SamplingParams
+from server.engines import Engine, EngineCompletion, EnginePrompt
+from server.engines.processing import ModelProcessing
+
+MAX_BATCH_SEQUENCES = 256
+
+
+@dataclass
+class _Job:
+    prompts: list[EnginePrompt]
+    sampling: SamplingParams
+    future: asyncio.Future
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None,
+                 device: str | None = None, seed: int = 0, **_ignored):
+        self.model_path = model
+        self.dtype = dtype
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.seed = seed
+        self._max_model_len = max_model_len
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task | None = None
+        # Held while the model runs or while weights are swapped: a sync never lands mid-batch.
+        self.model_lock = threading.Lock()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._batch_loop())
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        self.processing = ModelProcessing(self.model_path)
+        torch.manual_seed(self.seed)
+        dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}[self.dtype]
+        if self.device == "cpu" and dtype == "auto":
+            dtype = torch.float32  # half precision on CPU is slow and diverges from fp32 references
+        cls = AutoModelForImageTextToText if self.processing.is_vlm else AutoModelForCausalLM
+        self.model = cls.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
+        self.image_token_id = self.processing.image_token_id
+        self.eos_token_ids = self.processing.eos_token_ids
+        self.max_model_len = self._max_model_len or self.processing.max_position_embeddings
+
+    async def shutdown(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+
+    async def generate(self, prompts: list[EnginePrompt], sampling: SamplingParams) -> list[list[EngineCompletion]]:
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(prompts, sampling, future))
+        return await future
+
+    async def _batch_loop(self) -> None:
+        pending: list[_Job] = []
+        while True:
+            if not pending:
+                pending.append(await self._queue.get())
+            while not self._queue.empty():
+                pending.append(self._queue.get_nowait())
+            # Take the first job plus every waiting job with identical sampling, up to the batch cap.
+            head = pending[0]
+            batch, rest, size = [], [], 0
+            for job in pending:
+                cost = len(job.prompts) * job.sampling.n
+                if job.sampling == head.sampling and (not batch or size + cost <= MAX_BATCH_SEQUENCES):
+                    batch.append(job)
+                    size += cost
+                else:
+                    rest.append(job)
+            pending = rest
+            prompts = [p for job in batch for p in job.prompts]
+            try:
+                out = await asyncio.to_thread(self._generate_locked, prompts, head.sampling)
+            except Exception as exc:  # a failed batch fails its requests, never the loop
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            start = 0
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_result(out[start : start + len(job.prompts)])
+                start += len(job.prompts)
+
+    def _generate_locked(self, prompts: list[EnginePrompt], sampling: SamplingParams) -> list[list[EngineCompletion]]:
+        with self.model_lock, torch.inference_mode():
+            version = self.weight_version
+            rows = self._generate(prompts, sampling)
+        n = sampling.n
+        return [
+            [EngineCompletion(*row, weight_version=version) for row in rows[i * n : (i + 1) * n]]
+            for i in range(len(prompts))
+        ]
+
+    def _generate(self, prompts: list[EnginePrompt], sampling: SamplingParams):
+        n = sampling.n
+        expanded = [p for p in prompts for _ in range(n)]
+        inputs = self.processing.model_inputs(expanded, self.device)
+        greedy = sampling.temperature == 0.0
+        kwargs = dict(
+            max_new_tokens=sampling.max_tokens,
+            do_sample=not greedy,
+            repetition_penalty=sampling.repetition_penalty,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.processing.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        if not greedy:
+            kwargs.update(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else None,
+                min_p=sampling.min_p or None,
+            )
+        else:  # the model's generation_config may carry sampling defaults; greedy ignores them
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if sampling.stop:
+            kwargs.update(stop_strings=sampling.stop, tokenizer=self.processing.tokenizer)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        out = self.model.generate(**inputs, **kwargs)
+        new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        # scores are the processed logits each token was sampled from (temperature, top-k/p, penalties)
+        logprobs = None
+        if sampling.logprobs:
+            steps = torch.stack(out.scores, dim=1).float().log_softmax(-1)
+            logprobs = steps.gather(-1, torch.tensor(new_tokens, device=steps.device).unsqueeze(-1)).squeeze(-1).tolist()
+        eos = set(self.eos_token_ids)
+        rows = []
+        for i, tokens in enumerate(new_tokens):
+            length, reason = len(tokens), "length"
+            for j, t in enumerate(tokens):
+                if t in eos:
+                    length, reason = j + 1, "stop"
+                    break
+            tokens = tokens[:length]
+            if sampling.stop:
+                # A row that met a stop string is padded after it, and pad may also be an EOS id:
+                # keep only the tokens up to the one that completed the stop string.
+                for k in range(1, len(tokens) + 1):
+                    if any(s in self.processing.tokenizer.decode(tokens[:k], skip_special_tokens=True) for s in sampling.stop):
+                        length, reason, tokens = k, "stop", tokens[:k]
+                        break
+            text = self.processing.tokenizer.decode(tokens, skip_special_tokens=True)
+            cuts = [text.find(s) for s in sampling.stop if s in text]
+            if cuts:
+                text = text[: min(cuts)]
+            rows.append((tokens, logprobs[i][:length] if logprobs else None, text, reason))
+        return rows

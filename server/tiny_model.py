@@ -1,0 +1,215 @@
+"""`align-tiny-model`: write a tiny random Qwen-VL model and its processor, fully offline.
+
+No hub exists on our machines, so tests, benchmarks and the demo build their models here: a
+byte-level BPE tokenizer trained on the spot (with the Qwen special tokens and chat template), a
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL config a few hundred thousand parameters big, and an image-only
+processor (the video processor needs torchvision, which may be absent). Deterministic per seed.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL's own chat template: one `<|image_pad|>` per image part, expanded later by the processor.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
+SHAPES = ["square", "circle", "triangle", "star"]
+
+# Small corpus: the colour task of the demo, think/answer tags, digits and plain English, so the
+# words the tests and demo use are single tokens.
+_CORPUS = (
+    [f"What colour is the {s}? The {s} is {c}." for s in SHAPES for c in COLOURS]
+    + [f"<think>The shape looks {c}.</think><answer>{c}</answer>" for c in COLOURS]
+    + [f"The answer is {a} + {b} = {a + b}." for a in range(10) for b in range(10)]
+    + [
+        "You are a helpful assistant.",
+        "Describe the image. Answer with one word.",
+        "What is in the picture? There is a shape in the middle of a grey image.",
+        "Hello, how are you? I am fine, thank you. Yes no maybe.",
+    ]
+)
+
+
+def build_tokenizer(vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        model_max_length=2048,
+    )
+    return fast
+
+
+def _text_config(arch: str, tok, max_len: int) -> dict:
+    cfg = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_len,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
+    )
+    # head_dim = 32 (vLLM's CPU attention rejects 16); mrope sections cover head_dim / 2.
+    if arch == "qwen3_vl":
+        cfg.update(
+            head_dim=32,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [6, 5, 5],
+                "mrope_interleaved": True,
+            },
+        )
+    else:
+        cfg.update(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+        )
+    return cfg
+
+
+def _vision_config(arch: str) -> dict:
+    if arch == "qwen2_vl":
+        return dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14)
+    if arch == "qwen2_5_vl":
+        return dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            patch_size=14, window_size=56, fullatt_block_indexes=[1],
+        )
+    return dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        patch_size=16, num_position_embeddings=256, deepstack_visual_indexes=[1],
+    )
+
+
+def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, seed: int = 0,
+          max_len: int = 2048) -> Path:
+    """Write a tiny random model + processor to `out_dir`; returns the directory."""
+    import torch
+    import transformers as T
+
+    from torchvision_compat import image_only_processor_class, torchvision_importable
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    text = _text_config(arch, tok, max_len)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+    if text_only:
+        text.pop("rope_parameters")
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(tie_word_embeddings=True, **text))
+        tok.save_pretrained(out)
+    else:
+        config_cls, model_cls, processor_cls = {
+            "qwen2_vl": (T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration, T.Qwen2VLProcessor),
+            "qwen2_5_vl": (T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration, T.Qwen2_5_VLProcessor),
+            "qwen3_vl": (T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration, T.Qwen3VLProcessor),
+        }[arch]
+        vision = _vision_config(arch)
+        config = config_cls(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model = model_cls(config)
+        factor = vision["patch_size"] * 2
+        image_processor = T.Qwen2VLImageProcessorPil(
+            patch_size=vision["patch_size"],
+            merge_size=2,
+            temporal_patch_size=2,
+            # small images: a 64x64 picture becomes 4 (qwen2) or 4 (qwen3) image tokens
+            size={"shortest_edge": factor * factor, "longest_edge": factor * factor * 64},
+        )
+        if torchvision_importable():
+            video_cls = T.Qwen3VLVideoProcessor if arch == "qwen3_vl" else T.Qwen2VLVideoProcessor
+            video = video_cls(patch_size=vision["patch_size"], merge_size=2, temporal_patch_size=2)
+            processor = processor_cls(image_processor, tok, video, chat_template=CHAT_TEMPLATE)
+        else:
+            processor = image_only_processor_class(processor_cls)(
+                image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE
+            )
+        processor.save_pretrained(out)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    (out / "tiny_model.json").write_text(json.dumps({"arch": arch, "text_only": text_only, "seed": seed}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="align-tiny-model", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--arch", choices=ARCHS, default="qwen2_vl")
+    parser.add_argument("--text-only", action="store_true", help="a text-only Qwen2 twin (same tokenizer)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-len", type=int, default=2048, help="max_position_embeddings")
+    args = parser.parse_args(argv)
+    out = build(args.out_dir, args.arch, args.text_only, args.seed, args.max_len)
+    print(f"wrote {'text-only ' if args.text_only else ''}{args.arch} tiny model to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""`AlignClient`: the training process's handle on one or more `align-serve` servers."""
+
+import io
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from PIL import Image
+
+from protocol import (
+    API_PREFIX,
+    ErrorEnvelope,
+    GeneratePrompt,
+    GenerateRequest,
+    GenerateResponse,
+    ImageRef,
+    SamplingParams,
+    ServerInfo,
+    image_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AlignServerError(RuntimeError):
+    """The server answered with an error envelope."""
+
+    def __init__(self, status: int, code: str, message: str, detail=None, url: str = ""):
+        super().__init__(f"{url} answered {status} {code}: {message}")
+        self.status, self.code, self.message, self.detail = status, code, message, detail
+
+
+class AlignConnectionError(ConnectionError):
+    """No server answered after every retry."""
+
+
+def collapse_image_runs(ids: Sequence[int], image_token_id: int) -> list[int]:
+    """Processor-expanded ids (`<image_pad>` x N per image) -> one placeholder per image."""
+    out: list[int] = []
+    for t in ids:
+        if t == image_token_id and out and out[-1] == image_token_id:
+            continue
+        out.append(t)
+    return out
+
+
+def encode_image(image: Image.Image | bytes) -> bytes:
+    """PNG bytes of an image (bytes pass through: an already encoded file keeps its hash)."""
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class AlignClient:
+    def __init__(self, base_urls: str | Sequence[str], api_key: str | None = None, timeout: float = 600.0,
+                 max_retries: int = 5, backoff: float = 0.5):
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise ValueError("AlignClient needs at least one base URL")
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.max_retries, self.backoff = max_retries, backoff
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = [httpx.Client(base_url=u, headers=headers, timeout=timeout) for u in self.base_urls]
+        self._uploaded: list[set[str]] = [set() for _ in self.base_urls]
+        self._info: ServerInfo | None = None
+        self._next = 0
+
+    def close(self) -> None:
+        for h in self._http:
+            h.close()
+
+    def __enter__(self) -> "AlignClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- transport ------------------------------------------------------------------------------
+    def _request(self, server: int, method: str, path: str, **kwargs) -> httpx.Response:
+        """One call with retries on connection errors and 503; other errors raise at once."""
+        http = self._http[server]
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                if attempt == self.max_retries:
+                    raise AlignConnectionError(f"{http.base_url}{path}: {exc}") from exc
+            else:
+                if r.status_code != 503 or attempt == self.max_retries:
+                    if r.status_code >= 400 and method != "HEAD":
+                        raise self._error(r)
+                    return r
+            time.sleep(min(self.backoff * 2**attempt, 10.0))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _error(r: httpx.Response) -> AlignServerError:
+        try:
+            err = ErrorEnvelope.model_validate(r.json()).error
+            return AlignServerError(r.status_code, err.code.value, err.message, err.detail, str(r.request.url))
+        except Exception:
+            return AlignServerError(r.status_code, "unknown", r.text[:500], None, str(r.request.url))
+
+    # ---- status ---------------------------------------------------------------------------------
+    def wait_ready(self, timeout: float = 600.0, poll: float = 0.5) -> ServerInfo:
+        """Block until every server reports ready (model loaded, no commit under way)."""
+        deadline = time.monotonic() + timeout
+        for i, http in enumerate(self._http):
+            while True:
+                try:
+                    r = http.get("/ready")
+                    if r.status_code == 200:
+                        break
+                    if r.status_code == 401:
+                        raise self._error(r)
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.base_urls[i]} not ready after {timeout:.0f} s")
+                time.sleep(poll)
+        return self.info(refresh=True)
+
+    def info(self, refresh: bool = False) -> ServerInfo:
+        if self._info is None or refresh:
+            self._info = ServerInfo.model_validate(self._request(0, "GET", f"{API_PREFIX}/info").json())
+        return self._info
+
+    # ---- images ---------------------------------------------------------------------------------
+    def upload_image(self, image: Image.Image | bytes, server: int = 0) -> str:
+        """Make sure `server` holds the image; returns its sha256. Sends the bytes at most once."""
+        data = encode_image(image)
+        sha = image_sha256(data)
+        if sha in self._uploaded[server]:
+            return sha
+        path = f"{API_PREFIX}/images/{sha}"
+        if self._request(server, "HEAD", path).status_code != 200:
+            self._request(server, "PUT", path, content=data, headers={"Content-Type": "application/octet-stream"})
+        self._uploaded[server].add(sha)
+        return sha
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]] | None = None,
+        images: Sequence[Sequence[Image.Image | bytes]] | None = None,
+        messages: Sequence[list[dict]] | None = None,
+        sampling: SamplingParams | None = None,
+        **sampling_kwargs,
+    ) -> GenerateResponse:
+        """Generate for a batch of prompts: token ids (expanded image runs are collapsed) or chat
+        messages, each with its images (PIL or encoded bytes). Sampling fields as keywords
+        (`n=8, temperature=1.0, max_tokens=64, ...`) or a `SamplingParams`. With several servers
+        the batch is split across them and answered in order."""
+        if (prompt_ids is None) == (messages is None):
+            raise ValueError("give exactly one of prompt_ids or messages")
+        sampling = sampling or SamplingParams(**sampling_kwargs)
+        rows = list(prompt_ids if prompt_ids is not None else messages)
+        images = list(images) if images is not None else [[] for _ in rows]
+        if len(images) != len(rows):
+            raise ValueError(f"{len(rows)} prompts but {len(images)} image lists")
+        if prompt_ids is not None and any(images):
+            token = self.info().image_token_id
+            rows = [collapse_image_runs(r, token) if token is not None else list(r) for r in rows]
+        shards = self._shards(len(rows))
+        if len(shards) == 1:
+            return self._generate_on(shards[0][0], rows, images, sampling, prompt_ids is not None)
+        with ThreadPoolExecutor(len(shards)) as pool:
+            parts = list(pool.map(
+                lambda s: self._generate_on(s[0], rows[s[1]:s[2]], images[s[1]:s[2]], sampling, prompt_ids is not None),
+                shards))
+        return GenerateResponse(results=[r for p in parts for r in p.results],
+                                weight_version=max(p.weight_version for p in parts))
+
+    def _shards(self, n_rows: int) -> list[tuple[int, int, int]]:
+        """(server, start, stop) slices; a single-prompt call rotates over servers."""
+        k = len(self.base_urls)
+        if k == 1 or n_rows == 1:
+            self._next = (self._next + 1) % k
+            return [(self._next, 0, n_rows)]
+        size = -(-n_rows // k)
+        return [(i, s, min(s + size, n_rows)) for i, s in enumerate(range(0, n_rows, size))]
+
+    def _generate_on(self, server: int, rows, images, sampling: SamplingParams, as_ids: bool) -> GenerateResponse:
+        def body() -> dict:
+            prompts = []
+            for row, imgs in zip(rows, images, strict=True):
+                refs = [ImageRef(sha256=self.upload_image(img, server)) for img in imgs]
+                prompts.append(GeneratePrompt(prompt_ids=list(row), images=refs) if as_ids
+                               else GeneratePrompt(messages=row, images=refs))
+            return GenerateRequest(prompts=prompts, sampling=sampling).model_dump(mode="json", exclude_none=True)
+
+        try:
+            r = self._request(server, "POST", f"{API_PREFIX}/generate", json=body())
+        except AlignServerError as exc:
+            if exc.code != "unknown_image":
+                raise
+            # The server's LRU evicted an image we uploaded (or it restarted): upload again, once.
+            self._uploaded[server].clear()
+            r = self._request(server, "POST", f"{API_PREFIX}/generate", json=body())
+        return GenerateResponse.model_validate(r.json())
+
+    def chat(self, messages: list[dict], **params) -> dict:
+        """OpenAI-style chat completion (`/v1/chat/completions`); image parts as data URLs."""
+        return self._request(0, "POST", f"{API_PREFIX}/chat/completions", json={"messages": messages, **params}).json()
