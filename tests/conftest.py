@@ -1,0 +1,22 @@
+from pathlib import Path
+
+import pytest
+
+from server.tiny_model import build
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """Tiny random Qwen2-VL (seed 0) with its processor."""
+    return build(tmp_path_factory.mktemp("tiny_qwen2_vl"), "qwen2_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    """The text-only Qwen2 twin (same tokenizer)."""
+    return build(tmp_path_factory.mktemp("tiny_text"), "qwen2_vl", text_only=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")

@@ -1,0 +1,87 @@
+"""Test helpers: real `align-serve` subprocesses on free loopback ports, tiny images."""
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_image(seed: int, size: int = 64) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8"))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ServerProcess:
+    """`align-serve` as a subprocess; logs go to a file that failures print."""
+
+    def __init__(self, model: Path, engine: str, api_key: str | None = None, extra: list[str] | None = None,
+                 log_dir: Path | None = None, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        self.log_path = Path(log_dir or "/tmp") / f"align-serve-{engine}-{self.port}.log"
+        cmd = [sys.executable, "-m", "server.cli", "--model", str(model), "--engine", engine,
+               "--port", str(self.port), "--log-level", "warning", *(extra or [])]
+        if engine == "vllm":
+            cmd.append("--enforce-eager")
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def wait_ready(self, timeout: float = 300.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"align-serve exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/ready", headers=self.headers(), timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"align-serve not ready after {timeout} s:\n{self.logs()}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-6000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            # The whole process group: vLLM's engine core and workers are children.
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
