@@ -15,8 +15,8 @@ from protocol.schemas import (
     ImageRef,
     Limits,
     PromptResult,
-    ServerInfo,
     SamplingParams,
+    ServerInfo,
     image_sha256,
 )
 

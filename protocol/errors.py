@@ -1,12 +1,12 @@
 """One error envelope for every failure: `{"error": {"code", "message", "detail"}}`."""
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     invalid_json = "invalid_json"
     invalid_request = "invalid_request"  # a field failed validation; detail names it
     unauthorized = "unauthorized"

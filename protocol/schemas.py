@@ -108,6 +108,7 @@ class Limits(BaseModel):
     max_model_len: int
     max_pixels: int
     max_image_bytes: int
+    max_images_per_prompt: int
     max_n: int = MAX_N
     max_prompts_per_request: int = MAX_PROMPTS_PER_REQUEST
 

@@ -30,7 +30,7 @@ from protocol import (
     ServerInfo,
     image_sha256,
 )
-from server.engines import Engine, EnginePrompt
+from server.engines import Engine, EnginePrompt, EngineUnavailable
 from server.images import ImageCache, ImageError
 from server.metrics import Metrics
 
@@ -41,6 +41,7 @@ class ServeConfig:
     api_key: str | None = None
     max_pixels: int = 4096 * 4096
     max_image_bytes: int = 16 * 1024 * 1024
+    max_images_per_prompt: int = 8
     image_cache_bytes: int = 2 * 1024**3
 
 
@@ -89,6 +90,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 d["limit"] = {k: v if isinstance(v, int | float | str) else str(v) for k, v in d["limit"].items()}
         first = detail[0]
         return _envelope(422, ErrorCode.invalid_request, f"{first['field']}: {first['message']}", detail)
+
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(_, exc: EngineUnavailable):
+        return _envelope(503, ErrorCode.not_ready, f"{exc}; retry")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
@@ -147,7 +152,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             image_token_id=engine.image_token_id,
             eos_token_ids=engine.eos_token_ids,
             limits=Limits(max_model_len=engine.max_model_len, max_pixels=config.max_pixels,
-                          max_image_bytes=config.max_image_bytes),
+                          max_image_bytes=config.max_image_bytes,
+                          max_images_per_prompt=config.max_images_per_prompt),
         )
 
     @app.get(f"{API_PREFIX}/info", dependencies=[Depends(auth), Depends(require_ready)])
@@ -193,6 +199,11 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     # ---- generation ---------------------------------------------------------------------------
     def resolve_images(prompt: GeneratePrompt, i: int) -> list:
+        if len(prompt.images) > config.max_images_per_prompt:
+            raise APIError(400, ErrorCode.invalid_request,
+                           f"prompts[{i}].images has {len(prompt.images)} images; the server accepts up to "
+                           f"{config.max_images_per_prompt} per prompt (see --max-images-per-prompt)",
+                           {"field": f"prompts[{i}].images", "limit": config.max_images_per_prompt})
         out = []
         for j, ref in enumerate(prompt.images):
             what = f"prompts[{i}].images[{j}]"

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image accepted, in pixels")
     p.add_argument("--max-image-bytes", type=int, default=16 * 1024 * 1024, help="largest encoded image accepted")
+    p.add_argument("--max-images-per-prompt", type=int, default=8)
     p.add_argument("--image-cache-bytes", type=int, default=2 * 1024**3, help="decoded-image cache bound (LRU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vLLM: fraction of device memory (on CPU, of host memory) to take; default 0.9 GPU, 0.2 CPU")
@@ -46,10 +47,11 @@ async def serve(args: argparse.Namespace) -> int:
     engine = create_engine(
         args.engine, model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, max_images_per_prompt=args.max_images_per_prompt,
     )
     app = create_app(engine, ServeConfig(model_name=model_name, api_key=args.api_key, max_pixels=args.max_pixels,
                                          max_image_bytes=args.max_image_bytes,
+                                         max_images_per_prompt=args.max_images_per_prompt,
                                          image_cache_bytes=args.image_cache_bytes))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))

@@ -2,9 +2,7 @@
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
 
@@ -12,6 +10,10 @@ from protocol import SamplingParams
 
 if TYPE_CHECKING:
     from server.engines.processing import ModelProcessing
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine could not finish a request for now (aborted, paused): the client should retry."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+
 from protocol import SamplingParams
 from server.engines import Engine, EngineCompletion, EnginePrompt
 from server.engines.processing import ModelProcessing
