@@ -91,7 +91,9 @@ def load_processor(path):
         return T.AutoProcessor.from_pretrained(path)
     config = T.AutoConfig.from_pretrained(path)
     processor_cls = getattr(T, T.models.auto.processing_auto.PROCESSOR_MAPPING_NAMES[config.model_type])
+    tokenizer = T.AutoTokenizer.from_pretrained(path)
     return image_only_processor_class(processor_cls)(
         image_processor=T.Qwen2VLImageProcessorPil.from_pretrained(path),
-        tokenizer=T.AutoTokenizer.from_pretrained(path),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
     )

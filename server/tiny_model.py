@@ -144,7 +144,7 @@ def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, 
     import torch
     import transformers as T
 
-    from torchvision_compat import image_only_processor_class, torchvision_importable
+    from torchvision_compat import torchvision_importable
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -186,12 +186,11 @@ def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, 
         if torchvision_importable():
             video_cls = T.Qwen3VLVideoProcessor if arch == "qwen3_vl" else T.Qwen2VLVideoProcessor
             video = video_cls(patch_size=vision["patch_size"], merge_size=2, temporal_patch_size=2)
-            processor = processor_cls(image_processor, tok, video, chat_template=CHAT_TEMPLATE)
-        else:
-            processor = image_only_processor_class(processor_cls)(
-                image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE
-            )
-        processor.save_pretrained(out)
+            processor_cls(image_processor, tok, video, chat_template=CHAT_TEMPLATE).save_pretrained(out)
+        else:  # transformers cannot save a processor without its video part: save the others
+            image_processor.save_pretrained(out)
+            tok.save_pretrained(out)
+            (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_cls.__name__}))
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)

