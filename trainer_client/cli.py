@@ -1,0 +1,29 @@
+"""`align-train grpo|gspo|mpo --model PATH --dataset PATH [--config run.yaml] [flags]`."""
+
+import logging
+import sys
+
+from trainer_client.config import parse_args
+from trainer_client.data import DatasetError
+
+
+def main(argv: list[str] | None = None) -> None:
+    method, align, config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if config.process_index == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress bar
+    from trainer_client.trainers import build_trainer, resume_arg
+
+    try:
+        trainer = build_trainer(method, align, config)
+    except DatasetError as exc:
+        sys.exit(f"align-train: bad dataset, nothing trained: {exc}")
+    trainer.train(resume_from_checkpoint=resume_arg(config))
+    trainer.save_model(config.output_dir)
+    trainer.save_state()  # trainer_state.json: the metrics history (reward curve) beside the model
+    if config.process_index == 0:
+        print(f"align-train {method}: {trainer.state.global_step} steps, model saved to {config.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

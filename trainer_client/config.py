@@ -1,0 +1,99 @@
+"""`align-train` configuration: TRL's own `GRPOConfig` / `DPOConfig` fields plus ours, from YAML and flags.
+
+Every TRL field keeps its name (`--learning_rate` or `--learning-rate`, `learning_rate:` in YAML), so a
+TRL recipe carries over. Precedence: method preset < YAML (`--config`) < flags.
+"""
+
+import sys
+from dataclasses import dataclass, field
+
+from trl import DPOConfig, GRPOConfig, TrlParser
+
+METHODS = ("grpo", "gspo", "mpo")
+
+# Values from the papers, as TRL documents them (FACTS.md "Recipe values"); each one stays overridable.
+PRESETS: dict[str, dict] = {
+    "grpo": {},
+    # GSPO also sets steps_per_generation = 4 x gradient_accumulation_steps (see parse_args).
+    "gspo": {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4, "beta": 0.0,
+             "loss_type": "grpo"},
+    "mpo": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+}
+
+
+@dataclass
+class AlignArguments:
+    """Ours: what TRL's configs do not name (model and data paths, the rollout server, rewards)."""
+
+    model: str = field(metadata={"help": "Path of the policy (a local HF model directory with its processor)."})
+    dataset: str = field(metadata={"help": "A .jsonl/.json/.parquet file (image paths relative to it) or a "
+                                           "`datasets` dataset saved with save_to_disk."})
+    server_url: list[str] = field(default_factory=list, metadata={
+        "help": "align-serve base URL for --vllm-mode server; repeat the flag for several servers.",
+        "action": "extend"})
+    api_key: str | None = field(default=None, metadata={"help": "Bearer token of align-serve (or ALIGN_API_KEY)."})
+    weight_transport: str = field(default="auto", metadata={
+        "help": "How weights reach the server after each optimizer step: auto, nccl, ipc, tcp, shm or http."})
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"], metadata={
+        "help": "Rewards for GRPO/GSPO: built-in format, think_format, accuracy, or any module:function."})
+    server_timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for the server to be ready."})
+
+
+def _vllm_mode_field(choices: list[str], default: str):
+    return field(default=default, metadata={
+        "help": "Where rollouts are generated: server (align-serve through AlignClient), colocate (vLLM in "
+                "this process) or none (transformers generate in this process).",
+        "choices": choices})
+
+
+@dataclass
+class GRPORunConfig(GRPOConfig):
+    # TRL's `vllm_mode` plus `none`, which stands for TRL's `use_vllm=False`.
+    vllm_mode: str = _vllm_mode_field(["server", "colocate", "none"], "none")
+
+
+@dataclass
+class MPORunConfig(DPOConfig):
+    # MPO learns from a fixed preference dataset: nothing to generate.
+    vllm_mode: str = _vllm_mode_field(["none"], "none")
+
+
+def _bf16_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _given(name: str, argv: list[str], yaml_keys: set[str]) -> bool:
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return name in yaml_keys or any(a.split("=", 1)[0] in flags for a in argv)
+
+
+def _yaml_keys(argv: list[str]) -> set[str]:
+    import yaml
+
+    if "--config" not in argv:
+        return set()
+    with open(argv[argv.index("--config") + 1]) as f:
+        return set((yaml.safe_load(f) or {}).keys())
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPORunConfig | MPORunConfig]:
+    """`[method, ...flags]` -> (method, our arguments, the TRL config)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in METHODS:
+        raise SystemExit(f"usage: align-train {{{','.join(METHODS)}}} --model PATH --dataset PATH "
+                         "[--config run.yaml] [flags]   (align-train METHOD --help lists every flag)")
+    method, argv = argv[0], argv[1:]
+    config_cls = MPORunConfig if method == "mpo" else GRPORunConfig
+    parser = TrlParser((AlignArguments, config_cls), prog=f"align-train {method}")
+    # TRL defaults to bf16, which fails on machines without a bf16 GPU: default to what this machine has.
+    parser.set_defaults(output_dir=f"runs/{method}", report_to="none", logging_steps=1, bf16=_bf16_gpu(),
+                        **PRESETS[method])
+    align, config = parser.parse_args_and_config(argv)
+    if method == "gspo" and not _given("steps_per_generation", argv, _yaml_keys(argv)):
+        parser.set_defaults(steps_per_generation=4 * config.gradient_accumulation_steps)
+        align, config = parser.parse_args_and_config(argv)
+    if config.vllm_mode == "server" and not align.server_url:
+        raise SystemExit("--vllm-mode server needs at least one --server-url (an align-serve base URL)")
+    return method, align, config

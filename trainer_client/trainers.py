@@ -1,0 +1,90 @@
+"""TRL's trainers wired for our three generation modes. TRL owns the losses; we own generation,
+weight sync and the operational shell (data checks, rewards, checkpoints, logging).
+
+- GRPO / GSPO: `GRPOTrainer`. `none`: TRL's transformers generation. `colocate`: TRL's vLLM in this
+  process. `server`: `ServerGeneration` (AlignClient) in TRL's vLLM server seam.
+- MPO: `DPOTrainer` with the combined loss (`loss_type` list + `loss_weights`).
+"""
+
+import copy
+import logging
+import os
+
+from transformers import TrainerCallback
+from trl import DPOTrainer, GRPOTrainer
+
+from torchvision_compat import load_processor
+from trainer_client.client import AlignClient
+from trainer_client.config import AlignArguments, GRPORunConfig, MPORunConfig
+from trainer_client.data import load_train_dataset
+from trainer_client.generation import ServerGeneration
+from trainer_client.rewards import load_rewards
+
+log = logging.getLogger(__name__)
+
+
+class PushWeightsCallback(TrainerCallback):
+    """After every optimizer step, the server gets the new weights (one new weight_version)."""
+
+    def __init__(self, generation: ServerGeneration):
+        self.generation = generation
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.generation.sync_weights()
+
+
+class ServerGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
+    does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam."""
+
+    def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_vllm, self.vllm_mode = True, "server"
+        self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction
+        self.vllm_generation = ServerGeneration(self, client, weight_transport)
+        self._last_loaded_step = -1
+        self.add_callback(PushWeightsCallback(self.vllm_generation))
+
+
+def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient | None:
+    """The main process's client, checked against the model being trained."""
+    if not main_process:
+        return None
+    client = AlignClient(align.server_url, api_key=align.api_key or os.environ.get("ALIGN_API_KEY"))
+    info = client.wait_ready(timeout=align.server_timeout)
+    ours = getattr(processor, "image_token_id", None)
+    if ours is not None and info.image_token_id != ours:
+        raise SystemExit(f"{align.server_url[0]} serves {info.model} whose image token id is {info.image_token_id}, "
+                         f"but {align.model} uses {ours}: start align-serve with the model you train")
+    log.info("rollouts from %s (%s engine, weight_version %d)", ", ".join(align.server_url), info.engine,
+             info.weight_version)
+    return client
+
+
+def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MPORunConfig):
+    """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it."""
+    processor = load_processor(align.model)
+    dataset = load_train_dataset(align.dataset, method)
+    if method == "mpo":
+        return DPOTrainer(model=align.model, args=config, train_dataset=dataset, processing_class=processor)
+
+    rewards = load_rewards(align.reward_funcs)
+    mode = config.vllm_mode
+    # A copy, not dataclasses.replace: re-running __post_init__ rejects the batch sizes it derived itself.
+    trl_config = copy.copy(config)
+    trl_config.use_vllm = mode == "colocate"
+    trl_config.vllm_mode = "colocate" if mode == "colocate" else "server"
+    common = dict(model=align.model, reward_funcs=rewards, args=trl_config, train_dataset=dataset,
+                  processing_class=processor)
+    if mode != "server":
+        return GRPOTrainer(**common)
+    main = trl_config.process_index == 0
+    return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport)
+
+
+def resume_arg(config) -> str | bool | None:
+    """`--resume_from_checkpoint PATH`, or `last`/`true` for the newest checkpoint in output_dir."""
+    value = config.resume_from_checkpoint
+    if value is None:
+        return None
+    return True if str(value).lower() in ("true", "last", "latest") else value
