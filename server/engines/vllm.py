@@ -59,6 +59,7 @@ class VLLMEngine(Engine):
 
     def _sampling_params(self, s: SamplingParams, n: int):
         from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return VLLMSamplingParams(
             n=n,
@@ -72,6 +73,8 @@ class VLLMEngine(Engine):
             seed=s.seed,
             logprobs=0 if s.logprobs else None,
             stop_token_ids=self.eos_token_ids,
+            # one output holding all n completions (streamed outputs hold one child at a time)
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
     async def _one(self, prompt: EnginePrompt, params, n_copies: int, version: int) -> list[EngineCompletion]:

@@ -1,0 +1,73 @@
+"""AlignClient against real servers: retries, several servers, images evicted from the cache."""
+
+import httpx
+import pytest
+
+from tests.utils import ServerProcess, free_port, random_image
+from trainer_client import AlignClient, AlignConnectionError
+
+QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+
+
+def _prompts_served(server: ServerProcess) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return float(next(line for line in text.splitlines() if line.startswith("align_prompts_total ")).split()[-1])
+
+
+def test_connection_refused_raises_after_retries():
+    with AlignClient(f"http://127.0.0.1:{free_port()}", max_retries=2, backoff=0.01) as client:
+        with pytest.raises(AlignConnectionError):
+            client.info()
+
+
+def test_generate_waits_out_a_loading_server(tiny_vlm, log_dir):
+    """Called the moment the server starts: connection errors, then 503 while loading, then the answer."""
+    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir)
+    try:
+        with AlignClient(server.url, max_retries=40, backoff=0.25) as client:
+            out = client.generate(prompt_ids=[[1, 2, 3]], max_tokens=2)
+        assert len(out.results[0].completions[0].token_ids) >= 1
+    finally:
+        server.stop()
+
+
+def test_a_batch_is_spread_over_several_servers_and_answered_in_order(tiny_vlm, log_dir):
+    servers = [ServerProcess(tiny_vlm, "transformers", log_dir=log_dir) for _ in range(2)]
+    try:
+        for s in servers:
+            s.wait_ready()
+        with AlignClient([s.url for s in servers]) as client:
+            texts = [f"Shape number {k}" for k in range(6)]
+            messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}] for t in texts]
+            out = client.generate(messages=messages, images=[[random_image(k)] for k in range(6)], max_tokens=2)
+            tok = client.info().image_token_id
+        assert [_prompts_served(s) for s in servers] == [3.0, 3.0]
+        # answers come back in the caller's order: each prompt's ids hold its own text
+        for k, result in enumerate(out.results):
+            assert result.prompt_ids.count(tok) == 1
+            assert str(k) in "".join(_decode(tiny_vlm, result.prompt_ids))
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _decode(model_dir, ids):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).decode(ids)
+
+
+def test_images_evicted_from_the_server_cache_are_uploaded_again(tiny_vlm, log_dir):
+    # room for about two 64x64 images: the third upload evicts the first
+    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir,
+                           extra=["--image-cache-bytes", str(64 * 64 * 3 * 2)]).wait_ready()
+    try:
+        with AlignClient(server.url) as client:
+            first, *others = [random_image(k) for k in range(3)]
+            client.generate(messages=[QUESTION], images=[[first]], max_tokens=1)
+            for img in others:
+                client.generate(messages=[QUESTION], images=[[img]], max_tokens=1)
+            out = client.generate(messages=[QUESTION], images=[[first]], max_tokens=1)
+        assert len(out.results[0].completions) == 1
+    finally:
+        server.stop()
