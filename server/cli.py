@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -55,8 +56,17 @@ async def serve(args: argparse.Namespace) -> int:
                                          image_cache_bytes=args.image_cache_bytes))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
-    # Bind first so /health answers (and the port is taken) while the model loads.
-    serving = asyncio.create_task(server.serve())
+    # Bind before loading (minutes on vLLM): a taken port fails at once, and /health answers
+    # while the model loads.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        log.error("cannot bind %s:%d (%s); pick another --port", args.host, args.port, exc.strerror)
+        return 2
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await engine.start()
     except Exception:
