@@ -1,0 +1,418 @@
+"""The deployment files in docker/, checked without a docker engine (none runs on these machines).
+
+Nothing here builds an image or starts a container. Instead: compose.yaml is read as compose reads
+it (YAML, then `${VAR:-default}` interpolation with the defaults it declares); its commands go
+through the real `align-serve` and `align-train` parsers; the server's healthcheck runs for real
+against a real align-serve holding an API key; the entrypoint runs for real on a secret file; the
+Dockerfiles are checked for pinned bases, a non-root user, dependency layers before source, no
+secrets, and commands that name the project's console scripts. Where the docker CLI has its compose
+plugin, `docker compose config` must agree with all of that.
+"""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.utils import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+REPLICAS = DOCKER / "compose.replicas.yaml"
+DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+SECRET_WORDS = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
+SOURCE_DIRS = ("protocol", "server", "trainer_client")
+
+
+# ---- reading compose files as compose does ----------------------------------------------------
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's merge tags (`!override` replaces instead of merging, `!reset` clears)."""
+
+
+ComposeLoader.add_constructor("!override", lambda loader, node: _construct(loader, node))
+ComposeLoader.add_constructor("!reset", lambda loader, node: _construct(loader, node))
+
+
+def _construct(loader, node):
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_VAR = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>\w+)")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable interpolation on every string of a loaded file."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group("name") or m.group("bare")
+        op, arg = m.group("op"), m.group("arg")
+        unset = name not in env or (op is not None and op.startswith(":") and env[name] == "")
+        if op and op.endswith("?") and unset:
+            raise AssertionError(f"compose needs ${name}: {arg}")
+        return arg if op and op.endswith("-") and unset else env.get(name, "")
+
+    return _VAR.sub(sub, value)
+
+
+def load(path: Path, env: dict[str, str] | None = None) -> dict:
+    return interpolate(yaml.load(path.read_text(), Loader=ComposeLoader), env or {})
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    """compose.yaml before interpolation: which settings are env-driven."""
+    return yaml.load(COMPOSE.read_text(), Loader=ComposeLoader)
+
+
+def env_of(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    return env if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
+
+
+def mounts(service: dict) -> dict[str, tuple[str, str]]:
+    """container path -> (source, mode) for short-syntax volumes."""
+    out = {}
+    for v in service["volumes"]:
+        source, target, *mode = v.split(":")
+        out[target] = (source, mode[0] if mode else "rw")
+    return out
+
+
+# ---- Dockerfiles --------------------------------------------------------------------------------
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines, buf = [], ""
+    for line in path.read_text().splitlines():
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        lines.append(buf + line)
+        buf = ""
+    return [(s.split(None, 1)[0].upper(), s.split(None, 1)[1] if " " in s.strip() else "") for s in lines]
+
+
+def exec_form(args: str) -> list[str]:
+    form = json.loads(args)
+    assert isinstance(form, list) and form, f"use the exec (JSON list) form, not {args!r}: signals reach the process"
+    return form
+
+
+def test_dockerfiles_exist():
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile.server", "Dockerfile.trainer", "Dockerfile.cpu"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_base_image_is_pinned(dockerfile):
+    bases = [args.split()[0] for op, args in instructions(dockerfile) if op == "FROM"]
+    assert bases, f"{dockerfile.name} has no FROM"
+    for base in bases:
+        name, _, tag = base.partition(":")
+        assert tag and tag != "latest", f"{dockerfile.name}: base {base!r} must name an exact tag"
+        assert re.match(r"\d+\.\d+\.\d+", tag), f"{dockerfile.name}: {base!r}: pin a full x.y.z version, not a moving tag"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_as_non_root(dockerfile):
+    users = [args.strip() for op, args in instructions(dockerfile) if op == "USER"]
+    assert users, f"{dockerfile.name} has no USER: the image would run as root"
+    assert users[-1].split(":")[0] not in ("root", "0"), f"{dockerfile.name} ends as USER {users[-1]}"
+    created = " ".join(args for op, args in instructions(dockerfile) if op == "RUN")
+    assert re.search(rf"useradd .*\b{users[-1]}\b", created), f"{dockerfile.name} never creates {users[-1]}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_carries_no_secret(dockerfile):
+    for op, args in instructions(dockerfile):
+        if op in ("ARG", "ENV"):
+            names = re.findall(r"(\w+)=", args) or [args.split()[0]]
+            leaked = [n for n in names if SECRET_WORDS.search(n)]
+            assert not leaked, f"{dockerfile.name}: {op} {leaked} would bake a secret into the image"
+    assert "ALIGN_API_KEY" not in dockerfile.read_text()
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_installs_dependencies_before_source(dockerfile):
+    steps = instructions(dockerfile)
+
+    def first(pred) -> int:
+        return next(i for i, s in enumerate(steps) if pred(*s))
+
+    manifest = first(lambda op, args: op == "COPY" and args.split() == ["pyproject.toml", "./"])
+    deps = first(lambda op, args: op == "RUN" and re.search(r"pip install [^&]*-r ", args))
+    source = first(lambda op, args: op == "COPY" and args.split()[0] in SOURCE_DIRS)
+    assert manifest < deps < source, (f"{dockerfile.name}: copy pyproject.toml, install dependencies, then copy "
+                                      "the source, so a code change does not reinstall torch")
+    torch = [args for op, args in steps if op == "RUN" and "torch==" in args]
+    assert torch and "pip install" in torch[0] and "torch==2.13.0" in torch[0], "torch must be pinned, as in make install"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_command_names_a_console_script(dockerfile):
+    steps = instructions(dockerfile)
+    entrypoint = [exec_form(args) for op, args in steps if op == "ENTRYPOINT"]
+    cmd = [exec_form(args) for op, args in steps if op == "CMD"]
+    assert entrypoint == [["/usr/local/bin/align-entrypoint"]]
+    assert "docker/entrypoint.sh /usr/local/bin/align-entrypoint" in " ".join(a for op, a in steps if op == "COPY")
+    assert len(cmd) == 1 and cmd[0][0] in SCRIPTS, (
+        f"{dockerfile.name}: CMD {cmd} must start with a console script of pyproject's [project.scripts] "
+        f"({sorted(SCRIPTS)})")
+    if cmd[0][0] == "align-serve":
+        from server.cli import build_parser
+
+        build_parser().parse_args(cmd[0][1:])
+        assert ("EXPOSE", "8000") in steps
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_copies_what_the_context_holds(dockerfile):
+    ignored = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+               if p.strip() and not p.startswith("#")]
+    for op, args in instructions(dockerfile):
+        if op != "COPY":
+            continue
+        *sources, _ = [a for a in args.split() if not a.startswith("--")]
+        for src in sources:
+            assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src}: not in the repository"
+            assert not any(fnmatch(src, pat) for pat in ignored), f"{dockerfile.name}: COPY {src} is in .dockerignore"
+
+
+def test_dockerignore_keeps_secrets_and_environments_out():
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "docker/secrets", ".env", "outputs", "models", "data"} <= ignored
+
+
+def test_entrypoint_exports_the_key_from_the_secret_file(tmp_path):
+    secret = tmp_path / "align_api_key"
+    secret.write_text("s3cret\n")
+    show = ["sh", str(DOCKER / "entrypoint.sh"), "sh", "-c", 'printf %s "$ALIGN_API_KEY"']
+    env = {"PATH": "/usr/bin:/bin", "ALIGN_API_KEY_FILE": str(secret)}
+    assert subprocess.run(show, env=env, capture_output=True, text=True, check=True).stdout == "s3cret"
+    missing = subprocess.run(show, env={**env, "ALIGN_API_KEY_FILE": str(tmp_path / "absent")},
+                             capture_output=True, text=True)
+    assert missing.returncode == 64 and "not a readable file" in missing.stderr
+    unset = subprocess.run(show, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True)
+    assert unset.stdout == ""
+
+
+# ---- compose.yaml ---------------------------------------------------------------------------------
+
+def test_compose_services_profiles_and_images(compose):
+    services = compose["services"]
+    assert set(services) == {"server", "trainer", "demo"}
+    assert services["server"]["profiles"] == ["gpu"] and services["trainer"]["profiles"] == ["gpu"]
+    assert services["demo"]["profiles"] == ["cpu"]
+    for name, service in services.items():
+        build = service["build"]
+        context = (DOCKER / build["context"]).resolve()
+        assert context == ROOT, f"{name}: build from the repository root"
+        assert (context / build["dockerfile"]).is_file(), f"{name}: no {build['dockerfile']}"
+        image, _, tag = service["image"].partition(":")
+        assert tag and tag != "latest", f"{name}: tag the image ({service['image']!r})"
+
+
+def test_server_command_parses_with_align_serve(compose):
+    from server.cli import build_parser
+
+    command = compose["services"]["server"]["command"]
+    assert command[0] == "align-serve" and "align-serve" in SCRIPTS
+    args = build_parser().parse_args(command[1:])
+    assert args.engine == "vllm" and args.host == "0.0.0.0" and args.port == 8000
+    assert args.tensor_parallel_size == 1 and args.model.startswith("/models/")
+    assert args.api_key is None, "the key comes from the secret (ALIGN_API_KEY), never the command line"
+
+
+def check_trainer_command(command: list[str], services: dict) -> None:
+    from trainer_client.config import parse_args
+
+    assert command[0] == "align-train"
+    assert "align-train" in SCRIPTS, "pyproject.toml's [project.scripts] has no align-train"
+    _, align, config = parse_args(command[1:])
+    assert config.vllm_mode == "server" and align.api_key is None
+    for url in align.server_url:
+        host, port = re.fullmatch(r"http://([\w-]+):(\d+)", url).groups()
+        assert host in services, f"--server-url {url}: no service {host!r}"
+        assert port == "8000", f"--server-url {url}: align-serve listens on 8000 inside its container"
+    assert config.output_dir.startswith("/outputs/") and align.model.startswith("/models/")
+    assert align.dataset.startswith("/data/")
+
+
+def test_trainer_command_parses_with_align_train(compose):
+    check_trainer_command(compose["services"]["trainer"]["command"], compose["services"])
+
+
+def test_demo_command_is_the_make_demo_module(compose):
+    command = compose["services"]["demo"]["command"]
+    assert command[:3] == ["python", "-m", "trainer_client.demo"], "the cpu profile runs what `make demo` runs"
+    assert "trainer_client.demo" in (ROOT / "Makefile").read_text()
+    usage = subprocess.run([sys.executable, "-m", "trainer_client.demo", "--help"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    for flag in command[3:]:
+        assert flag.split("=")[0] in usage, f"python -m trainer_client.demo has no {flag.split('=')[0]}"
+    work_dir = command[3].split("=", 1)[1]
+    assert work_dir.startswith("/outputs/") and "/outputs" in mounts(compose["services"]["demo"])
+
+
+def test_trainer_waits_for_a_healthy_server(compose):
+    assert compose["services"]["trainer"]["depends_on"] == {"server": {"condition": "service_healthy"}}
+
+
+def test_gpu_reservations_with_device_ids_from_env(compose, raw):
+    for name, var in (("server", "ALIGN_SERVER_GPUS"), ("trainer", "ALIGN_TRAINER_GPUS")):
+        devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1 and devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+        raw_ids = raw["services"][name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        assert raw_ids == [f"${{{var}:-{devices[0]['device_ids'][0]}}}"], f"{name}: GPU ids must come from ${var}"
+    ids = [compose["services"][n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+           for n in ("server", "trainer")]
+    assert ids[0] != ids[1], "by default the server and the trainer get different GPUs"
+    assert "deploy" not in compose["services"]["demo"], "the cpu profile must run without GPUs"
+
+
+def test_api_key_comes_from_a_secret(compose):
+    secret = compose["secrets"]["align_api_key"]
+    assert set(secret) == {"file"}
+    for name in ("server", "trainer"):
+        service = compose["services"][name]
+        assert service["secrets"] == ["align_api_key"]
+        env = env_of(service)
+        assert env["ALIGN_API_KEY_FILE"] == "/run/secrets/align_api_key"
+        assert "ALIGN_API_KEY" not in env, f"{name}: a key in `environment` shows in `docker inspect`"
+        assert not any(SECRET_WORDS.search(a) for a in service["build"]["args"]), f"{name}: a secret build arg"
+
+
+def test_volumes_for_models_cache_and_outputs(compose):
+    server, trainer = (mounts(compose["services"][n]) for n in ("server", "trainer"))
+    assert server["/models"][1] == "ro" and server["/cache"] == ("cache", "rw")
+    assert trainer["/models"][1] == "ro" and trainer["/data"][1] == "ro" and trainer["/outputs"][1] == "rw"
+    assert trainer["/cache"] == ("cache", "rw") and "cache" in compose["volumes"]
+    assert server["/models"][0] == trainer["/models"][0], "server and trainer must start from the same policy"
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert "HF_HOME=/cache/huggingface" in text and "chown align /cache /outputs" in text
+
+
+def test_ports_for_the_api_and_the_weight_transport(compose):
+    server = compose["services"]["server"]
+    published = [p.split(":") for p in server["ports"]]
+    assert published[0] == ["127.0.0.1", "8000", "8000"], "the API, on the host's loopback by default"
+    assert published[1] == ["127.0.0.1", "29500", "29500"], "the tcp/nccl weight port, same default"
+    assert env_of(server)["ALIGN_WEIGHT_PORT"] == "29500"
+    weight = load(COMPOSE, {"ALIGN_WEIGHT_PORT": "31000"})["services"]["server"]
+    assert weight["ports"][1] == "127.0.0.1:31000:31000" and env_of(weight)["ALIGN_WEIGHT_PORT"] == "31000"
+
+
+def test_healthcheck_path_is_a_real_route(compose, tmp_path):
+    from server.app import ServeConfig, create_app
+    from server.engines import create_engine
+
+    url = re.search(r"'(http://[^']+)'", compose["services"]["server"]["healthcheck"]["test"][-1]).group(1)
+    assert httpx.URL(url).path == "/ready"
+    # The app as align-serve builds it (the engine loads nothing until started).
+    app = create_app(create_engine("transformers", model=str(tmp_path)), ServeConfig(model_name="m", api_key="k"))
+    assert "/ready" in {route.path for route in app.routes if "GET" in getattr(route, "methods", ())}
+
+
+@pytest.mark.timeout(300)
+def test_healthcheck_passes_against_a_real_server(compose, tiny_vlm, log_dir, tmp_path):
+    """The healthcheck's own command, run against align-serve with an API key: 0 when ready with the
+    right key, non-zero with a wrong one (and /ready really needs the key, so it must send it)."""
+    check = compose["services"]["server"]["healthcheck"]
+    assert check["test"][:3] == ["CMD", "python", "-c"]
+    assert re.fullmatch(r"\d+s", check["interval"]) and re.fullmatch(r"\d+m", check["start_period"])
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    server = ServerProcess(tiny_vlm, "transformers", api_key="s3cret", log_dir=log_dir)
+    try:
+        server.wait_ready(120)
+        code = check["test"][3].replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+
+        def healthcheck(key: str) -> int:
+            key_file.write_text(key)
+            return subprocess.run([sys.executable, "-c", code], env={"ALIGN_API_KEY_FILE": str(key_file)},
+                                  capture_output=True, timeout=30).returncode
+
+        assert healthcheck("s3cret\n") == 0
+        assert healthcheck("wrong") != 0
+        assert httpx.get(f"{server.url}/ready").status_code == 401
+    finally:
+        server.stop()
+
+
+# ---- scaling: a second server replica ---------------------------------------------------------------
+
+def test_replicas_override_adds_a_server_the_trainer_spreads_over(compose):
+    override = load(REPLICAS)
+    second = override["services"]["server-2"]
+    assert second["extends"] == {"file": "compose.yaml", "service": "server"}
+    assert second["ports"][0].split(":")[1] != compose["services"]["server"]["ports"][0].split(":")[1]
+    ids = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+           for s in (compose["services"]["server"], second)]
+    assert ids[0] != ids[1], "each replica on its own GPUs"
+    trainer = override["services"]["trainer"]
+    services = {**compose["services"], **override["services"]}
+    check_trainer_command(trainer["command"], services)
+    assert trainer["command"].count("--server-url=http://server-2:8000") == 1
+    assert trainer["depends_on"] == {"server-2": {"condition": "service_healthy"}}
+    for tag in ("ports", "deploy"):  # compose would merge lists from `extends`: two servers on one port
+        assert re.search(rf"^    {tag}: !override$", REPLICAS.read_text(), re.MULTILINE)
+
+
+# ---- the compose CLI itself, where the plugin is installed --------------------------------------
+
+def _compose_cli() -> list[str] | None:
+    for cli in (["docker", "compose"], ["docker-compose"]):
+        try:
+            if subprocess.run([*cli, "version"], capture_output=True, timeout=30).returncode == 0:
+                return cli
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+def test_docker_compose_config_agrees(compose, tmp_path):
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("no docker compose plugin here: `docker compose config` not run; the PyYAML checks above ran")
+    secret = tmp_path / "key"
+    secret.write_text("k")
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "ALIGN_API_KEY_SECRET": str(secret)}
+    for files in ([COMPOSE], [COMPOSE, REPLICAS]):
+        args = [*cli, *sum((["-f", str(f)] for f in files), []), "--profile", "gpu", "--profile", "cpu",
+                "config", "--format", "json"]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{shlex.join(args)}:\n{done.stderr}"
+        services = json.loads(done.stdout)["services"]
+        assert services["server"]["command"] == compose["services"]["server"]["command"]
+        assert services["trainer"]["depends_on"]["server"]["condition"] == "service_healthy"
+    assert "server-2" in services and services["trainer"]["command"].count("--server-url=http://server-2:8000") == 1
