@@ -33,6 +33,7 @@ from protocol import (
 from server.engines import Engine, EnginePrompt, EngineUnavailable
 from server.images import ImageCache, ImageError
 from server.metrics import Metrics
+from server.weights import add_weight_routes
 
 
 @dataclass
@@ -131,6 +132,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if not app.state.ready:
             raise APIError(503, ErrorCode.not_ready, "the model is still loading; poll GET /ready")
 
+    add_weight_routes(app, engine, auth)  # /v1/weights/*: init, buckets, commit, abort, version
+
     # ---- liveness, readiness, info, metrics ---------------------------------------------------
     @app.get("/health")
     async def health():
@@ -227,6 +230,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return out
 
     def to_engine_prompt(prompt: GeneratePrompt, i: int, sampling: SamplingParams) -> EnginePrompt:
+        if prompt.images and engine.image_token_id is None:
+            raise APIError(400, ErrorCode.invalid_request, f"prompts[{i}].images: the served model is text-only",
+                           {"field": f"prompts[{i}].images"})
         imgs = resolve_images(prompt, i)
         if prompt.messages is not None:
             msgs = [m.model_dump() for m in prompt.messages]
@@ -252,9 +258,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                     f"(id {engine.image_token_id}) but {len(imgs)} images; send exactly one placeholder per "
                     "image, not the processor-expanded run (AlignClient collapses runs for you)",
                     {"field": f"prompts[{i}].prompt_ids"})
-            if imgs and engine.image_token_id is None:
-                raise APIError(400, ErrorCode.invalid_request, f"prompts[{i}].images: the served model is text-only",
-                               {"field": f"prompts[{i}].images"})
         ep = EnginePrompt(prompt_ids=list(ids), images=imgs)
         length = engine.prompt_len(ep)
         if length + sampling.max_tokens > engine.max_model_len:
