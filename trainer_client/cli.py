@@ -7,7 +7,8 @@ from trainer_client.config import parse_args
 from trainer_client.data import DatasetError
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None):
+    """Parse, check the data, train, save; returns the trainer (its `state` holds the metrics)."""
     method, align, config = parse_args(argv)
     logging.basicConfig(level=logging.INFO if config.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -23,6 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_state()  # trainer_state.json: the metrics history (reward curve) beside the model
     if config.process_index == 0:
         print(f"align-train {method}: {trainer.state.global_step} steps, model saved to {config.output_dir}")
+    return trainer
+
+
+def main() -> None:
+    run()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def make_dataset(out_dir: str | Path, n: int, seed: int = 0, method: str = "grpo
             row = {"prompt": PROMPT, "image": image}
             if method == "mpo":
                 wrong = rng.choice([c for c in COLOURS if c != colour])
-                row.update(chosen=colour, rejected=wrong)
+                # A leading space: " red" is one token of the tiny tokenizer, "red" is several.
+                row.update(chosen=f" {colour}", rejected=f" {wrong}")
             else:
                 row["solution"] = colour
             f.write(json.dumps(row) + "\n")

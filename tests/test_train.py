@@ -1,0 +1,159 @@
+"""`align-train` end to end on a tiny Qwen2-VL: each method in each mode it has, server mode against
+a real `align-serve` subprocess. Small batches and a few steps: these check behaviour, not learning
+(the seeded demo test checks learning)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.utils import ServerProcess
+from trainer_client import AlignClient
+from trainer_client.cli import run
+from trainer_client.config import parse_args
+from trainer_client.demo import make_dataset
+
+SMALL = ["--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+         "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("colour-data")
+    make_dataset(root, 16, seed=0, method="grpo")
+    make_dataset(root, 16, seed=1, method="mpo")
+    return root
+
+
+def parity_reward(completion_ids, **kwargs) -> list[float]:
+    """Varies within a group even on a random model (accuracy is 0 everywhere there), so GRPO's
+    advantages, hence its gradients, are non-zero."""
+    return [float(ids[0] % 2) for ids in completion_ids]
+
+
+REWARDS = ["--reward_funcs", "tests.test_train:parity_reward", "accuracy", "format"]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def changed(before: dict, after: dict) -> list[str]:
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+def train(method, model, dataset, out, *flags):
+    rollouts = [] if method == "mpo" else ["--num_generations", "4", "--max_completion_length", "4"]
+    return run([method, "--model", str(model), "--dataset", str(dataset), "--output_dir", str(out), *SMALL,
+                *rollouts, *flags])
+
+
+# ---- configuration --------------------------------------------------------------------------------
+
+def test_presets_yaml_and_flags(tmp_path):
+    base = ["--model", "m", "--dataset", "d"]
+    _, _, gspo = parse_args(["gspo", *base, "--gradient_accumulation_steps", "2"])
+    assert (gspo.importance_sampling_level, gspo.epsilon, gspo.epsilon_high, gspo.beta, gspo.loss_type) == \
+        ("sequence", 3e-4, 4e-4, 0.0, "grpo")
+    assert gspo.steps_per_generation == 8  # 4 x gradient_accumulation_steps
+    _, _, mpo = parse_args(["mpo", *base])
+    assert mpo.loss_type == ["sigmoid", "bco_pair", "sft"] and mpo.loss_weights == [0.8, 0.2, 1.0]
+
+    # YAML overrides the preset, flags override YAML; TRL's names with _ or -.
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"epsilon": 0.1, "learning_rate": 5e-4, "steps_per_generation": 2,
+                                   "reward_funcs": ["format", "accuracy"]}))
+    _, align, gspo = parse_args(["gspo", *base, "--config", str(cfg), "--learning-rate", "7e-4",
+                                 "--vllm-mode", "server", "--server-url", "http://a:1", "--server-url", "http://b:2"])
+    assert (gspo.epsilon, gspo.learning_rate, gspo.steps_per_generation) == (0.1, 7e-4, 2)
+    assert align.reward_funcs == ["format", "accuracy"] and align.server_url == ["http://a:1", "http://b:2"]
+    assert gspo.vllm_mode == "server"
+    with pytest.raises(SystemExit, match="needs at least one --server-url"):
+        parse_args(["grpo", *base, "--vllm-mode", "server"])
+    with pytest.raises(SystemExit):
+        parse_args(["mpo", *base, "--vllm-mode", "server"])  # MPO has nothing to generate
+
+
+def test_bad_dataset_stops_before_training(tiny_vlm, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "image": "missing.png"}) + "\n")
+    with pytest.raises(SystemExit, match=r"nothing trained: .*bad.jsonl row 1: image file .*missing.png does not exist"):
+        train("grpo", tiny_vlm, bad, tmp_path / "out", "--max_steps", "1")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ---- local generation (none) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["grpo", "gspo"])
+def test_grpo_family_none_mode(method, tiny_vlm, data, tmp_path):
+    trainer = train(method, tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2",
+                    "--vllm-mode", "none", *REWARDS,
+                    "--log_completions", "true", "--num_completions_to_print", "1")
+    assert trainer.state.global_step == 2
+    assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
+    logged = trainer.state.log_history[0]
+    assert "rewards/accuracy_reward/mean" in logged and "rewards/format_reward/mean" in logged
+    if method == "gspo":
+        assert trainer.args.importance_sampling_level == "sequence"
+
+
+def test_mpo(tiny_vlm, data, tmp_path):
+    trainer = train("mpo", tiny_vlm, data / "mpo.jsonl", tmp_path / "out", "--max_steps", "2")
+    assert trainer.args.loss_type == ["sigmoid", "bco_pair", "sft"]
+    assert trainer.state.global_step == 2
+    assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
+
+
+def test_resume_continues_from_the_saved_step(tiny_vlm, data, tmp_path):
+    out = tmp_path / "out"
+    train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "2", "--save_steps", "2", *REWARDS)
+    assert (out / "checkpoint-2").is_dir()
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "4",
+                    "--resume_from_checkpoint", str(out / "checkpoint-2"), *REWARDS)
+    steps = [e["step"] for e in trainer.state.log_history if "loss" in e]
+    assert steps == [1, 2, 3, 4]  # the history of steps 1-2 came back with the checkpoint; 3-4 are new
+    assert trainer.state.global_step == 4
+
+
+# ---- server mode: a real align-serve ---------------------------------------------------------------
+
+@pytest.fixture()
+def server(tiny_vlm, log_dir):
+    proc = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
+    yield proc
+    proc.stop()
+
+
+def server_version(server) -> int:
+    return AlignClient(server.url).info(refresh=True).weight_version
+
+
+@pytest.mark.parametrize("method", ["grpo", "gspo"])
+def test_server_mode_pushes_weights_every_step(method, tiny_vlm, data, tmp_path, server):
+    assert server_version(server) == 0
+    trainer = train(method, tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
+                    "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1", *REWARDS)
+    assert trainer.state.global_step == 3
+    assert server_version(server) == 3  # one new weight_version per optimizer step
+    assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
+    # Each step's completions came from the weights of the step before (version = step - 1).
+    versions = [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e]
+    assert versions == [0, 1, 2]
+    # TRL's importance-sampling correction ran on the server's logprobs.
+    assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+
+
+def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path, server):
+    out = tmp_path / "out"
+    train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "1", "--save_steps", "1",
+          "--vllm-mode", "server", "--server-url", server.url, *REWARDS)
+    assert server_version(server) == 1
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "2", "--vllm-mode", "server",
+                    "--server-url", server.url, "--resume_from_checkpoint", "last", *REWARDS)
+    assert trainer.state.global_step == 2
+    # The restored weights are pushed before the first rollout (the trainer cannot know what the
+    # server holds), then step 2's: two new versions.
+    assert server_version(server) == 3
