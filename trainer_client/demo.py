@@ -101,12 +101,12 @@ def accuracy(client, n: int = 64, seed: int = 12345) -> float:
     return sum(accuracy_reward(texts, colours)) / n
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m trainer_client.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default=None, help="where the model, data and runs go (default: a temp dir)")
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
-    parser.add_argument("--warmup-steps", type=int, default=12)
-    parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--warmup-steps", type=int, default=30)
+    parser.add_argument("--grpo-steps", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
               "--disable_tqdm", "true"]
     _run([str(bin_dir / "align-train"), "mpo", "--model", str(work / "tiny"), "--dataset", str(mpo_data),
           "--output_dir", str(work / "warmup"), "--max_steps", str(args.warmup_steps), "--learning_rate", "3e-3",
-          "--per_device_train_batch_size", "16", *common], work / "warmup.log")
+          "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "16", *common], work / "warmup.log")
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         _run([str(bin_dir / "align-train"), "grpo", "--model", str(work / "warmup"), "--dataset", str(grpo_data),
               "--output_dir", str(work / "grpo"), "--vllm-mode", "server", "--server-url", url,
               "--reward_funcs", "accuracy", "--max_steps", str(args.grpo_steps), "--learning_rate", "1e-3",
-              "--per_device_train_batch_size", "32", "--num_generations", "8", "--max_completion_length", "4",
+              "--per_device_train_batch_size", "64", "--num_generations", "8", "--max_completion_length", "4",
               "--temperature", "1.0", "--beta", "0.0", *common], work / "grpo.log")
         state = json.loads((work / "grpo" / "trainer_state.json").read_text())
         after = accuracy(client)
@@ -152,10 +152,12 @@ def main(argv: list[str] | None = None) -> None:
         server.wait(30)
         server_log.close()
 
-    print_curve(reward_curve(state["log_history"]))
+    rewards = reward_curve(state["log_history"])
+    print_curve(rewards)
     print(f"server weight_version after training: {version}")
     print(f"accuracy on 64 fresh images (greedy): after warm-up {before:.0%}, after GRPO {after:.0%}; chance 25%")
     print(f"demo finished in {time.monotonic() - started:.0f} s")
+    return {"rewards": rewards, "accuracy_before": before, "accuracy_after": after, "weight_version": version}
 
 
 if __name__ == "__main__":
