@@ -157,3 +157,30 @@ def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path
     # The restored weights are pushed before the first rollout (the trainer cannot know what the
     # server holds), then step 2's: two new versions.
     assert server_version(server) == 3
+
+
+# ---- colocate: TRL's vLLM in the trainer process --------------------------------------------------
+
+@pytest.mark.vllm
+def test_grpo_colocate(tiny_vlm, data, tmp_path):
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2",
+                    "--vllm-mode", "colocate", "--vllm_gpu_memory_utilization", "0.1",
+                    "--vllm_max_model_length", "512", "--vllm_enable_sleep_mode", "false", *REWARDS)
+    assert trainer.state.global_step == 2
+    assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
+    assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+
+
+# ---- the demo learns ------------------------------------------------------------------------------
+
+def test_demo_reward_rises(tmp_path):
+    """`make demo` on its default seed: MPO warm-up, then GRPO through align-serve."""
+    from trainer_client.demo import main as demo
+
+    result = demo(["--work-dir", str(tmp_path)])
+    rewards = result["rewards"]
+    k = len(rewards) // 5
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    assert last > first + 0.15, (first, last)
+    assert result["weight_version"] == len(rewards)  # one push per GRPO step
+    assert result["accuracy_after"] > 0.5  # on fresh images; chance is 0.25

