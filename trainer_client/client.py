@@ -20,6 +20,7 @@ from protocol import (
     ServerInfo,
     image_sha256,
 )
+from trainer_client.weights import DEFAULT_BUCKET_BYTES, push_weights
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,13 @@ class AlignClient:
             self._uploaded[server].clear()
             r = self._request(server, "POST", f"{API_PREFIX}/generate", json=body())
         return GenerateResponse.model_validate(r.json())
+
+    # ---- weights --------------------------------------------------------------------------------
+    def push_weights(self, weights, transport: str = "auto", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                     **kwargs) -> int:
+        """Sync new weights (an `nn.Module`, PEFT merged on the fly, a state dict or (name, tensor)
+        pairs) to every server; returns the new `weight_version`. See `trainer_client.weights`."""
+        return push_weights(self, weights, transport=transport, bucket_bytes=bucket_bytes, **kwargs)
 
     def chat(self, messages: list[dict], **params) -> dict:
         """OpenAI-style chat completion (`/v1/chat/completions`); image parts as data URLs."""

@@ -10,6 +10,7 @@ from protocol import SamplingParams
 
 if TYPE_CHECKING:
     from server.engines.processing import ModelProcessing
+    from server.weights import StagedWeights
 
 
 class EngineUnavailable(RuntimeError):
@@ -50,6 +51,19 @@ class Engine(ABC):
 
     async def shutdown(self) -> None:
         return None
+
+    # ---- weight sync: server/weights.py stages the bytes, the engine swaps them in -------------
+    weight_transports: tuple[str, ...] = ("http", "tcp", "shm")
+    weight_workers: int = 1  # processes an nccl weight group spans on this side
+
+    async def commit_weights(self, staged: "StagedWeights", version: int) -> None:
+        """Swap the staged tensors in at once: batches in flight finish on the old weights (and
+        carry the old version); every request after runs on the new ones, tagged `version`."""
+        raise NotImplementedError(f"the {self.name} engine cannot load weights")
+
+    async def transfer_weights(self, step: str, info) -> None:
+        """nccl/ipc: one step (init, start, update, finish, abort) of vLLM's weight transfer."""
+        raise NotImplementedError(f"the {self.name} engine has no nccl/ipc weight transfer")
 
     def prompt_len(self, prompt: EnginePrompt) -> int:
         return len(prompt.prompt_ids) - len(prompt.images) + sum(self.processing.image_tokens(i) for i in prompt.images)

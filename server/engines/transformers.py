@@ -100,6 +100,18 @@ class TransformersEngine(Engine):
                     job.future.set_result(out[start : start + len(job.prompts)])
                 start += len(job.prompts)
 
+    async def commit_weights(self, staged, version: int) -> None:
+        await asyncio.to_thread(self._swap_weights, staged, version)
+
+    def _swap_weights(self, staged, version: int) -> None:
+        # The batch loop holds model_lock for a whole generate: a running batch finishes on the old
+        # weights with the old version, the next one starts on the new weights with the new version.
+        params = self.model.state_dict(keep_vars=True)
+        with self.model_lock, torch.no_grad():
+            for name, tensor in staged.tensors():
+                params[name].copy_(tensor)
+            self.weight_version = version
+
     def _generate_locked(self, prompts: list[EnginePrompt], sampling: SamplingParams) -> list[list[EngineCompletion]]:
         with self.model_lock, torch.inference_mode():
             version = self.weight_version

@@ -1,0 +1,310 @@
+"""Weight sync against real `align-serve` subprocesses (transformers engine; vLLM in test_weights_vllm.py).
+
+The trainer side is a real HF model in this process: after a push, the server's greedy output must be
+exactly what that model's own `generate` gives, and every answer's `weight_version` must name the
+weights that produced it.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from server.engines import EnginePrompt
+from server.engines.processing import ModelProcessing
+from tests.utils import ServerProcess, random_image
+from trainer_client import AlignClient, AlignServerError
+from trainer_client.weights import named_weights, plan_buckets
+
+KEY = "weights-key"
+MAX_TOKENS = 10
+SMALL_BUCKET = 64 * 1024  # the tiny VLM (~0.9 MB) then spans a dozen buckets
+
+
+class Trainer:
+    """The training side: an HF model we perturb, and its own greedy answer to one image prompt."""
+
+    def __init__(self, model_dir):
+        from transformers import AutoModelForImageTextToText
+
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+        self.processing = ModelProcessing(str(model_dir))
+        self.image = random_image(7)
+        self.prompt_ids = self.processing.chat_prompt_ids([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}])
+
+    def perturb(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.5 * (p.std() if p.numel() > 1 else 1.0))
+
+    def greedy(self) -> list[int]:
+        inputs = self.processing.model_inputs([EnginePrompt(self.prompt_ids, [self.image])], "cpu")
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, temperature=None,
+                                      top_p=None, top_k=None, eos_token_id=self.processing.eos_token_ids,
+                                      pad_token_id=self.processing.pad_token_id)
+        tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+        for j, t in enumerate(tokens):
+            if t in self.processing.eos_token_ids:
+                return tokens[: j + 1]
+        return tokens
+
+
+def served(client: AlignClient, trainer: Trainer) -> tuple[list[int], int]:
+    out = client.generate(prompt_ids=[trainer.prompt_ids], images=[[trainer.image]], temperature=0.0,
+                          max_tokens=MAX_TOKENS)
+    return out.results[0].completions[0].token_ids, out.weight_version
+
+
+def version(client: AlignClient) -> int:
+    return client._request(0, "GET", "/v1/weights/version").json()["weight_version"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_vlm, log_dir):
+    s = ServerProcess(tiny_vlm, "transformers", api_key=KEY, log_dir=log_dir)
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_vlm):
+    return Trainer(tiny_vlm)
+
+
+@pytest.fixture
+def client(server):
+    with AlignClient(server.url, api_key=KEY, max_retries=2, backoff=0.1) as c:
+        yield c
+
+
+def test_bucket_plan_packs_tensors_and_splits_big_ones():
+    pairs = [("a", torch.zeros(10)), ("b", torch.zeros(100)), ("c", torch.zeros(3, dtype=torch.bfloat16)),
+             ("d", torch.zeros(1000))]
+    specs, sizes = plan_buckets(pairs, bucket_bytes=512)
+    assert [s.bucket for s in specs] == [0, 0, 1, 2]
+    assert [s.offset for s in specs] == [0, 64, 0, 0]
+    assert sizes == [464, 6, 4000]  # d (4000 bytes) is bigger than a bucket: a bucket of its own
+
+
+def test_peft_model_pushes_merged_base_names(tiny_text):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_text)
+    names = {n for n, _ in base.named_parameters()}
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    unmerged = dict(base.named_parameters())["model.layers.0.self_attn.q_proj.base_layer.weight"].clone()
+    with named_weights(model) as pairs:
+        sent = dict(pairs)
+        assert set(sent) == names
+        assert not torch.equal(sent[q], unmerged)  # the adapter is folded in
+    after = dict(base.named_parameters())["model.layers.0.self_attn.q_proj.base_layer.weight"]
+    torch.testing.assert_close(after, unmerged)  # and unmerged again for training (up to rounding)
+
+
+@pytest.mark.parametrize("transport", ["http", "tcp", "shm"])
+def test_push_serves_the_trainers_greedy_output(client, trainer, transport):
+    before_tokens, before = served(client, trainer)
+    trainer.perturb(seed={"http": 1, "tcp": 2, "shm": 3}[transport])
+    expected = trainer.greedy()
+    assert expected != before_tokens, "the perturbation must change the greedy answer for this test to mean anything"
+    new = client.push_weights(trainer.model, transport=transport, bucket_bytes=SMALL_BUCKET)
+    assert new == before + 1
+    tokens, tagged = served(client, trainer)
+    assert tagged == new
+    assert tokens == expected
+    assert httpx.get(f"{client.base_urls[0]}/ready", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_weight_routes_require_the_api_key(server):
+    for method, path in [("POST", "/v1/weights/init"), ("PUT", "/v1/weights/buckets/0"),
+                         ("POST", "/v1/weights/commit"), ("POST", "/v1/weights/abort"),
+                         ("GET", "/v1/weights/version"), ("POST", "/v1/weights/engine/start")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.request(method, server.url + path, headers=headers, json={})
+            assert r.status_code == 401, (method, path, r.text)
+            assert r.json()["error"]["code"] == "unauthorized"
+
+
+def _manifest(trainer: Trainer, bucket_bytes=SMALL_BUCKET):
+    with named_weights(trainer.model) as pairs:
+        specs, sizes = plan_buckets(pairs, bucket_bytes)
+    return [s.model_dump(exclude_none=True) for s in specs], sizes
+
+
+def test_bad_input_gets_a_4xx_naming_the_field_and_leaves_the_model_alone(server, client, trainer):
+    tokens_before, v = served(client, trainer)
+    h = server.headers()
+    specs, sizes = _manifest(trainer)
+
+    def init(**changes):
+        body = {"transport": "http", "tensors": specs, "buckets": sizes, **changes}
+        return httpx.post(f"{server.url}/v1/weights/init", json=body, headers=h)
+
+    def expect(r, status, field):
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        detail = err["detail"][0] if isinstance(err["detail"], list) else (err["detail"] or {})
+        assert field in detail.get("field", "") or field in err["message"], err
+        return err
+
+    unknown = [dict(specs[0], name="model.no_such.weight"), *specs[1:]]
+    expect(init(tensors=unknown), 422, "tensors[0].name")
+    k = next(i for i, t in enumerate(specs) if len(t["shape"]) == 2 and t["shape"][0] != t["shape"][1])
+    transposed = [*specs[:k], dict(specs[k], shape=specs[k]["shape"][::-1]), *specs[k + 1:]]  # same bytes
+    expect(init(tensors=transposed), 422, f"tensors[{k}].shape")
+    too_big = [dict(specs[0], shape=[d * 100 for d in specs[0]["shape"]]), *specs[1:]]  # past its bucket
+    expect(init(tensors=too_big), 422, "tensors[0]")
+    expect(init(tensors=specs[1:]), 422, "tensors")  # a sync carries the whole model
+    out_of_range = [dict(specs[0], bucket=len(sizes)), *specs[1:]]
+    expect(init(tensors=out_of_range), 422, "tensors[0].bucket")
+    expect(init(transport="carrier-pigeon"), 422, "transport")
+    expect(init(transport="nccl"), 400, "transport")  # the transformers engine has no vLLM transfer engines
+    bad_json = httpx.post(f"{server.url}/v1/weights/init", content=b"{not json",
+                          headers={**h, "Content-Type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+
+    r = init()
+    assert r.status_code == 200, r.text
+    sid = r.json()["session_id"]
+    put = {**h, "X-Weights-Session": sid, "Content-Type": "application/octet-stream"}
+    expect(httpx.put(f"{server.url}/v1/weights/buckets/{len(sizes)}", content=b"x", headers=put), 404, "index")
+    expect(httpx.put(f"{server.url}/v1/weights/buckets/0", content=b"x" * (sizes[0] - 1), headers=put),
+           400, "content-length")
+    expect(httpx.put(f"{server.url}/v1/weights/buckets/0", content=b"x" * sizes[0],
+                     headers={**put, "X-Weights-Session": "0" * 32}), 404, "session_id")
+    assert httpx.put(f"{server.url}/v1/weights/buckets/0", content=b"\0" * sizes[0], headers=put).status_code == 200
+    expect(httpx.post(f"{server.url}/v1/weights/commit", json={"session_id": sid}, headers=h), 409, "buckets")
+    expect(httpx.post(f"{server.url}/v1/weights/commit", json={"session_id": sid, "extra": 1}, headers=h),
+           422, "extra")
+    assert httpx.post(f"{server.url}/v1/weights/abort", json={"session_id": sid}, headers=h).status_code == 200
+    # Bucket 0 (zeros) was staged, never served:
+    assert served(client, trainer) == (tokens_before, v)
+    assert version(client) == v
+
+
+def test_second_concurrent_sync_gets_409_and_abort_frees_the_server(server, client, trainer):
+    specs, sizes = _manifest(trainer)
+    body = {"transport": "http", "tensors": specs, "buckets": sizes}
+    first = httpx.post(f"{server.url}/v1/weights/init", json=body, headers=server.headers())
+    assert first.status_code == 200
+    second = httpx.post(f"{server.url}/v1/weights/init", json=body, headers=server.headers())
+    assert second.status_code == 409
+    assert second.json()["error"]["code"] == "conflict"
+    with pytest.raises(AlignServerError) as info:
+        client.push_weights(trainer.model, transport="http")
+    assert info.value.status == 409
+    httpx.post(f"{server.url}/v1/weights/abort", json={"session_id": first.json()["session_id"]},
+               headers=server.headers()).raise_for_status()
+    v = version(client)
+    assert client.push_weights(trainer.model, transport="shm") == v + 1
+
+
+SENDER = """
+import sys, time, torch
+from transformers import AutoModelForImageTextToText
+from trainer_client import AlignClient
+url, key, model_dir, transport = sys.argv[1:5]
+model = AutoModelForImageTextToText.from_pretrained(model_dir)
+with torch.no_grad():
+    for p in model.parameters():
+        p.mul_(-1.0)
+def stall(sent, total):
+    print("SENT", sent, total, flush=True)
+    time.sleep(3600)
+AlignClient(url, api_key=key).push_weights(model, transport=transport, bucket_bytes=int(sys.argv[5]),
+                                            session_timeout_s=2.0, progress=stall)
+"""
+
+
+@pytest.mark.parametrize("transport", ["http", "tcp"])
+def test_sender_killed_mid_stream_leaves_the_old_version_serving(server, client, trainer, tiny_vlm, transport):
+    tokens_before, v = served(client, trainer)
+    proc = subprocess.Popen([sys.executable, "-c", SENDER, server.url, KEY, str(tiny_vlm), transport,
+                             str(SMALL_BUCKET)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        output = []
+        while not (output and output[-1].startswith("SENT")):
+            output.append(proc.stdout.readline())
+            assert output[-1], "the sender exited before its first bucket:\n" + "".join(output)
+        sent, total = map(int, output[-1].split()[1:])
+        assert 0 < sent < total  # killed with buckets still to come
+        status = client._request(0, "GET", "/v1/weights/version").json()
+        assert status["syncing"] and 0 < status["received_buckets"] < status["total_buckets"]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert served(client, trainer) == (tokens_before, v)  # never a mixed model
+    # A fresh sender gets through once the dead one's session fails (tcp) or idles out (http, 2 s).
+    trainer.perturb(seed=11)
+    expected = trainer.greedy()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            new = client.push_weights(trainer.model, transport=transport, bucket_bytes=SMALL_BUCKET)
+            break
+        except AlignServerError as exc:
+            assert exc.status == 409 and time.monotonic() < deadline, exc
+            time.sleep(0.5)
+    assert new == v + 1
+    assert served(client, trainer) == (expected, new)
+
+
+def test_generate_traffic_during_syncs_never_fails_and_each_answer_names_its_weights(client, trainer):
+    expected = {}
+    tokens, v = served(client, trainer)
+    expected[v] = tokens
+    stop = threading.Event()
+    answers, errors = [], []
+
+    def traffic():
+        with AlignClient(client.base_urls[0], api_key=KEY, max_retries=0) as c:
+            while not stop.is_set():
+                try:
+                    out = c.generate(prompt_ids=[trainer.prompt_ids] * 3, images=[[trainer.image]] * 3,
+                                     temperature=0.0, max_tokens=MAX_TOKENS)
+                except Exception as exc:  # noqa: BLE001 - every failure is a test failure, collected
+                    errors.append(exc)
+                    continue
+                per_completion = {c.weight_version for r in out.results for c in r.completions}
+                answers.append((out.weight_version, per_completion, [r.completions[0].token_ids for r in out.results]))
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(traffic) for _ in range(3)]
+        for seed, transport in [(21, "http"), (22, "tcp"), (23, "shm")]:
+            time.sleep(0.3)
+            trainer.perturb(seed)
+            expected[client.push_weights(trainer.model, transport=transport, bucket_bytes=SMALL_BUCKET)] = \
+                trainer.greedy()
+        time.sleep(0.3)
+        stop.set()
+        for f in futures:
+            f.result()
+    assert not errors, errors[:3]
+    assert sorted(expected) == list(range(v, v + 4))
+    seen = set()
+    for tagged, per_completion, rows in answers:
+        assert per_completion == {tagged}
+        assert all(row == expected[tagged] for row in rows), f"version {tagged} answered with other weights"
+        seen.add(tagged)
+    assert len(seen) >= 2  # the traffic really spanned syncs
+
+
+def test_metrics_count_syncs(server, client):
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers()).text
+    assert 'align_weight_syncs_total{outcome="committed"}' in text
+    assert f"align_weight_version {float(version(client))}" in text
