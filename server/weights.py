@@ -186,7 +186,8 @@ class WeightReceiver:
             elif spec.engine_init_info is not None:
                 # vLLM's nccl rendezvous blocks until the trainer joins; the trainer calls us from a
                 # side thread while it opens its end, exactly as vLLM's own trainer engines do.
-                await self.engine.transfer_weights("init", spec.engine_init_info)
+                await self.engine.transfer_weights("init", {"transport": spec.transport,
+                                                            "info": spec.engine_init_info})
             self.session = session
             log.info("weight sync %s: %s, %d tensors, %d buckets, %.1f MB -> version %d", session.id[:8],
                      spec.transport, len(spec.tensors), len(spec.buckets), sum(spec.buckets) / 1e6, target)
@@ -291,7 +292,7 @@ class WeightReceiver:
                                   "the engine routes serve nccl and ipc", "transport")
         session.touch()
         if step == "init":
-            await self.engine.transfer_weights("init", call.info)
+            await self.engine.transfer_weights("init", {"transport": session.spec.transport, "info": call.info})
         elif step == "start":
             # The live model is written from here on: nothing is served until the commit lands.
             self.app.state.ready, self.app.state.committing = False, True

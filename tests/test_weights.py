@@ -32,13 +32,16 @@ class Trainer:
     """The training side: an HF model we perturb, and its own greedy answer to one image prompt."""
 
     def __init__(self, model_dir):
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
         self.processing = ModelProcessing(str(model_dir))
-        self.image = random_image(7)
+        cls = AutoModelForImageTextToText if self.processing.is_vlm else AutoModelForCausalLM
+        self.model = cls.from_pretrained(model_dir).eval()
+        self.image = random_image(7) if self.processing.is_vlm else None
+        self.images = [self.image] if self.image is not None else []
+        content = [{"type": "image"}] if self.image is not None else []
         self.prompt_ids = self.processing.chat_prompt_ids([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}])
+            *content, {"type": "text", "text": "What colour is the shape?"}]}])
 
     def perturb(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -46,8 +49,17 @@ class Trainer:
             for p in self.model.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.5 * (p.std() if p.numel() > 1 else 1.0))
 
+    def perturb_until_changed(self, seed: int, tokens: list[int]) -> list[int]:
+        """Perturb until the greedy answer differs from `tokens` (else a stale server would pass)."""
+        for attempt in range(10):
+            self.perturb(seed * 100 + attempt)
+            expected = self.greedy()
+            if expected != tokens:
+                return expected
+        raise AssertionError("ten perturbations left the greedy answer unchanged")
+
     def greedy(self) -> list[int]:
-        inputs = self.processing.model_inputs([EnginePrompt(self.prompt_ids, [self.image])], "cpu")
+        inputs = self.processing.model_inputs([EnginePrompt(self.prompt_ids, self.images)], "cpu")
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, temperature=None,
                                       top_p=None, top_k=None, eos_token_id=self.processing.eos_token_ids,
@@ -60,7 +72,7 @@ class Trainer:
 
 
 def served(client: AlignClient, trainer: Trainer) -> tuple[list[int], int]:
-    out = client.generate(prompt_ids=[trainer.prompt_ids], images=[[trainer.image]], temperature=0.0,
+    out = client.generate(prompt_ids=[trainer.prompt_ids], images=[trainer.images], temperature=0.0,
                           max_tokens=MAX_TOKENS)
     return out.results[0].completions[0].token_ids, out.weight_version
 

