@@ -1,0 +1,123 @@
+"""Weight sync speed: every CPU transport, the per-tensor baseline and the memory-copy floor, one run.
+
+A random Qwen2 text model of about 0.7 GB (fp32, hidden 1024, 12 layers) is built locally and served
+by `align-serve`; the trainer side here pushes the same weights through each transport:
+
+- `http`, `tcp`, `shm`: bucketed syncs (256 MB buckets), end to end: init, stream, commit (the
+  server's swap into the live model included);
+- per-tensor: http with one request per tensor (what TRL <= 1.10 did), same server, same commit;
+- copy bound: one in-process memory copy of the same bytes, the floor for any transfer between two
+  processes on one host.
+
+    python bench/weight_sync.py                    # transformers engine (light on memory)
+    python bench/weight_sync.py --engine vllm      # the vLLM engine (needs ~8 GB)
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from server.tiny_model import build  # noqa: E402
+from tests.utils import ServerProcess  # noqa: E402
+from trainer_client import AlignClient  # noqa: E402
+from trainer_client.weights import DEFAULT_BUCKET_BYTES  # noqa: E402
+
+
+def build_model(out: Path, hidden: int, layers: int) -> Path:
+    """The tiny text model's tokenizer and config, grown to `hidden` x `layers` with random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    build(out, "qwen2_vl", text_only=True, seed=0)
+    config = AutoConfig.from_pretrained(out)
+    config.update(dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
+                       head_dim=64, layer_types=["full_attention"] * layers))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+def copy_bound(nbytes: int, repeats: int = 3) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def timed_push(client: AlignClient, model, transport: str, bucket_bytes: int, label: str, repeats: int) -> float:
+    best = float("inf")
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for r in range(repeats):
+        with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"{label} #{r + 1}", leave=False) as bar:
+            def progress(sent, total, bar=bar):
+                bar.update(sent - bar.n)
+
+            start = time.perf_counter()
+            client.push_weights(model, transport=transport, bucket_bytes=bucket_bytes, progress=progress)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--bucket-mb", type=int, default=DEFAULT_BUCKET_BYTES // 2**20)
+    p.add_argument("--repeats", type=int, default=3, help="best of N per transport")
+    args = p.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"building a random Qwen2 (hidden {args.hidden}, {args.layers} layers) ...", flush=True)
+        model_dir = build_model(Path(tmp) / "model", args.hidden, args.layers)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tensors = list(model.parameters())
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        print(f"model: {nbytes / 1e9:.2f} GB in {len(tensors)} tensors; starting align-serve "
+              f"({args.engine}) ...", flush=True)
+        server = ServerProcess(model_dir, args.engine, log_dir=Path(tmp))
+        try:
+            server.wait_ready(timeout=900)
+            client = AlignClient(server.url)
+            bucket = args.bucket_mb * 2**20
+            timed_push(client, model, "shm", bucket, "warm-up", 1)
+            results = {"copy bound (in-process memcpy)": copy_bound(nbytes)}
+            for transport in ("http", "tcp", "shm"):
+                results[f"{transport} ({args.bucket_mb} MB buckets)"] = timed_push(
+                    client, model, transport, bucket, transport, args.repeats)
+            results["per-tensor http (1 request per tensor)"] = timed_push(
+                client, model, "http", 1, "per-tensor", max(1, args.repeats - 1))
+            version = client.info(refresh=True).weight_version
+        finally:
+            server.stop()
+
+    copy = results["copy bound (in-process memcpy)"]
+    per_tensor = results["per-tensor http (1 request per tensor)"]
+    print(f"\nweight sync of {nbytes / 1e9:.2f} GB ({len(tensors)} tensors) into align-serve ({args.engine}), "
+          f"best of {args.repeats}; server ended at weight_version {version}")
+    print(f"{'path':<42}{'seconds':>9}{'GB/s':>8}{'x copy':>9}{'per-tensor / this':>19}")
+    for name, seconds in results.items():
+        print(f"{name:<42}{seconds:>9.3f}{nbytes / seconds / 1e9:>8.2f}{seconds / copy:>9.1f}"
+              f"{per_tensor / seconds:>19.1f}")
+    print("\ngoals: bucketed http/tcp >= 5x faster than per-tensor, within 3x of the copy bound")
+    for t in ("http", "tcp"):
+        s = results[f"{t} ({args.bucket_mb} MB buckets)"]
+        print(f"  {t}: {per_tensor / s:.1f}x faster than per-tensor ({'met' if per_tensor / s >= 5 else 'NOT met'}), "
+              f"{s / copy:.1f}x the copy bound ({'met' if s / copy <= 3 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
