@@ -184,3 +184,19 @@ def test_demo_reward_rises(tmp_path):
     assert last > first + 0.15, (first, last)
     assert result["weight_version"] == len(rewards)  # one push per GRPO step
     assert result["accuracy_after"] > 0.5  # on fresh images; chance is 0.25
+
+
+def test_accelerate_two_processes_server_mode(tiny_vlm, data, tmp_path, server):
+    """Two CPU processes (DDP over gloo): only the main one talks to the server and pushes."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer_client.cli", "grpo",
+           "--model", str(tiny_vlm), "--dataset", str(data / "grpo.jsonl"), "--output_dir", str(tmp_path / "out"),
+           *SMALL, "--num_generations", "4", "--max_completion_length", "4", "--max_steps", "2",
+           "--vllm-mode", "server", "--server-url", server.url, *REWARDS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert server_version(server) == 2
+    assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
