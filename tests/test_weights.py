@@ -277,6 +277,10 @@ def test_sender_killed_mid_stream_leaves_the_old_version_serving(server, client,
 
 
 def test_generate_traffic_during_syncs_never_fails_and_each_answer_names_its_weights(client, trainer):
+    check_traffic_during_syncs(client, trainer)
+
+
+def check_traffic_during_syncs(client: AlignClient, trainer: Trainer) -> None:
     expected = {}
     tokens, v = served(client, trainer)
     expected[v] = tokens
@@ -287,7 +291,7 @@ def test_generate_traffic_during_syncs_never_fails_and_each_answer_names_its_wei
         with AlignClient(client.base_urls[0], api_key=KEY, max_retries=0) as c:
             while not stop.is_set():
                 try:
-                    out = c.generate(prompt_ids=[trainer.prompt_ids] * 3, images=[[trainer.image]] * 3,
+                    out = c.generate(prompt_ids=[trainer.prompt_ids] * 3, images=[trainer.images] * 3,
                                      temperature=0.0, max_tokens=MAX_TOKENS)
                 except Exception as exc:  # noqa: BLE001 - every failure is a test failure, collected
                     errors.append(exc)
@@ -299,9 +303,8 @@ def test_generate_traffic_during_syncs_never_fails_and_each_answer_names_its_wei
         futures = [pool.submit(traffic) for _ in range(3)]
         for seed, transport in [(21, "http"), (22, "tcp"), (23, "shm")]:
             time.sleep(0.3)
-            trainer.perturb(seed)
-            expected[client.push_weights(trainer.model, transport=transport, bucket_bytes=SMALL_BUCKET)] = \
-                trainer.greedy()
+            new_tokens = trainer.perturb_until_changed(seed, expected[max(expected)])
+            expected[client.push_weights(trainer.model, transport=transport, bucket_bytes=SMALL_BUCKET)] = new_tokens
         time.sleep(0.3)
         stop.set()
         for f in futures:

@@ -4,7 +4,7 @@ trainer's own `generate`, for the text-only twin (tied embeddings) and the VLM."
 
 import pytest
 
-from tests.test_weights import KEY, SMALL_BUCKET, Trainer, served, version
+from tests.test_weights import KEY, SMALL_BUCKET, Trainer, check_traffic_during_syncs, served, version
 from tests.utils import ServerProcess
 from trainer_client import AlignClient
 
@@ -31,3 +31,8 @@ def test_every_cpu_transport_serves_the_trainers_greedy_output(setup):
         new = client.push_weights(trainer.model, transport=transport, bucket_bytes=SMALL_BUCKET)
         assert new == before + 1 == version(client)
         assert served(client, trainer) == (expected, new), f"{transport}: served output is not the trainer's"
+
+
+def test_generate_traffic_during_syncs_never_fails_and_each_answer_names_its_weights(setup):
+    _, client, trainer = setup
+    check_traffic_during_syncs(client, trainer)
