@@ -13,12 +13,14 @@ per tensor. Transports:
 - `auto`: nccl for CUDA weights, shm for a server on this host, http otherwise.
 """
 
+import base64
 import contextlib
 import datetime
 import ipaddress
 import logging
 import mmap
 import os
+import pickle
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import urlparse
@@ -203,6 +205,11 @@ class _ServerSyncClient:
         self._call("start", {})
 
     def update_weights(self, update_info) -> None:
+        if isinstance(update_info, dict) and update_info.get("ipc_handles") is not None:
+            # CUDA IPC handles are not JSON: vLLM's own HTTP route takes them pickled (the server
+            # needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to accept that; keep ipc on loopback).
+            handles = update_info.pop("ipc_handles")
+            update_info["ipc_handles_pickled"] = base64.b64encode(pickle.dumps(handles)).decode()
         self._call("update", update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
