@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -18,9 +18,7 @@ from protocol import (
     API_PREFIX,
     ChatCompletionRequest,
     Completion,
-    ErrorBody,
     ErrorCode,
-    ErrorEnvelope,
     GeneratePrompt,
     GenerateRequest,
     GenerateResponse,
@@ -31,6 +29,7 @@ from protocol import (
     image_sha256,
 )
 from server.engines import Engine, EnginePrompt, EngineUnavailable
+from server.errors import APIError, envelope
 from server.images import ImageCache, ImageError
 from server.metrics import Metrics
 from server.weights import add_weight_routes
@@ -44,17 +43,6 @@ class ServeConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     max_images_per_prompt: int = 8
     image_cache_bytes: int = 2 * 1024**3
-
-
-class APIError(Exception):
-    def __init__(self, status: int, code: ErrorCode, message: str, detail=None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.detail = status, code, message, detail
-
-
-def _envelope(status: int, code: ErrorCode, message: str, detail=None) -> JSONResponse:
-    body = ErrorEnvelope(error=ErrorBody(code=code, message=message, detail=detail))
-    return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
 
 def _field(loc) -> str:
@@ -77,33 +65,33 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     # ---- errors: one envelope, 4xx for the caller's mistakes --------------------------------
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
-        return _envelope(exc.status, exc.code, exc.message, exc.detail)
+        return envelope(exc.status, exc.code, exc.message, exc.detail)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return _envelope(400, ErrorCode.invalid_json, "request body is not valid JSON", str(errors[0].get("ctx", "")))
+            return envelope(400, ErrorCode.invalid_json, "request body is not valid JSON", str(errors[0].get("ctx", "")))
         detail = [{"field": _field(e["loc"]), "message": e["msg"], **({"limit": e["ctx"]} if e.get("ctx") else {})}
                   for e in errors]
         for d in detail:  # ctx can hold exceptions; keep the envelope JSON
             if "limit" in d:
                 d["limit"] = {k: v if isinstance(v, int | float | str) else str(v) for k, v in d["limit"].items()}
         first = detail[0]
-        return _envelope(422, ErrorCode.invalid_request, f"{first['field']}: {first['message']}", detail)
+        return envelope(422, ErrorCode.invalid_request, f"{first['field']}: {first['message']}", detail)
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(_, exc: EngineUnavailable):
-        return _envelope(503, ErrorCode.not_ready, f"{exc}; retry")
+        return envelope(503, ErrorCode.not_ready, f"{exc}; retry")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
         code = ErrorCode.not_found if exc.status_code == 404 else ErrorCode.invalid_request
-        return _envelope(exc.status_code, code, str(exc.detail))
+        return envelope(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):
-        return _envelope(500, ErrorCode.internal, f"internal error: {type(exc).__name__}: {exc}")
+        return envelope(500, ErrorCode.internal, f"internal error: {type(exc).__name__}: {exc}")
 
     @app.middleware("http")
     async def _count(request: Request, call_next):

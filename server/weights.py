@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from protocol import (
@@ -34,9 +33,7 @@ from protocol import (
     BYTE_TRANSPORTS,
     ENGINE_TRANSPORTS,
     SESSION_HEADER,
-    ErrorBody,
     ErrorCode,
-    ErrorEnvelope,
     TensorSpec,
     WeightsCommitted,
     WeightsEngineCall,
@@ -45,16 +42,15 @@ from protocol import (
     WeightsSessionRef,
     WeightsStatus,
 )
+from server.errors import APIError
 
 log = logging.getLogger("align-serve.weights")
 PREFIX = f"{API_PREFIX}/weights"
 
 
-class WeightSyncError(Exception):
+class WeightSyncError(APIError):
     def __init__(self, status: int, code: ErrorCode, message: str, field: str | None = None, **detail):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.detail = {"field": field, **detail} if field else (detail or None)
+        super().__init__(status, code, message, {"field": field, **detail} if field else (detail or None))
 
 
 def served_manifest(model_path: str) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], set[str]]:
@@ -399,11 +395,6 @@ def add_weight_routes(app: FastAPI, engine, auth) -> WeightReceiver:
     receiver = WeightReceiver(app, engine)
     app.state.weights = receiver
     guarded = [Depends(auth)]
-
-    @app.exception_handler(WeightSyncError)
-    async def _weight_error(_, exc: WeightSyncError):
-        body = ErrorEnvelope(error=ErrorBody(code=exc.code, message=exc.message, detail=exc.detail))
-        return JSONResponse(body.model_dump(mode="json"), status_code=exc.status)
 
     def require_loaded() -> None:  # not `ready`: after a failed commit a new sync is how to recover
         if not hasattr(engine, "max_model_len"):
