@@ -46,6 +46,7 @@ demo: install
 bench: install
 	$(PY) bench/http_tax.py
 	$(PY) bench/train_step.py
+	$(PY) bench/weight_sync.py
 
 lint: install
 	$(PY) -m ruff check protocol server trainer_client tests bench torchvision_compat.py
