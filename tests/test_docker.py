@@ -415,3 +415,10 @@ def test_docker_compose_config_agrees(compose, tmp_path):
         assert services["server"]["command"] == compose["services"]["server"]["command"]
         assert services["trainer"]["depends_on"]["server"]["condition"] == "service_healthy"
     assert "server-2" in services and services["trainer"]["command"].count("--server-url=http://server-2:8000") == 1
+
+
+def test_every_service_running_a_server_has_room_in_dev_shm(compose):
+    # weight syncs are staged in /dev/shm (model-sized); docker's default there is 64 MB
+    for name in ("server", "demo"):
+        service = compose["services"][name]
+        assert service.get("ipc") == "host" or service.get("shm_size") == "2gb", name
