@@ -159,6 +159,36 @@ def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path
     assert server_version(server) == 3
 
 
+@pytest.mark.vllm
+def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, data, tmp_path, log_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from tests.utils import random_image
+    from torchvision_compat import load_processor
+
+    proc = ServerProcess(tiny_vlm, "vllm", log_dir=log_dir).wait_ready(600)
+    try:
+        trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
+                        "--vllm-mode", "server", "--server-url", proc.url, "--steps_per_generation", "1", *REWARDS)
+        assert server_version(proc) == 3
+        assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [0, 1, 2]
+        # the server now answers exactly as the checkpoint the trainer saved
+        processor = load_processor(tmp_path / "out")
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+        question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+        image = random_image(3)
+        inputs = processor(text=[processor.apply_chat_template(question, add_generation_prompt=True)],
+                           images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        with AlignClient(proc.url) as client:
+            got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
+                                  max_tokens=8).results[0].completions[0].token_ids
+        assert got == expected.tolist()[: len(got)] and got
+    finally:
+        proc.stop()
+
+
 # ---- colocate: TRL's vLLM in the trainer process --------------------------------------------------
 
 @pytest.mark.vllm
