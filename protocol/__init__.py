@@ -6,6 +6,8 @@ Pydantic models only: both sides import this package and nothing of each other.
 from protocol.errors import ErrorBody, ErrorCode, ErrorEnvelope
 from protocol.schemas import (
     API_PREFIX,
+    MAX_PROMPTS_PER_REQUEST,
+    MAX_SEQUENCES_PER_REQUEST,
     PROTOCOL_VERSION,
     ChatCompletionRequest,
     Completion,
@@ -36,6 +38,8 @@ from protocol.weights import (
 
 __all__ = [
     "API_PREFIX",
+    "MAX_PROMPTS_PER_REQUEST",
+    "MAX_SEQUENCES_PER_REQUEST",
     "BYTE_TRANSPORTS",
     "DTYPE_BYTES",
     "ENGINE_TRANSPORTS",

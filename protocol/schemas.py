@@ -15,6 +15,7 @@ API_PREFIX = "/v1"
 
 MAX_N = 512
 MAX_PROMPTS_PER_REQUEST = 8192
+MAX_SEQUENCES_PER_REQUEST = 16384  # prompts x n: bigger batches go as several requests
 
 
 def image_sha256(data: bytes) -> str:
@@ -85,6 +86,14 @@ class GenerateRequest(_Strict):
     prompts: list[GeneratePrompt] = Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
 
+    @model_validator(mode="after")
+    def _bounded(self) -> "GenerateRequest":
+        total = len(self.prompts) * self.sampling.n
+        if total > MAX_SEQUENCES_PER_REQUEST:
+            raise ValueError(f"{len(self.prompts)} prompts x n={self.sampling.n} = {total} sequences; one request "
+                             f"takes up to {MAX_SEQUENCES_PER_REQUEST} (split the batch)")
+        return self
+
 
 class Completion(BaseModel):
     token_ids: list[int]
@@ -111,6 +120,7 @@ class Limits(BaseModel):
     max_images_per_prompt: int
     max_n: int = MAX_N
     max_prompts_per_request: int = MAX_PROMPTS_PER_REQUEST
+    max_sequences_per_request: int = MAX_SEQUENCES_PER_REQUEST
 
 
 class ServerInfo(BaseModel):

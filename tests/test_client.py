@@ -71,3 +71,20 @@ def test_images_evicted_from_the_server_cache_are_uploaded_again(tiny_vlm, log_d
         assert len(out.results[0].completions) == 1
     finally:
         server.stop()
+
+
+def test_a_batch_over_the_request_limit_goes_as_several_requests(tiny_vlm, log_dir):
+    from protocol import MAX_SEQUENCES_PER_REQUEST
+
+    n = 512
+    rows = [[1, 2, 30 + k] for k in range(MAX_SEQUENCES_PER_REQUEST // n + 1)]  # one prompt too many
+    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
+    try:
+        with AlignClient(server.url) as client:
+            out = client.generate(prompt_ids=rows, n=n, max_tokens=1)
+        assert [r.prompt_ids for r in out.results] == rows  # every prompt, in order
+        assert all(len(r.completions) == n for r in out.results)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'align_requests_total{route="/v1/generate",status="200"} 2.0' in metrics
+    finally:
+        server.stop()

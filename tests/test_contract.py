@@ -197,6 +197,8 @@ def test_bad_input_gets_a_4xx_envelope_naming_the_field_and_the_server_keeps_ser
          "sampling.max_tokens"),
         ("negative temperature", lambda: _post(server, "/v1/generate", json=gen(temperature=-1)), 422,
          "invalid_request", "sampling.temperature"),
+        ("too many sequences", lambda: _post(server, "/v1/generate", json={
+            "prompts": [{"prompt_ids": [1, 2]}] * 40, "sampling": {"n": 512}}), 422, "invalid_request", "split"),
         ("unknown field", lambda: _post(server, "/v1/generate", json=gen(max_token=3)), 422, "invalid_request",
          "sampling.max_token"),
         ("unknown image", lambda: _post(server, "/v1/generate", json=gen(

@@ -41,6 +41,16 @@ def test_prompt_needs_exactly_one_of_ids_or_messages():
         GenerateRequest(prompts=[])
 
 
+def test_one_request_holds_a_bounded_number_of_sequences():
+    from protocol import MAX_SEQUENCES_PER_REQUEST
+
+    n = 512
+    fits = MAX_SEQUENCES_PER_REQUEST // n
+    GenerateRequest(prompts=[{"prompt_ids": [1]}] * fits, sampling={"n": n})
+    with pytest.raises(ValidationError, match="split the batch"):
+        GenerateRequest(prompts=[{"prompt_ids": [1]}] * (fits + 1), sampling={"n": n})
+
+
 def test_collapse_image_runs_leaves_one_placeholder_per_image():
     pad = 7
     assert collapse_image_runs([1, 9, pad, pad, pad, 10, 2, 9, pad, pad, 10], pad) == [1, 9, pad, 10, 2, 9, pad, 10]

@@ -11,6 +11,8 @@ from PIL import Image
 
 from protocol import (
     API_PREFIX,
+    MAX_PROMPTS_PER_REQUEST,
+    MAX_SEQUENCES_PER_REQUEST,
     ErrorEnvelope,
     GeneratePrompt,
     GenerateRequest,
@@ -166,10 +168,14 @@ class AlignClient:
         if prompt_ids is not None and any(images):
             token = self.info().image_token_id
             rows = [collapse_image_runs(r, token) if token is not None else list(r) for r in rows]
-        shards = self._shards(len(rows))
+        # One request holds at most MAX_SEQUENCES_PER_REQUEST sequences (prompts x n): bigger
+        # batches go as several requests, spread over the servers and answered in order.
+        per_request = max(1, min(MAX_PROMPTS_PER_REQUEST, MAX_SEQUENCES_PER_REQUEST // sampling.n))
+        shards = [(server, s, min(s + per_request, stop))
+                  for server, start, stop in self._shards(len(rows)) for s in range(start, stop, per_request)]
         if len(shards) == 1:
             return self._generate_on(shards[0][0], rows, images, sampling, prompt_ids is not None)
-        with ThreadPoolExecutor(len(shards)) as pool:
+        with ThreadPoolExecutor(min(len(shards), 4 * len(self.base_urls))) as pool:
             parts = list(pool.map(
                 lambda s: self._generate_on(s[0], rows[s[1]:s[2]], images[s[1]:s[2]], sampling, prompt_ids is not None),
                 shards))

@@ -113,9 +113,12 @@ class TransformersEngine(Engine):
             self.weight_version = version
 
     def _generate_locked(self, prompts: list[EnginePrompt], sampling: SamplingParams) -> list[list[EngineCompletion]]:
+        # A request bigger than one batch runs as several `generate` calls, never one huge one.
+        per_call = max(1, MAX_BATCH_SEQUENCES // sampling.n)
         with self.model_lock, torch.inference_mode():
             version = self.weight_version
-            rows = self._generate(prompts, sampling)
+            rows = [row for start in range(0, len(prompts), per_call)
+                    for row in self._generate(prompts[start : start + per_call], sampling)]
         n = sampling.n
         return [
             [EngineCompletion(*row, weight_version=version) for row in rows[i * n : (i + 1) * n]]
