@@ -193,12 +193,42 @@ def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, dat
 
 @pytest.mark.vllm
 def test_grpo_colocate(tiny_vlm, data, tmp_path):
+    from vllm import SamplingParams
+
+    from tests.utils import random_image
+    from trainer_client import collapse_image_runs
+
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2",
                     "--vllm-mode", "colocate", "--vllm_gpu_memory_utilization", "0.1",
                     "--vllm_max_model_length", "512", "--vllm_enable_sleep_mode", "false", *REWARDS)
     assert trainer.state.global_step == 2
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+
+    # After the weights move far, the in-process vLLM answers exactly as the model does once
+    # synced: the CPU sync path (layerwise reload) loaded every weight.
+    model, processor = trainer.accelerator.unwrap_model(trainer.model).eval(), trainer.processing_class
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    image = random_image(5)
+    inputs = processor(text=[processor.apply_chat_template(question, add_generation_prompt=True)], images=[image],
+                       return_tensors="pt")
+    ids = collapse_image_runs(inputs["input_ids"][0].tolist(), model.config.image_token_id)
+
+    def served() -> list[int]:
+        out = trainer.vllm_generation.llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [image]}},
+                                                   SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+        return list(out[0].outputs[0].token_ids)
+
+    before = served()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5 * p.std().clamp(min=1e-3))
+        expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert before != expected[: len(before)], "the perturbation must change the answer for this check to mean anything"
+    trainer.vllm_generation.sync_weights()
+    got = served()
+    assert got and got == expected[: len(got)]
 
 
 # ---- the demo learns ------------------------------------------------------------------------------
