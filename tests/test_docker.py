@@ -257,7 +257,7 @@ def check_trainer_command(command: list[str], services: dict) -> None:
 
     assert command[0] == "align-train"
     assert "align-train" in SCRIPTS, "pyproject.toml's [project.scripts] has no align-train"
-    _, align, config = parse_args(command[1:])
+    _, align, config, _ = parse_args(command[1:])
     assert config.vllm_mode == "server" and align.api_key is None
     for url in align.server_url:
         host, port = re.fullmatch(r"http://([\w-]+):(\d+)", url).groups()

@@ -55,18 +55,18 @@ def train(method, model, dataset, out, *flags):
 
 def test_presets_yaml_and_flags(tmp_path):
     base = ["--model", "m", "--dataset", "d"]
-    _, _, gspo = parse_args(["gspo", *base, "--gradient_accumulation_steps", "2"])
+    _, _, gspo, _ = parse_args(["gspo", *base, "--gradient_accumulation_steps", "2"])
     assert (gspo.importance_sampling_level, gspo.epsilon, gspo.epsilon_high, gspo.beta, gspo.loss_type) == \
         ("sequence", 3e-4, 4e-4, 0.0, "grpo")
     assert gspo.steps_per_generation == 8  # 4 x gradient_accumulation_steps
-    _, _, mpo = parse_args(["mpo", *base])
+    _, _, mpo, _ = parse_args(["mpo", *base])
     assert mpo.loss_type == ["sigmoid", "bco_pair", "sft"] and mpo.loss_weights == [0.8, 0.2, 1.0]
 
     # YAML overrides the preset, flags override YAML; TRL's names with _ or -.
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"epsilon": 0.1, "learning_rate": 5e-4, "steps_per_generation": 2,
                                    "reward_funcs": ["format", "accuracy"]}))
-    _, align, gspo = parse_args(["gspo", *base, "--config", str(cfg), "--learning-rate", "7e-4",
+    _, align, gspo, _ = parse_args(["gspo", *base, "--config", str(cfg), "--learning-rate", "7e-4",
                                  "--vllm-mode", "server", "--server-url", "http://a:1", "--server-url", "http://b:2"])
     assert (gspo.epsilon, gspo.learning_rate, gspo.steps_per_generation) == (0.1, 7e-4, 2)
     assert align.reward_funcs == ["format", "accuracy"] and align.server_url == ["http://a:1", "http://b:2"]
@@ -144,6 +144,32 @@ def test_server_mode_pushes_weights_every_step(method, tiny_vlm, data, tmp_path,
     assert versions == [0, 1, 2]
     # TRL's importance-sampling correction ran on the server's logprobs.
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+
+
+def test_server_mode_with_lora_serves_the_merged_weights(tiny_vlm, data, tmp_path, server):
+    from tests.utils import random_image
+
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2", "--learning_rate",
+                    "0.5", "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
+                    "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "o_proj", "up_proj",
+                    "down_proj", *REWARDS)
+    assert server_version(server) == 2
+    model, processor = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
+    assert hasattr(model, "peft_config")  # an adapter was trained, not the full model
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    image = random_image(4)
+    inputs = processor(text=[processor.apply_chat_template(question, add_generation_prompt=True)], images=[image],
+                       return_tensors="pt")
+    model.eval()
+    with torch.inference_mode():
+        lora = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+        with model.disable_adapter():
+            base = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert lora != base, "the adapter must change the answer for this check to mean anything"
+    with AlignClient(server.url) as client:
+        got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
+                              max_tokens=8).results[0].completions[0].token_ids
+    assert got == lora[: len(got)] and got
 
 
 def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path, server):

@@ -9,14 +9,16 @@ from trainer_client.data import DatasetError
 
 def run(argv: list[str] | None = None):
     """Parse, check the data, train, save; returns the trainer (its `state` holds the metrics)."""
-    method, align, config = parse_args(argv)
+    method, align, config, model_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if config.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress bar
+    from trl import get_peft_config
+
     from trainer_client.trainers import build_trainer, resume_arg
 
     try:
-        trainer = build_trainer(method, align, config)
+        trainer = build_trainer(method, align, config, peft_config=get_peft_config(model_args))
     except DatasetError as exc:
         sys.exit(f"align-train: bad dataset, nothing trained: {exc}")
     trainer.train(resume_from_checkpoint=resume_arg(config))

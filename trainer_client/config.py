@@ -7,7 +7,7 @@ TRL recipe carries over. Precedence: method preset < YAML (`--config`) < flags.
 import sys
 from dataclasses import dataclass, field
 
-from trl import DPOConfig, GRPOConfig, TrlParser
+from trl import DPOConfig, GRPOConfig, ModelConfig, TrlParser
 
 METHODS = ("grpo", "gspo", "mpo")
 
@@ -25,9 +25,11 @@ PRESETS: dict[str, dict] = {
 class AlignArguments:
     """Ours: what TRL's configs do not name (model and data paths, the rollout server, rewards)."""
 
-    model: str = field(metadata={"help": "Path of the policy (a local HF model directory with its processor)."})
     dataset: str = field(metadata={"help": "A .jsonl/.json/.parquet file (image paths relative to it) or a "
                                            "`datasets` dataset saved with save_to_disk."})
+    model: str | None = field(default=None, metadata={
+        "help": "Path of the policy (a local HF model directory with its processor); TRL's --model_name_or_path "
+                "is accepted too."})
     server_url: list[str] = field(default_factory=list, metadata={
         "help": "align-serve base URL for --vllm-mode server; repeat the flag for several servers.",
         "action": "extend"})
@@ -78,22 +80,32 @@ def _yaml_keys(argv: list[str]) -> set[str]:
         return set((yaml.safe_load(f) or {}).keys())
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPORunConfig | MPORunConfig]:
-    """`[method, ...flags]` -> (method, our arguments, the TRL config)."""
+def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPORunConfig | MPORunConfig, ModelConfig]:
+    """`[method, ...flags]` -> (method, our arguments, the TRL config, TRL's model arguments).
+
+    TRL's `ModelConfig` is parsed as TRL's own scripts do: `--use_peft --lora_r 16 ...` trains a
+    LoRA adapter, `--dtype` and `--attn_implementation` reach the model's `from_pretrained`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in METHODS:
         raise SystemExit(f"usage: align-train {{{','.join(METHODS)}}} --model PATH --dataset PATH "
                          "[--config run.yaml] [flags]   (align-train METHOD --help lists every flag)")
     method, argv = argv[0], argv[1:]
     config_cls = MPORunConfig if method == "mpo" else GRPORunConfig
-    parser = TrlParser((AlignArguments, config_cls), prog=f"align-train {method}")
+    parser = TrlParser((AlignArguments, config_cls, ModelConfig), prog=f"align-train {method}")
     # TRL defaults to bf16, which fails on machines without a bf16 GPU: default to what this machine has.
     parser.set_defaults(output_dir=f"runs/{method}", report_to="none", logging_steps=1, bf16=_bf16_gpu(),
                         **PRESETS[method])
-    align, config = parser.parse_args_and_config(argv)
+    align, config, model_args = parser.parse_args_and_config(argv)
     if method == "gspo" and not _given("steps_per_generation", argv, _yaml_keys(argv)):
         parser.set_defaults(steps_per_generation=4 * config.gradient_accumulation_steps)
-        align, config = parser.parse_args_and_config(argv)
+        align, config, model_args = parser.parse_args_and_config(argv)
+    align.model = align.model or model_args.model_name_or_path
+    if not align.model:
+        raise SystemExit("align-train: give the policy with --model PATH (or TRL's --model_name_or_path)")
     if config.vllm_mode == "server" and not align.server_url:
         raise SystemExit("--vllm-mode server needs at least one --server-url (an align-serve base URL)")
-    return method, align, config
+    init = {k: v for k, v in (("dtype", model_args.dtype), ("attn_implementation", model_args.attn_implementation))
+            if v is not None}
+    if init:
+        config.model_init_kwargs = {**(config.model_init_kwargs or {}), **init}
+    return method, align, config, model_args

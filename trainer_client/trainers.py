@@ -86,12 +86,14 @@ def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient
     return client
 
 
-def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MPORunConfig):
-    """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it."""
+def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MPORunConfig, peft_config=None):
+    """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it. With a
+    `peft_config` TRL trains an adapter; server mode pushes the merged weights under base names."""
     processor = load_processor(align.model)
     dataset = load_train_dataset(align.dataset, method)
     if method == "mpo":
-        return DPOTrainer(model=align.model, args=config, train_dataset=dataset, processing_class=processor)
+        return DPOTrainer(model=align.model, args=config, train_dataset=dataset, processing_class=processor,
+                          peft_config=peft_config)
 
     rewards = load_rewards(align.reward_funcs)
     mode = config.vllm_mode
@@ -100,7 +102,7 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     trl_config.use_vllm = mode == "colocate"
     trl_config.vllm_mode = "colocate" if mode == "colocate" else "server"
     common = dict(model=align.model, reward_funcs=rewards, args=trl_config, train_dataset=dataset,
-                  processing_class=processor)
+                  processing_class=processor, peft_config=peft_config)
     if mode == "colocate":
         return ColocateGRPOTrainer(**common)
     if mode == "none":
