@@ -100,6 +100,17 @@ def test_grpo_family_none_mode(method, tiny_vlm, data, tmp_path):
         assert trainer.args.importance_sampling_level == "sequence"
 
 
+def test_metrics_reach_tensorboard_offline(tiny_vlm, data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2", *REWARDS,
+          "--report_to", "tensorboard")
+    events = EventAccumulator(str(next((tmp_path / "out").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"train/reward", "train/loss"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("train/reward")) == 2
+
+
 def test_mpo(tiny_vlm, data, tmp_path):
     trainer = train("mpo", tiny_vlm, data / "mpo.jsonl", tmp_path / "out", "--max_steps", "2")
     assert trainer.args.loss_type == ["sigmoid", "bco_pair", "sft"]
@@ -131,11 +142,12 @@ def server_version(server) -> int:
     return AlignClient(server.url).info(refresh=True).weight_version
 
 
-@pytest.mark.parametrize("method", ["grpo", "gspo"])
-def test_server_mode_pushes_weights_every_step(method, tiny_vlm, data, tmp_path, server):
+@pytest.mark.parametrize("method,transport", [("grpo", "tcp"), ("gspo", "http")])
+def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data, tmp_path, server):
     assert server_version(server) == 0
     trainer = train(method, tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
-                    "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1", *REWARDS)
+                    "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
+                    "--weight-transport", transport, *REWARDS)
     assert trainer.state.global_step == 3
     assert server_version(server) == 3  # one new weight_version per optimizer step
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
