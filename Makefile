@@ -12,7 +12,7 @@ PYTEST := $(PY) -m pytest
 # this machine's pip config names local index folders that may be absent: drop that noise only
 QUIET := sed -e '/^WARNING: Location/d'
 
-.PHONY: install test test-fast test-vllm demo bench lint clean
+.PHONY: install test test-fast test-vllm test-fault demo bench lint clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ test-fast: install
 
 test-vllm: install
 	$(PYTEST) -m vllm tests
+
+test-fault: install
+	$(PYTEST) -m fault tests
 
 demo: install
 	$(PY) -m trainer_client.demo
