@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     context_length = "context_length"  # prompt (+ max_tokens) over max_model_len
     not_ready = "not_ready"  # model still loading or a weight commit in progress
     conflict = "conflict"  # e.g. a second trainer syncing weights while one already is
+    timeout = "timeout"  # 408: the request body came too slowly; 504: generation ran past --generate-timeout
     internal = "internal"
 
 

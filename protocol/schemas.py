@@ -6,9 +6,9 @@ Images travel once, by sha256 (`PUT /v1/images/{sha256}`), or inline as base64.
 """
 
 import hashlib
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROTOCOL_VERSION = "v1"
 API_PREFIX = "/v1"
@@ -16,6 +16,41 @@ API_PREFIX = "/v1"
 MAX_N = 512
 MAX_PROMPTS_PER_REQUEST = 8192
 MAX_SEQUENCES_PER_REQUEST = 16384  # prompts x n: bigger batches go as several requests
+
+# Sampling bounds both engines run without overflow (vLLM's `SamplingParams._verify_args` is the
+# reference): outside them transformers' logits processors divide into inf/NaN.
+MAX_TEMPERATURE = 2.0  # vLLM refuses more
+MIN_SAMPLING_TEMPERATURE = 0.01  # vLLM clamps (0, 0.01) up; transformers overflows near 0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_INT32 = 2**31 - 1  # vLLM keeps top_k and max_tokens in int32 buffers
+# torch.Generator and vLLM (int64 over msgpack) take more, but 2**53 - 1 is the largest integer a JSON
+# number carries exactly everywhere, and what /openapi.json (float bounds) can state exactly.
+MAX_SEED = 2**53 - 1
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+MAX_PROMPT_TOKENS = 1 << 20
+MAX_MESSAGES = 1024
+MAX_TEXT_CHARS = 1 << 22
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+N = Annotated[int, Field(ge=1, le=MAX_N, description="completions per prompt")]
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE, description=(
+    f"0 means greedy; otherwise between {MIN_SAMPLING_TEMPERATURE} and {MAX_TEMPERATURE}"))]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1, le=MAX_INT32, description="-1 or 0 disables top-k")]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_INT32, description="new tokens per completion")]
+RepetitionPenalty = Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+                                           description="1 disables it")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+def _sampling_temperature(t: float) -> float:
+    if 0.0 < t < MIN_SAMPLING_TEMPERATURE:
+        raise ValueError(f"temperature {t:g} is below {MIN_SAMPLING_TEMPERATURE}: send 0 for greedy decoding or "
+                         f"a value in [{MIN_SAMPLING_TEMPERATURE}, {MAX_TEMPERATURE}]")
+    return t
 
 
 def image_sha256(data: bytes) -> str:
@@ -29,22 +64,24 @@ class _Strict(BaseModel):
 
 
 class SamplingParams(_Strict):
-    n: int = Field(1, ge=1, le=MAX_N, description="completions per prompt")
-    temperature: float = Field(1.0, ge=0.0, description="0 means greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1, description="-1 or 0 disables top-k")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    max_tokens: int = Field(16, ge=1, description="new tokens per completion")
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    stop: list[str] = Field(default_factory=list, max_length=16)
-    seed: int | None = None
+    n: N = 1
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    max_tokens: MaxTokens = 16
+    repetition_penalty: RepetitionPenalty = 1.0
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    seed: Seed | None = None
     logprobs: bool = Field(True, description="return each sampled token's logprob")
+
+    _temperature = field_validator("temperature")(_sampling_temperature)
 
 
 class ImageRef(_Strict):
     """An image by content hash (uploaded before) or inline base64 bytes."""
 
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     data: str | None = Field(None, description="base64 of the encoded image (PNG, JPEG, ...)")
 
     @model_validator(mode="after")
@@ -56,7 +93,7 @@ class ImageRef(_Strict):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(_Strict):
@@ -67,12 +104,12 @@ class ImagePart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart | ImagePart]
+    content: Text | list[TextPart | ImagePart]
 
 
 class GeneratePrompt(_Strict):
-    prompt_ids: list[int] | None = Field(None, min_length=1)
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_PROMPT_TOKENS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     images: list[ImageRef] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -142,7 +179,7 @@ class ImageURL(BaseModel):
 
 class OpenAITextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class OpenAIImagePart(BaseModel):
@@ -152,21 +189,23 @@ class OpenAIImagePart(BaseModel):
 
 class OpenAIMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[OpenAITextPart | OpenAIImagePart]
+    content: Text | list[OpenAITextPart | OpenAIImagePart]
 
 
 class ChatCompletionRequest(BaseModel):
     model: str | None = None
-    messages: list[OpenAIMessage] = Field(min_length=1)
-    n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    n: N = 1
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Seed | None = None
     logprobs: bool = False
     # vLLM-style extras many clients send through `extra_body`
-    top_k: int = Field(-1, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+
+    _temperature = field_validator("temperature")(_sampling_temperature)

@@ -3,6 +3,8 @@
 import asyncio
 import base64
 import binascii
+import logging
+import re
 import secrets
 import time
 import uuid
@@ -32,7 +34,10 @@ from server.engines import Engine, EnginePrompt, EngineUnavailable
 from server.errors import APIError, envelope
 from server.images import ImageCache, ImageError
 from server.metrics import Metrics
+from server.middleware import REQUEST_ID_HEADER, RequestLifecycle
 from server.weights import add_weight_routes
+
+log = logging.getLogger("align-serve")
 
 
 @dataclass
@@ -43,17 +48,42 @@ class ServeConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     max_images_per_prompt: int = 8
     image_cache_bytes: int = 2 * 1024**3
+    body_timeout_s: float = 300.0
+    generate_timeout_s: float = 600.0
+
+
+_FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 def _field(loc) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
+    # Union members show up in pydantic's loc as `constrained-str`, `list[...]`, `TextPart`: not fields.
+    parts = [str(p) for p in loc if p != "body" and (isinstance(p, int) or _FIELD_NAME.match(str(p)))]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
     return out or "body"
 
 
+def _ranges(*models) -> dict[str, str]:
+    """Field name -> its allowed range as text, from the models' own JSON schema (what /openapi.json says)."""
+    out = {}
+    for model in models:
+        for name, prop in model.model_json_schema()["properties"].items():
+            for p in [prop, *prop.get("anyOf", [])]:
+                lo = "[" + str(p["minimum"]) if "minimum" in p else "(" + str(p.get("exclusiveMinimum", ""))
+                hi = str(p["maximum"]) + "]" if "maximum" in p else ""
+                if lo != "(" and hi:
+                    out[name] = f"{lo}, {hi}"
+    return out
+
+
+_RANGES = _ranges(SamplingParams, ChatCompletionRequest)
+# Errors about the value's type (from each member of a union) say less than the one about its bounds.
+_VAGUE = ("literal_error", "union_tag_invalid", "missing", "extra_forbidden")
+
+
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    # /openapi.json stays served: it states every bound the server enforces (tests/test_contract.py checks it)
     app = FastAPI(title="align-serve", version="1", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.ready = False
@@ -72,11 +102,17 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return envelope(400, ErrorCode.invalid_json, "request body is not valid JSON", str(errors[0].get("ctx", "")))
-        detail = [{"field": _field(e["loc"]), "message": e["msg"], **({"limit": e["ctx"]} if e.get("ctx") else {})}
-                  for e in errors]
-        for d in detail:  # ctx can hold exceptions; keep the envelope JSON
-            if "limit" in d:
-                d["limit"] = {k: v if isinstance(v, int | float | str) else str(v) for k, v in d["limit"].items()}
+        errors = sorted(errors, key=lambda e: e["type"].endswith("_type") or e["type"] in _VAGUE)
+        detail = []
+        for e in errors:
+            d = {"field": _field(e["loc"]), "message": e["msg"]}
+            if e.get("ctx"):  # ctx can hold exceptions; keep the envelope JSON
+                d["limit"] = {k: v if isinstance(v, int | float | str) else str(v) for k, v in e["ctx"].items()}
+            name = next((str(p) for p in reversed(e["loc"]) if isinstance(p, str) and p in _RANGES), None)
+            if name is not None and e["type"].startswith(("greater_than", "less_than")):
+                d["range"] = _RANGES[name]
+                d["message"] += f" (allowed range {_RANGES[name]})"
+            detail.append(d)
         first = detail[0]
         return envelope(422, ErrorCode.invalid_request, f"{first['field']}: {first['message']}", detail)
 
@@ -90,22 +126,16 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return envelope(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def _internal(_, exc: Exception):
-        return envelope(500, ErrorCode.internal, f"internal error: {type(exc).__name__}: {exc}")
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        start = time.perf_counter()
-        metrics.inflight.inc()
-        try:
-            response = await call_next(request)
-        finally:
-            metrics.inflight.dec()
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
+    async def _internal(request: Request, exc: Exception):
+        # Route errors end in RequestLifecycle; this catches what fails around it.
+        request_id = request.scope.get("state", {}).get("request_id", "-")
+        log.error("request %s failed", request_id, exc_info=exc)
+        response = envelope(500, ErrorCode.internal, f"internal error (request id {request_id}); the server log "
+                            "has the traceback under this id", {"request_id": request_id})
+        response.headers[REQUEST_ID_HEADER] = request_id
         return response
+
+    app.add_middleware(RequestLifecycle, metrics=metrics, body_timeout_s=config.body_timeout_s)
 
     async def auth(request: Request) -> None:
         if config.api_key is None:
@@ -259,7 +289,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     async def run_generate(prompts: list[GeneratePrompt], sampling: SamplingParams):
         eprompts = [to_engine_prompt(p, i, sampling) for i, p in enumerate(prompts)]
-        outs = await engine.generate(eprompts, sampling)
+        try:
+            outs = await asyncio.wait_for(engine.generate(eprompts, sampling), config.generate_timeout_s)
+        except TimeoutError:
+            raise APIError(504, ErrorCode.timeout, f"generation took longer than {config.generate_timeout_s:g} s "
+                           "(the server's --generate-timeout); send fewer prompts, a smaller n or max_tokens, or "
+                           "retry when the server is less busy", {"timeout_s": config.generate_timeout_s}) from None
         metrics.prompts.inc(len(eprompts))
         metrics.prompt_tokens.inc(sum(engine.prompt_len(p) for p in eprompts))
         metrics.completion_tokens.inc(sum(len(c.token_ids) for cs in outs for c in cs))

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture / compilation (faster start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Timeouts: no peer can hold the server by stalling.
+    p.add_argument("--body-timeout", type=float, default=300.0,
+                   help="seconds a request body (an image upload, a weight bucket) may take to arrive; then 408")
+    p.add_argument("--generate-timeout", type=float, default=600.0,
+                   help="seconds one generate or chat request may run; then 504 (the request is cancelled)")
     return p
 
 
@@ -53,7 +58,8 @@ async def serve(args: argparse.Namespace) -> int:
     app = create_app(engine, ServeConfig(model_name=model_name, api_key=args.api_key, max_pixels=args.max_pixels,
                                          max_image_bytes=args.max_image_bytes,
                                          max_images_per_prompt=args.max_images_per_prompt,
-                                         image_cache_bytes=args.image_cache_bytes))
+                                         image_cache_bytes=args.image_cache_bytes,
+                                         body_timeout_s=args.body_timeout, generate_timeout_s=args.generate_timeout))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     # Bind before loading (minutes on vLLM): a taken port fails at once, and /health answers

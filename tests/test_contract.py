@@ -265,3 +265,119 @@ def test_openai_client_chat_with_an_image(server):
     assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
     assert len(choice.logprobs.content) == resp.usage.completion_tokens
     assert resp.usage.prompt_tokens > 20  # the image's expanded tokens are counted
+
+
+# The bounds the server enforces, written out by hand: /openapi.json must state exactly these.
+SAMPLING_BOUNDS = {"n": (1, 512), "temperature": (0, 2), "top_p": ("exclusive", 0, 1), "top_k": (-1, 2**31 - 1),
+                   "min_p": (0, 1), "max_tokens": (1, 2**31 - 1), "repetition_penalty": (0.01, 100),
+                   "seed": (0, 2**53 - 1)}
+CHAT_BOUNDS = {**SAMPLING_BOUNDS, "max_completion_tokens": (1, 2**31 - 1)}
+
+
+def _openapi(server) -> dict:
+    r = httpx.get(f"{server.url}/openapi.json")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _schema(spec: dict, name: str) -> dict:
+    return spec["components"]["schemas"][name]
+
+
+def _numeric_bounds(props: dict) -> dict:
+    out = {}
+    for name, prop in props.items():
+        for p in [prop, *prop.get("anyOf", [])]:
+            if "maximum" in p:
+                kind = int if p["type"] == "integer" else float  # JSON (and FastAPI) write 1 as 1.0
+                low = ("exclusive", kind(p["exclusiveMinimum"])) if "exclusiveMinimum" in p else (kind(p["minimum"]),)
+                out[name] = (*low, kind(p["maximum"]))
+    return out
+
+
+def test_openapi_states_every_bound_the_server_enforces(server):
+    spec = _openapi(server)
+    assert _numeric_bounds(_schema(spec, "SamplingParams")["properties"]) == SAMPLING_BOUNDS
+    assert _numeric_bounds(_schema(spec, "ChatCompletionRequest")["properties"]) == CHAT_BOUNDS
+    stop = _schema(spec, "SamplingParams")["properties"]["stop"]
+    assert (stop["maxItems"], stop["items"]["minLength"], stop["items"]["maxLength"]) == (16, 1, 256)
+    chat_stop = _schema(spec, "ChatCompletionRequest")["properties"]["stop"]["anyOf"]
+    assert {"maxLength": 256, "minLength": 1, "type": "string"} in chat_stop
+    assert any(p.get("maxItems") == 16 and p["items"]["maxLength"] == 256 for p in chat_stop)
+    prompt = _schema(spec, "GeneratePrompt")["properties"]
+    assert prompt["prompt_ids"]["anyOf"][0]["maxItems"] == 1 << 20
+    assert prompt["messages"]["anyOf"][0]["maxItems"] == 1024
+    assert _schema(spec, "TextPart")["properties"]["text"]["maxLength"] == 1 << 22
+    assert _schema(spec, "ImageRef")["properties"]["sha256"]["anyOf"][0]["pattern"] == "^[0-9a-f]{64}$"
+    gen = _schema(spec, "GenerateRequest")["properties"]["prompts"]
+    assert (gen["minItems"], gen["maxItems"]) == (1, 8192)
+
+
+def _outside(bounds) -> list:
+    *low, high = bounds
+    integer = all(isinstance(b, int) for b in (*low[-1:], high))
+    below = low[1] if low[0] == "exclusive" else (low[0] - 1 if integer else low[0] / 2 if low[0] > 0 else -0.5)
+    return [below, high + 1 if integer else high * 1.5]
+
+
+def test_each_bound_in_openapi_is_refused_with_a_422_naming_field_and_range(server):
+    spec = _openapi(server)
+    sampling = _numeric_bounds(_schema(spec, "SamplingParams")["properties"])
+    chat = _numeric_bounds(_schema(spec, "ChatCompletionRequest")["properties"])
+    assert sampling and chat
+    calls = [(f"sampling.{name}", value, lambda name, value: _post(server, "/v1/generate", json={
+        "prompts": [{"prompt_ids": [1, 2, 3]}], "sampling": {"max_tokens": 2, name: value}}), name)
+        for name, bounds in sampling.items() for value in _outside(bounds)]
+    calls += [(name, value, lambda name, value: _post(server, "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], name: value}), name)
+        for name, bounds in chat.items() for value in _outside(bounds)]
+    for field, value, call, name in calls:
+        r = call(name, value)
+        assert r.status_code == 422, (field, value, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "invalid_request" and err["message"].startswith(f"{field}:"), (field, value, err)
+        *low, high = sampling.get(name) or chat[name]
+        assert err["detail"][0].get("range", "").endswith(f"{low[-1]}, {high}]"), (field, value, err)
+        assert r.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("route", ["/v1/generate", "/v1/chat/completions"])
+@pytest.mark.parametrize("field,value", [("repetition_penalty", 5e-324), ("repetition_penalty", 1e308),
+                                         ("temperature", 5e-324), ("temperature", 1e-3), ("top_p", 5e-324),
+                                         ("min_p", 1e-300), ("stop", [""]), ("stop", ["x" * 257]), ("seed", -1),
+                                         ("seed", 2**64), ("top_k", 2**40)])
+def test_extreme_sampling_values_get_a_4xx_or_an_answer_never_a_5xx(server, route, field, value):
+    if route == "/v1/generate":
+        r = _post(server, route, json={"prompts": [{"prompt_ids": [1, 2, 3]}],
+                                       "sampling": {"max_tokens": 4, "temperature": 1.0, field: value}})
+    else:
+        r = _post(server, route, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                       "temperature": 1.0, field: value})
+    assert r.status_code in (200, 422), (field, value, r.status_code, r.text)
+    if r.status_code == 422:
+        assert field in r.json()["error"]["message"], r.text
+    assert server.alive()
+
+
+def test_the_edges_of_every_range_run_on_the_engine(server):
+    edges = [{"temperature": 2.0}, {"temperature": 0.01}, {"repetition_penalty": 0.01},
+             {"repetition_penalty": 100.0}, {"top_p": 1e-9}, {"min_p": 1.0}, {"top_k": 2**31 - 1},
+             {"seed": 2**53 - 1}, {"seed": 0}, {"n": 512, "max_tokens": 1}, {"stop": ["x" * 256] * 16}]
+    for sampling in edges:
+        r = _post(server, "/v1/generate", json={"prompts": [{"prompt_ids": [1, 2, 3]}],
+                                                "sampling": {"temperature": 1.0, "max_tokens": 4, **sampling}})
+        assert r.status_code == 200, (sampling, r.text)
+        completions = r.json()["results"][0]["completions"]
+        assert len(completions) == sampling.get("n", 1) and all(c["token_ids"] for c in completions)
+
+
+def test_every_response_carries_a_request_id(server):
+    given = _post(server, "/v1/generate", json={"prompts": []}, headers={"X-Request-ID": "trainer-7.step-3"})
+    assert given.status_code == 422 and given.headers["X-Request-ID"] == "trainer-7.step-3"
+    hostile = _post(server, "/v1/generate", json={}, headers={"X-Request-ID": "a b\tc" * 40})
+    assert hostile.headers["X-Request-ID"] != "a b\tc" * 40 and len(hostile.headers["X-Request-ID"]) == 32
+    ids = {r.headers["X-Request-ID"] for r in [
+        httpx.get(f"{server.url}/health"), httpx.get(f"{server.url}/v1/info"),
+        httpx.get(f"{server.url}/v1/info", headers=server.headers()), httpx.get(f"{server.url}/no/such/route"),
+        _post(server, "/v1/generate", json={"prompts": [{"prompt_ids": [1]}], "sampling": {"max_tokens": 1}})]}
+    assert len(ids) == 5  # one fresh id per request

@@ -15,11 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("field,value", [("n", 0), ("max_tokens", 0), ("temperature", -0.1), ("top_p", 0.0),
-                                         ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0)])
+                                         ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0),
+                                         # each of these reached an engine once and came back as a 500
+                                         ("repetition_penalty", 5e-324), ("repetition_penalty", float("inf")),
+                                         ("temperature", 1e-300), ("temperature", 2.5), ("temperature", float("nan")),
+                                         ("seed", -1), ("seed", 2**64), ("top_k", 2**31), ("max_tokens", 2**31)])
 def test_sampling_params_reject_out_of_range(field, value):
     with pytest.raises(ValidationError) as err:
         SamplingParams(**{field: value})
     assert err.value.errors()[0]["loc"] == (field,)
+
+
+def test_stop_strings_are_bounded_in_count_and_length():
+    SamplingParams(stop=["x" * 256] * 16)
+    for stop in ([""], ["x" * 257], ["x"] * 17):
+        with pytest.raises(ValidationError) as err:
+            SamplingParams(stop=stop)
+        assert err.value.errors()[0]["loc"][0] == "stop"
 
 
 def test_unknown_fields_are_rejected_not_ignored():
