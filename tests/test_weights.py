@@ -58,8 +58,10 @@ class Trainer:
                 return expected
         raise AssertionError("ten perturbations left the greedy answer unchanged")
 
-    def greedy(self) -> list[int]:
-        inputs = self.processing.model_inputs([EnginePrompt(self.prompt_ids, self.images)], "cpu")
+    def greedy(self, images: list | None = None) -> list[int]:
+        """The model's own greedy answer to the prompt with `images` (default: its one image)."""
+        images = self.images if images is None else images
+        inputs = self.processing.model_inputs([EnginePrompt(self.prompt_ids, images)], "cpu")
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, temperature=None,
                                       top_p=None, top_k=None, eos_token_id=self.processing.eos_token_ids,
