@@ -88,3 +88,18 @@ def test_a_batch_over_the_request_limit_goes_as_several_requests(tiny_vlm, log_d
         assert 'align_requests_total{route="/v1/generate",status="200"} 2.0' in metrics
     finally:
         server.stop()
+
+
+def test_a_server_that_never_answers_raises_a_timeout_naming_the_setting():
+    """A peer that accepts the connection and then stalls: the client gives up after its own `timeout`."""
+    import socket
+
+    from trainer_client import AlignTimeoutError
+
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(8)  # the kernel completes the handshake; nothing ever reads or answers
+        url = f"http://127.0.0.1:{stalled.getsockname()[1]}"
+        with AlignClient(url, timeout=0.5, connect_timeout=5.0, max_retries=3, backoff=0.01) as client:
+            with pytest.raises(AlignTimeoutError, match="timeout"):
+                client.info()

@@ -249,3 +249,25 @@ def test_an_error_escaping_a_route_is_a_500_envelope_with_the_request_id_it_is_l
     assert request_id in error["message"]
     logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
     assert logged and logged[0].exc_info and "a bug" in str(logged[0].exc_info[1])
+
+
+GENERATE_TIMEOUT_S = 3
+
+
+def test_a_generate_past_the_timeout_gets_a_504_and_the_server_serves_on(tiny_vlm, log_dir):
+    # 16,384 sampled sequences of 64 tokens take 64 batched `generate` calls of 256 rows: far past
+    # 3 s on any CPU, while a 1-prompt, 2-token request is far below it.
+    s = ServerProcess(tiny_vlm, "transformers", api_key=KEY, log_dir=log_dir,
+                      extra=["--generate-timeout", str(GENERATE_TIMEOUT_S)]).wait_ready()
+    try:
+        big = {"prompts": [{"prompt_ids": [1, 2, 3]}] * 1024, "sampling": {"n": 16, "max_tokens": 64}}
+        r = httpx.post(f"{s.url}/v1/generate", json=big, headers=s.headers(), timeout=600)
+        assert r.status_code == 504, r.text[:500]
+        error = r.json()["error"]
+        assert error["code"] == "timeout" and "--generate-timeout" in error["message"], error
+        assert r.headers["X-Request-ID"]
+        with AlignClient(s.url, api_key=KEY, max_retries=0) as c:
+            assert c.generate(prompt_ids=[[1, 2, 3]], max_tokens=2).results[0].completions[0].token_ids
+        assert _metric(s, "align_prompts_total") == 1  # the abandoned request never counted as served
+    finally:
+        s.stop()

@@ -39,6 +39,10 @@ class AlignConnectionError(ConnectionError):
     """No server answered after every retry."""
 
 
+class AlignTimeoutError(AlignConnectionError):
+    """A server took the connection but did not answer within the client's `timeout`."""
+
+
 def collapse_image_runs(ids: Sequence[int], image_token_id: int) -> list[int]:
     """Processor-expanded ids (`<image_pad>` x N per image) -> one placeholder per image."""
     out: list[int] = []
@@ -60,14 +64,19 @@ def encode_image(image: Image.Image | bytes) -> bytes:
 
 class AlignClient:
     def __init__(self, base_urls: str | Sequence[str], api_key: str | None = None, timeout: float = 600.0,
-                 max_retries: int = 5, backoff: float = 0.5):
+                 max_retries: int = 5, backoff: float = 0.5, connect_timeout: float = 10.0):
+        """`timeout`: seconds to wait for a server's answer (a big generate takes minutes; the server's own
+        --generate-timeout answers 504 first by default). `connect_timeout`: seconds to open a
+        connection; a timed-out connect is retried like a refused one, a timed-out answer is not
+        (the request may have run) and raises `AlignTimeoutError`."""
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
             raise ValueError("AlignClient needs at least one base URL")
         self.base_urls = [u.rstrip("/") for u in urls]
         self.max_retries, self.backoff = max_retries, backoff
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = [httpx.Client(base_url=u, headers=headers, timeout=timeout) for u in self.base_urls]
+        timeouts = httpx.Timeout(timeout, connect=connect_timeout)
+        self._http = [httpx.Client(base_url=u, headers=headers, timeout=timeouts) for u in self.base_urls]
         self._uploaded: list[set[str]] = [set() for _ in self.base_urls]
         self._info: ServerInfo | None = None
         self._next = 0
@@ -89,9 +98,12 @@ class AlignClient:
         for attempt in range(self.max_retries + 1):
             try:
                 r = http.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 if attempt == self.max_retries:
-                    raise AlignConnectionError(f"{http.base_url}{path}: {exc}") from exc
+                    raise AlignConnectionError(f"{http.base_url}{path}: {exc or type(exc).__name__}") from exc
+            except httpx.TimeoutException as exc:
+                raise AlignTimeoutError(f"{http.base_url}{path}: no answer within {http.timeout.read:g} s "
+                                        "(AlignClient's `timeout`)") from exc
             else:
                 if r.status_code != 503 or attempt == self.max_retries:
                     if r.status_code >= 400 and method != "HEAD":

@@ -9,12 +9,23 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from protocol import SamplingParams
 from server.engines import Engine, EngineCompletion, EnginePrompt
 from server.engines.processing import ModelProcessing
 
 MAX_BATCH_SEQUENCES = 256
+
+
+class _Abandoned(StoppingCriteria):
+    """Ends a `generate` early once nobody waits for its answer."""
+
+    def __init__(self, abandoned):
+        self.abandoned = abandoned
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.abandoned(), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -87,8 +98,12 @@ class TransformersEngine(Engine):
                     rest.append(job)
             pending = rest
             prompts = [p for job in batch for p in job.prompts]
+
+            def abandoned(batch=batch) -> bool:  # every caller gave up (a --generate-timeout): stop computing
+                return all(job.future.cancelled() for job in batch)
+
             try:
-                out = await asyncio.to_thread(self._generate_locked, prompts, head.sampling)
+                out = await asyncio.to_thread(self._generate_locked, prompts, head.sampling, abandoned)
             except Exception as exc:  # a failed batch fails its requests, never the loop
                 for job in batch:
                     if not job.future.done():
@@ -112,20 +127,24 @@ class TransformersEngine(Engine):
                 params[name].copy_(tensor)
             self.weight_version = version
 
-    def _generate_locked(self, prompts: list[EnginePrompt], sampling: SamplingParams) -> list[list[EngineCompletion]]:
+    def _generate_locked(self, prompts: list[EnginePrompt], sampling: SamplingParams,
+                         abandoned=lambda: False) -> list[list[EngineCompletion]]:
         # A request bigger than one batch runs as several `generate` calls, never one huge one.
         per_call = max(1, MAX_BATCH_SEQUENCES // sampling.n)
         with self.model_lock, torch.inference_mode():
             version = self.weight_version
-            rows = [row for start in range(0, len(prompts), per_call)
-                    for row in self._generate(prompts[start : start + per_call], sampling)]
+            rows = []
+            for start in range(0, len(prompts), per_call):
+                if abandoned():
+                    return []
+                rows += self._generate(prompts[start : start + per_call], sampling, abandoned)
         n = sampling.n
         return [
             [EngineCompletion(*row, weight_version=version) for row in rows[i * n : (i + 1) * n]]
             for i in range(len(prompts))
         ]
 
-    def _generate(self, prompts: list[EnginePrompt], sampling: SamplingParams):
+    def _generate(self, prompts: list[EnginePrompt], sampling: SamplingParams, abandoned=lambda: False):
         n = sampling.n
         expanded = [p for p in prompts for _ in range(n)]
         inputs = self.processing.model_inputs(expanded, self.device)
@@ -139,6 +158,7 @@ class TransformersEngine(Engine):
             output_scores=True,
             return_dict_in_generate=True,
             suppress_tokens=self.processing.suppressed_token_ids or None,
+            stopping_criteria=StoppingCriteriaList([_Abandoned(abandoned)]),
         )
         if not greedy:
             kwargs.update(
