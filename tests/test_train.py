@@ -122,6 +122,12 @@ def test_resume_continues_from_the_saved_step(tiny_vlm, data, tmp_path):
     out = tmp_path / "out"
     train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "2", "--save_steps", "2", *REWARDS)
     assert (out / "checkpoint-2").is_dir()
+    # Resumed with nothing left to train, the model is the checkpoint's, tensor for tensor (Qwen2-VL
+    # saves under legacy names that transformers' own resume does not map back: trainers.py).
+    train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "same", "--max_steps", "2",
+          "--resume_from_checkpoint", str(out / "checkpoint-2"), *REWARDS)
+    assert not changed(weights(out / "checkpoint-2"), weights(tmp_path / "same"))
+    assert changed(weights(tiny_vlm), weights(tmp_path / "same"))
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "4",
                     "--resume_from_checkpoint", str(out / "checkpoint-2"), *REWARDS)
     steps = [e["step"] for e in trainer.state.log_history if "loss" in e]

@@ -13,6 +13,7 @@ import os
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import _is_peft_model
 from trl import DPOTrainer, GRPOTrainer
 
 from torchvision_compat import load_processor
@@ -35,7 +36,28 @@ class PushWeightsCallback(TrainerCallback):
         self.generation.sync_weights()
 
 
-class ServerGRPOTrainer(GRPOTrainer):
+class RestoresCheckpointWeights:
+    """transformers 5.17's Trainer resumes by `model.load_state_dict(saved tensors, strict=False)`,
+    but `save_pretrained` writes some models under their legacy names (Qwen2-VL: `visual.*`,
+    `model.layers.*`, not `model.visual.*`, `model.language_model.layers.*`): nothing matched, the
+    run went on from its start weights with a warning. `from_pretrained` applies the model's own
+    name conversions; its tensors are then copied in, every one or fail."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model if model is not None else self.model
+        if _is_peft_model(model) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(model.parameters()).dtype
+        restored = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        model.load_state_dict(restored.state_dict(), strict=True)
+        log.info("restored the weights of %s", resume_from_checkpoint)
+
+
+class MPOTrainer(RestoresCheckpointWeights, DPOTrainer):
+    """TRL's DPOTrainer, resuming with the checkpoint's weights."""
+
+
+class ServerGRPOTrainer(RestoresCheckpointWeights, GRPOTrainer):
     """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
     does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam.
     Evaluation goes through the same seam, greedy (`ServerGeneration.sampling`)."""
@@ -50,7 +72,7 @@ class ServerGRPOTrainer(GRPOTrainer):
         self.add_callback(PushWeightsCallback(self.vllm_generation))
 
 
-class GreedyEvalGRPOTrainer(GRPOTrainer):
+class GreedyEvalGRPOTrainer(RestoresCheckpointWeights, GRPOTrainer):
     """TRL samples evaluation completions as it samples training ones; ours are greedy, so an eval
     score moves only when the weights do. `none` mode: transformers' generate; colocate: TRL's vLLM."""
 
@@ -118,7 +140,7 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     dataset = load_train_dataset(align.dataset, method)
     eval_dataset = load_train_dataset(align.eval_dataset, method) if align.eval_dataset else None
     if method == "mpo":
-        return DPOTrainer(model=align.model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+        return MPOTrainer(model=align.model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
                           processing_class=processor, peft_config=peft_config)
 
     rewards = load_rewards(align.reward_funcs)
