@@ -148,6 +148,9 @@ class PromptResult(BaseModel):
 class GenerateResponse(BaseModel):
     results: list[PromptResult]
     weight_version: int  # the version that produced every completion of this response
+    # Random per server process start: a changed id means the server restarted (its weights are
+    # its start checkpoint again, its versions count from 0). Several servers: their ids, comma-joined.
+    instance_id: str
 
 
 class Limits(BaseModel):
@@ -165,6 +168,7 @@ class ServerInfo(BaseModel):
     model: str
     engine: Literal["vllm", "transformers"]
     weight_version: int
+    instance_id: str  # random per server process start (see GenerateResponse)
     image_token_id: int | None
     eos_token_ids: list[int]
     limits: Limits

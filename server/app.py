@@ -88,6 +88,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.engine = engine
     app.state.ready = False
     app.state.committing = False
+    app.state.instance_id = uuid.uuid4().hex  # tells clients a restarted server from the one they pushed to
     metrics = Metrics()
     images = ImageCache(config.image_cache_bytes)
     app.state.metrics, app.state.images = metrics, images
@@ -170,6 +171,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             model=config.model_name,
             engine=engine.name,
             weight_version=engine.weight_version,
+            instance_id=app.state.instance_id,
             image_token_id=engine.image_token_id,
             eos_token_ids=engine.eos_token_ids,
             limits=Limits(max_model_len=engine.max_model_len, max_pixels=config.max_pixels,
@@ -308,7 +310,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             for p, cs in zip(eprompts, outs, strict=True)
         ]
         versions = {c.weight_version for cs in outs for c in cs}
-        return GenerateResponse(results=results, weight_version=max(versions))
+        return GenerateResponse(results=results, weight_version=max(versions), instance_id=app.state.instance_id)
 
     # ---- OpenAI-compatible subset ---------------------------------------------------------------
     @app.get(API_PREFIX + "/models", dependencies=[Depends(auth)])

@@ -122,6 +122,12 @@ def test_resume_continues_from_the_saved_step(tiny_vlm, data, tmp_path):
     out = tmp_path / "out"
     train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "2", "--save_steps", "2", *REWARDS)
     assert (out / "checkpoint-2").is_dir()
+    # Resumed with nothing left to train, the model is the checkpoint's, tensor for tensor (Qwen2-VL
+    # saves under legacy names that transformers' own resume does not map back: trainers.py).
+    train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "same", "--max_steps", "2",
+          "--resume_from_checkpoint", str(out / "checkpoint-2"), *REWARDS)
+    assert not changed(weights(out / "checkpoint-2"), weights(tmp_path / "same"))
+    assert changed(weights(tiny_vlm), weights(tmp_path / "same"))
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "4",
                     "--resume_from_checkpoint", str(out / "checkpoint-2"), *REWARDS)
     steps = [e["step"] for e in trainer.state.log_history if "loss" in e]
@@ -149,11 +155,13 @@ def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data
                     "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
                     "--weight-transport", transport, *REWARDS)
     assert trainer.state.global_step == 3
-    assert server_version(server) == 3  # one new weight_version per optimizer step
+    # The start weights are pushed before the first rollout, then one new version per optimizer step.
+    assert server_version(server) == 4
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
-    # Each step's completions came from the weights of the step before (version = step - 1).
-    versions = [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e]
-    assert versions == [0, 1, 2]
+    # Each step's completions came from the weights the trainer pushed for it (those of the step before).
+    versions = [(e["weight_version"], e["weight_version_pushed"]) for e in trainer.state.log_history
+                if "weight_version" in e]
+    assert versions == [(1, 1), (2, 2), (3, 3)]
     # TRL's importance-sampling correction ran on the server's logprobs.
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
 
@@ -165,7 +173,7 @@ def test_server_mode_with_lora_serves_the_merged_weights(tiny_vlm, data, tmp_pat
                     "0.5", "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
                     "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "o_proj", "up_proj",
                     "down_proj", *REWARDS)
-    assert server_version(server) == 2
+    assert server_version(server) == 3  # the start push, then one per step
     model, processor = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
     assert hasattr(model, "peft_config")  # an adapter was trained, not the full model
     question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
@@ -188,13 +196,14 @@ def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path
     out = tmp_path / "out"
     train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "1", "--save_steps", "1",
           "--vllm-mode", "server", "--server-url", server.url, *REWARDS)
-    assert server_version(server) == 1
+    assert server_version(server) == 2  # the start push, then step 1's
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "2", "--vllm-mode", "server",
                     "--server-url", server.url, "--resume_from_checkpoint", "last", *REWARDS)
     assert trainer.state.global_step == 2
     # The restored weights are pushed before the first rollout (the trainer cannot know what the
-    # server holds), then step 2's: two new versions.
-    assert server_version(server) == 3
+    # server holds), then step 2's: two new versions, and step 2 trained on the first of them.
+    assert server_version(server) == 4
+    assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [1, 3]
 
 
 @pytest.mark.vllm
@@ -208,8 +217,8 @@ def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, dat
     try:
         trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
                         "--vllm-mode", "server", "--server-url", proc.url, "--steps_per_generation", "1", *REWARDS)
-        assert server_version(proc) == 3
-        assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [0, 1, 2]
+        assert server_version(proc) == 4
+        assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [1, 2, 3]
         # the server now answers exactly as the checkpoint the trainer saved
         processor = load_processor(tmp_path / "out")
         model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -280,7 +289,7 @@ def test_demo_reward_rises(tmp_path):
     k = len(rewards) // 5
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     assert last > first + 0.15, (first, last)
-    assert result["weight_version"] == len(rewards)  # one push per GRPO step
+    assert result["weight_version"] == len(rewards) + 1  # the start push, then one per GRPO step
     assert result["accuracy_after"] > 0.5  # on fresh images; chance is 0.25
 
 
@@ -296,5 +305,5 @@ def test_accelerate_two_processes_server_mode(tiny_vlm, data, tmp_path, server):
            "--vllm-mode", "server", "--server-url", server.url, *REWARDS]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert server_version(server) == 2
+    assert server_version(server) == 3  # the start push, then one per step
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))

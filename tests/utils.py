@@ -37,8 +37,8 @@ class ServerProcess:
     """`align-serve` as a subprocess; logs go to a file that failures print."""
 
     def __init__(self, model: Path, engine: str, api_key: str | None = None, extra: list[str] | None = None,
-                 log_dir: Path | None = None, env: dict | None = None):
-        self.port = free_port()
+                 log_dir: Path | None = None, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = Path(log_dir or "/tmp") / f"align-serve-{engine}-{self.port}.log"
@@ -48,7 +48,7 @@ class ServerProcess:
             cmd.append("--enforce-eager")
         if api_key:
             cmd += ["--api-key", api_key]
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "a")  # a restart on the same port keeps the first life's log
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
 
@@ -74,6 +74,12 @@ class ServerProcess:
     def logs(self) -> str:
         self._log.flush()
         return self.log_path.read_text()[-6000:]
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash or an OOM kill would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self._log.close()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -3,7 +3,7 @@
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -64,16 +64,18 @@ def encode_image(image: Image.Image | bytes) -> bytes:
 
 class AlignClient:
     def __init__(self, base_urls: str | Sequence[str], api_key: str | None = None, timeout: float = 600.0,
-                 max_retries: int = 5, backoff: float = 0.5, connect_timeout: float = 10.0):
+                 max_retries: int = 5, backoff: float = 0.5, connect_timeout: float = 10.0,
+                 retry_for: float = 0.0):
         """`timeout`: seconds to wait for a server's answer (a big generate takes minutes; the server's own
         --generate-timeout answers 504 first by default). `connect_timeout`: seconds to open a
         connection; a timed-out connect is retried like a refused one, a timed-out answer is not
-        (the request may have run) and raises `AlignTimeoutError`."""
+        (the request may have run) and raises `AlignTimeoutError`. `retry_for`: seconds a call keeps
+        retrying connection errors and 503s (at least `max_retries` tries), so a restarting server is waited out."""
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
             raise ValueError("AlignClient needs at least one base URL")
         self.base_urls = [u.rstrip("/") for u in urls]
-        self.max_retries, self.backoff = max_retries, backoff
+        self.max_retries, self.backoff, self.retry_for = max_retries, backoff, retry_for
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeouts = httpx.Timeout(timeout, connect=connect_timeout)
         self._http = [httpx.Client(base_url=u, headers=headers, timeout=timeouts) for u in self.base_urls]
@@ -95,22 +97,26 @@ class AlignClient:
     def _request(self, server: int, method: str, path: str, **kwargs) -> httpx.Response:
         """One call with retries on connection errors and 503; other errors raise at once."""
         http = self._http[server]
-        for attempt in range(self.max_retries + 1):
+        deadline = time.monotonic() + self.retry_for
+        attempt = 0
+        while True:
+            last = attempt >= self.max_retries and time.monotonic() >= deadline
             try:
                 r = http.request(method, path, **kwargs)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                if attempt == self.max_retries:
-                    raise AlignConnectionError(f"{http.base_url}{path}: {exc or type(exc).__name__}") from exc
+                if last:
+                    raise AlignConnectionError(f"{http.base_url}{path}: {exc or type(exc).__name__} (gave up after "
+                                               f"{attempt + 1} tries; a restarting server needs a longer retry_for)") from exc
             except httpx.TimeoutException as exc:
                 raise AlignTimeoutError(f"{http.base_url}{path}: no answer within {http.timeout.read:g} s "
                                         "(AlignClient's `timeout`)") from exc
             else:
-                if r.status_code != 503 or attempt == self.max_retries:
+                if r.status_code != 503 or last:
                     if r.status_code >= 400 and method != "HEAD":
                         raise self._error(r)
                     return r
-            time.sleep(min(self.backoff * 2**attempt, 10.0))
-        raise AssertionError("unreachable")
+            time.sleep(min(self.backoff * 2**attempt, 5.0))
+            attempt += 1
 
     @staticmethod
     def _error(r: httpx.Response) -> AlignServerError:
@@ -139,7 +145,10 @@ class AlignClient:
                 time.sleep(poll)
         return self.info(refresh=True)
 
-    def info(self, refresh: bool = False) -> ServerInfo:
+    def info(self, refresh: bool = False, server: int = 0) -> ServerInfo:
+        """`GET /v1/info` of server number `server` (the first one's answer is cached)."""
+        if server != 0:
+            return ServerInfo.model_validate(self._request(server, "GET", f"{API_PREFIX}/info").json())
         if self._info is None or refresh:
             self._info = ServerInfo.model_validate(self._request(0, "GET", f"{API_PREFIX}/info").json())
         return self._info
@@ -164,12 +173,15 @@ class AlignClient:
         images: Sequence[Sequence[Image.Image | bytes]] | None = None,
         messages: Sequence[list[dict]] | None = None,
         sampling: SamplingParams | None = None,
+        check: Callable[[int, GenerateResponse], None] | None = None,
         **sampling_kwargs,
     ) -> GenerateResponse:
         """Generate for a batch of prompts: token ids (expanded image runs are collapsed) or chat
         messages, each with its images (PIL or encoded bytes). Sampling fields as keywords
         (`n=8, temperature=1.0, max_tokens=64, ...`) or a `SamplingParams`. With several servers
-        the batch is split across them and answered in order."""
+        the batch is split across them and answered in order. `check(server, answer)` sees each
+        server's answer before they are merged and may refuse it by raising (the trainer refuses
+        answers from weights it did not push)."""
         if (prompt_ids is None) == (messages is None):
             raise ValueError("give exactly one of prompt_ids or messages")
         sampling = sampling or SamplingParams(**sampling_kwargs)
@@ -185,14 +197,19 @@ class AlignClient:
         per_request = max(1, min(MAX_PROMPTS_PER_REQUEST, MAX_SEQUENCES_PER_REQUEST // sampling.n))
         shards = [(server, s, min(s + per_request, stop))
                   for server, start, stop in self._shards(len(rows)) for s in range(start, stop, per_request)]
+        def answer(server: int, start: int, stop: int) -> GenerateResponse:
+            out = self._generate_on(server, rows[start:stop], images[start:stop], sampling, prompt_ids is not None)
+            if check is not None:
+                check(server, out)
+            return out
+
         if len(shards) == 1:
-            return self._generate_on(shards[0][0], rows, images, sampling, prompt_ids is not None)
+            return answer(*shards[0])
         with ThreadPoolExecutor(min(len(shards), 4 * len(self.base_urls))) as pool:
-            parts = list(pool.map(
-                lambda s: self._generate_on(s[0], rows[s[1]:s[2]], images[s[1]:s[2]], sampling, prompt_ids is not None),
-                shards))
+            parts = list(pool.map(lambda s: answer(*s), shards))
         return GenerateResponse(results=[r for p in parts for r in p.results],
-                                weight_version=max(p.weight_version for p in parts))
+                                weight_version=max(p.weight_version for p in parts),
+                                instance_id=",".join(dict.fromkeys(p.instance_id for p in parts)))
 
     def _shards(self, n_rows: int) -> list[tuple[int, int, int]]:
         """(server, start, stop) slices; a single-prompt call rotates over servers."""

@@ -38,7 +38,11 @@ class AlignArguments:
         "help": "How weights reach the server after each optimizer step: auto, nccl, ipc, tcp, shm or http."})
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"], metadata={
         "help": "Rewards for GRPO/GSPO: built-in format, think_format, accuracy, or any module:function."})
-    server_timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for the server to be ready."})
+    server_timeout: float = field(default=600.0, metadata={
+        "help": "Seconds to wait for the server to be ready, at start and whenever it restarts mid-run."})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "A second dataset file (same formats as --dataset) for --eval_strategy steps: greedy completions "
+                "scored by the reward functions (eval_reward, eval_rewards/<name>/mean)."})
 
 
 def _vllm_mode_field(choices: list[str], default: str):
@@ -93,8 +97,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
     config_cls = MPORunConfig if method == "mpo" else GRPORunConfig
     parser = TrlParser((AlignArguments, config_cls, ModelConfig), prog=f"align-train {method}")
     # TRL defaults to bf16, which fails on machines without a bf16 GPU: default to what this machine has.
+    # Evaluation is greedy (trainers.py): one completion per prompt says all there is to say.
+    greedy_eval = {} if method == "mpo" else {"num_generations_eval": 1}
     parser.set_defaults(output_dir=f"runs/{method}", report_to="none", logging_steps=1, bf16=_bf16_gpu(),
-                        **PRESETS[method])
+                        **greedy_eval, **PRESETS[method])
     align, config, model_args = parser.parse_args_and_config(argv)
     if method == "gspo" and not _given("steps_per_generation", argv, _yaml_keys(argv)):
         parser.set_defaults(steps_per_generation=4 * config.gradient_accumulation_steps)

