@@ -28,8 +28,9 @@ class AlignArguments:
     dataset: str = field(metadata={"help": "A .jsonl/.json/.parquet file (image paths relative to it) or a "
                                            "`datasets` dataset saved with save_to_disk."})
     model: str | None = field(default=None, metadata={
-        "help": "Path of the policy (a local HF model directory with its processor); TRL's --model_name_or_path "
-                "is accepted too."})
+        "help": "The policy: a hub id (ORG/NAME, through the Hugging Face cache; HF_HOME, HF_HUB_OFFLINE and "
+                "--model_revision apply) or a local HF model directory with its processor; TRL's "
+                "--model_name_or_path is accepted too."})
     server_url: list[str] = field(default_factory=list, metadata={
         "help": "align-serve base URL for --vllm-mode server; repeat the flag for several servers.",
         "action": "extend"})

@@ -89,7 +89,7 @@ def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient
 def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MPORunConfig, peft_config=None):
     """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it. With a
     `peft_config` TRL trains an adapter; server mode pushes the merged weights under base names."""
-    processor = load_processor(align.model)
+    processor = load_processor(align.model, trust_remote_code=config.trust_remote_code)
     dataset = load_train_dataset(align.dataset, method)
     if method == "mpo":
         return DPOTrainer(model=align.model, args=config, train_dataset=dataset, processing_class=processor,
