@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests.test_data import colour_parquet_folder
 from tests.utils import ServerProcess, cache_as_hub, free_port, random_image
 from trainer_client import AlignClient
 from trainer_client.demo import make_dataset
@@ -81,10 +82,11 @@ def test_a_missing_id_is_one_line_on_both_commands(hf_home, tmp_path):
     assert serve.returncode != 0 and "revision v2" in serve.stderr and "Traceback" not in serve.stderr
 
 
-def test_align_train_by_hub_id_offline(hf_home, tmp_path):
-    make_dataset(tmp_path, 8)
+def test_align_train_model_and_dataset_by_hub_id_offline(hf_home, tmp_path):
+    cache_as_hub(colour_parquet_folder(tmp_path / "colours", n=8), hf_home, "tiny-org/colours", "dataset")
     run = _cli("trainer_client.cli", "grpo", "--model_name_or_path", REPO, "--model_revision", "main",
-               "--dataset", str(tmp_path / "grpo.jsonl"), "--output_dir", str(tmp_path / "out"),
+               "--dataset_name", "tiny-org/colours", "--system_prompt", "Answer with one word.",
+               "--output_dir", str(tmp_path / "out"),
                "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "4",
                "--max_steps", "1", "--report_to", "none", "--disable_tqdm", "true", env=offline(hf_home))
     assert run.returncode == 0, run.stderr[-3000:]

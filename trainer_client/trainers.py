@@ -18,7 +18,7 @@ from trl import DPOTrainer, GRPOTrainer
 from torchvision_compat import load_processor
 from trainer_client.client import AlignClient
 from trainer_client.config import AlignArguments, GRPORunConfig, MPORunConfig
-from trainer_client.data import load_train_dataset
+from trainer_client.data import load_datasets
 from trainer_client.generation import ServerGeneration
 from trainer_client.rewards import load_rewards
 
@@ -90,10 +90,10 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it. With a
     `peft_config` TRL trains an adapter; server mode pushes the merged weights under base names."""
     processor = load_processor(align.model, trust_remote_code=config.trust_remote_code)
-    dataset = load_train_dataset(align.dataset, method)
+    dataset, eval_dataset = load_datasets(align, method)
     if method == "mpo":
-        return DPOTrainer(model=align.model, args=config, train_dataset=dataset, processing_class=processor,
-                          peft_config=peft_config)
+        return DPOTrainer(model=align.model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+                          processing_class=processor, peft_config=peft_config)
 
     rewards = load_rewards(align.reward_funcs)
     mode = config.vllm_mode
@@ -102,7 +102,7 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     trl_config.use_vllm = mode == "colocate"
     trl_config.vllm_mode = "colocate" if mode == "colocate" else "server"
     common = dict(model=align.model, reward_funcs=rewards, args=trl_config, train_dataset=dataset,
-                  processing_class=processor, peft_config=peft_config)
+                  eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config)
     if mode == "colocate":
         return ColocateGRPOTrainer(**common)
     if mode == "none":
