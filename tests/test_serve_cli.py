@@ -29,4 +29,4 @@ def test_a_directory_that_is_not_a_model_exits_non_zero(tmp_path):
 
 def test_a_missing_model_directory_is_named(tmp_path):
     run = _serve("--model", str(tmp_path / "nope"), "--port", str(free_port()))
-    assert run.returncode != 0 and "is not a directory" in run.stderr
+    assert run.returncode != 0 and "is neither a directory nor a hub id" in run.stderr

@@ -91,3 +91,26 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._log.close()
+
+
+def cache_as_hub(src: Path, hf_home: Path, repo_id: str, repo_type: str = "model") -> Path:
+    """Put directory `src` into a Hugging Face hub cache under `hf_home` as the hub client writes it:
+    content-addressed blobs, a snapshot of relative symlinks, `refs/main` naming the commit.
+    Returns the snapshot directory."""
+    import hashlib
+
+    repo = Path(hf_home) / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in Path(src).rglob("*") if p.is_file())
+    commit = hashlib.sha1(b"".join(str(p.relative_to(src)).encode() + p.read_bytes() for p in files)).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for path in files:
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

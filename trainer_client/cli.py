@@ -1,8 +1,9 @@
-"""`align-train grpo|gspo|mpo --model PATH --dataset PATH [--config run.yaml] [flags]`."""
+"""`align-train grpo|gspo|mpo --model ID_OR_PATH (--dataset FILE | --dataset_name ID) [--config run.yaml] [flags]`."""
 
 import logging
 import sys
 
+from model_hub import ModelNotFound, resolve_model
 from trainer_client.config import parse_args
 from trainer_client.data import DatasetError
 
@@ -17,6 +18,11 @@ def run(argv: list[str] | None = None):
 
     from trainer_client.trainers import build_trainer, resume_arg
 
+    try:
+        # Once, to the snapshot directory: the processor, the trainer and the saved run all see the same files.
+        align.model = str(resolve_model(align.model, model_args.model_revision))
+    except ModelNotFound as exc:
+        sys.exit(f"align-train: --model {exc}")
     try:
         trainer = build_trainer(method, align, config, peft_config=get_peft_config(model_args))
     except DatasetError as exc:

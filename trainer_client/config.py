@@ -25,11 +25,24 @@ PRESETS: dict[str, dict] = {
 class AlignArguments:
     """Ours: what TRL's configs do not name (model and data paths, the rollout server, rewards)."""
 
-    dataset: str = field(metadata={"help": "A .jsonl/.json/.parquet file (image paths relative to it) or a "
-                                           "`datasets` dataset saved with save_to_disk."})
+    dataset: str | None = field(default=None, metadata={
+        "help": "A .jsonl/.json/.parquet file (image paths relative to it) or a `datasets` dataset saved with "
+                "save_to_disk; or give --dataset_name."})
+    # TRL's ScriptArguments names, so a TRL script's data flags carry over.
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A dataset hub id (ORG/NAME, through the Hugging Face cache; HF_HUB_OFFLINE applies) or a local "
+                "dataset folder (data/train-*.parquet ...), loaded with datasets.load_dataset."})
+    dataset_config: str | None = field(default=None, metadata={
+        "help": "The configuration (subset) of --dataset_name, datasets.load_dataset's `name`."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
+    dataset_test_split: str = field(default="test", metadata={
+        "help": "Split of --dataset_name to evaluate on, when it exists (evaluation runs per --eval_strategy)."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "A system message put before every prompt that has none."})
     model: str | None = field(default=None, metadata={
-        "help": "Path of the policy (a local HF model directory with its processor); TRL's --model_name_or_path "
-                "is accepted too."})
+        "help": "The policy: a hub id (ORG/NAME, through the Hugging Face cache; HF_HOME, HF_HUB_OFFLINE and "
+                "--model_revision apply) or a local HF model directory with its processor; TRL's "
+                "--model_name_or_path is accepted too."})
     server_url: list[str] = field(default_factory=list, metadata={
         "help": "align-serve base URL for --vllm-mode server; repeat the flag for several servers.",
         "action": "extend"})
@@ -91,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
     LoRA adapter, `--dtype` and `--attn_implementation` reach the model's `from_pretrained`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in METHODS:
-        raise SystemExit(f"usage: align-train {{{','.join(METHODS)}}} --model PATH --dataset PATH "
+        raise SystemExit(f"usage: align-train {{{','.join(METHODS)}}} --model ID_OR_PATH "
+                         "(--dataset FILE | --dataset_name ID_OR_FOLDER) "
                          "[--config run.yaml] [flags]   (align-train METHOD --help lists every flag)")
     method, argv = argv[0], argv[1:]
     config_cls = MPORunConfig if method == "mpo" else GRPORunConfig
@@ -108,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
     align.model = align.model or model_args.model_name_or_path
     if not align.model:
         raise SystemExit("align-train: give the policy with --model PATH (or TRL's --model_name_or_path)")
+    if bool(align.dataset) == bool(align.dataset_name):
+        raise SystemExit("align-train: give the data with --dataset FILE or --dataset_name ID_OR_FOLDER (one of them)")
     if config.vllm_mode == "server" and not align.server_url:
         raise SystemExit("--vllm-mode server needs at least one --server-url (an align-serve base URL)")
     init = {k: v for k, v in (("dtype", model_args.dtype), ("attn_implementation", model_args.attn_implementation))

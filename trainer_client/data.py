@@ -1,79 +1,130 @@
-"""Datasets for `align-train`: local jsonl/json/parquet (image paths relative to the file) or a
-`datasets` dataset saved with `save_to_disk`, checked row by row before any training starts.
+"""Datasets for `align-train`, checked row by row before any training starts, images decoded lazily.
 
-GRPO/GSPO rows: `prompt` (a string or chat messages), `image` or `images`, optional `solution`, plus
-any columns custom rewards read. MPO rows: `prompt`, `chosen`, `rejected`, `image` or `images`.
-Rows come out as TRL expects them: conversational prompt, PIL images, and a `dataset_row` column
-(the 1-based row number) that reward errors quote.
+Sources: `--dataset FILE` (jsonl/json/parquet, image paths relative to the file, or a `datasets`
+dataset saved with `save_to_disk`), or `--dataset_name` as TRL's scripts take it (a hub id or a local
+dataset folder, read by `datasets.load_dataset`; `--dataset_config`, `--dataset_train_split`,
+`--dataset_test_split`).
+
+GRPO/GSPO rows: a prompt (`prompt`, `problem` or `question`: a string or chat messages), `image` or
+`images`, an optional solution (`solution` or `answer`), plus any columns custom rewards read. MPO
+rows: a prompt, `chosen`, `rejected`, `image` or `images`. Rows come out as TRL expects them:
+conversational prompt (after `--system_prompt` when given), the image column as datasets `Image`
+features, and for GRPO a `dataset_row` column (the 1-based row number) that reward errors quote.
+
+Images stay encoded (bytes or paths) in the Arrow table and are decoded when a batch reads its rows,
+so memory does not grow with the dataset. The start-up check streams over the table, opening each
+image's header and verifying its data without decoding pixels.
 """
 
+import io
 import json
+import logging
 from pathlib import Path
 
+import datasets
 from PIL import Image
 
-GRPO_COLUMNS = {"prompt", "image", "images", "solution"}
-MPO_COLUMNS = {"prompt", "chosen", "rejected", "image", "images"}
+log = logging.getLogger(__name__)
+
+PROMPT_COLUMNS = ("prompt", "problem", "question")
+SOLUTION_COLUMNS = ("solution", "answer")
+IMAGE_COLUMNS = ("image", "images")
+CHECK_BATCH = 256  # rows whose encoded images are held at once by the start-up check
 
 
 class DatasetError(ValueError):
-    """A row the trainer cannot use; the message names the file and the row."""
+    """A row the trainer cannot use; the message names the source and the row."""
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_json_rows(path: Path) -> list[dict]:
+    if path.suffix.lower() == ".json":
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            raise DatasetError(f"{path}: a .json dataset must be a list of rows")
+        return rows
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DatasetError(f"{path} row {i}: not valid JSON ({exc})") from exc
+    return rows
+
+
+def _from_json_rows(path: Path, rows: list[dict], method: str) -> datasets.Dataset:
+    """Column-wise, so a prompt that is a string in one row and messages in another stays as given;
+    the key set of each row is checked here, before Arrow would fill gaps with nulls."""
+    if not rows:
+        raise DatasetError(f"{path}: no rows")
+    first = rows[0]
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path} row {i}: a row must be an object with named columns")
+        # MPO's schema is fixed (checked later); GRPO rows may carry reward columns, but all rows the same.
+        if method != "mpo" and set(row) != set(first):
+            raise DatasetError(f"{path} row {i}: unknown column(s) {', '.join(sorted(set(row) ^ set(first)))}; "
+                               f"row 1 has {', '.join(sorted(first))}")
+    columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}
+    # A string in one row and messages in another cannot share an Arrow column: messages for all.
+    for k, role in [*((c, "user") for c in PROMPT_COLUMNS), ("chosen", "assistant"), ("rejected", "assistant")]:
+        if k in columns:
+            columns[k] = [_as_messages(v, role, f"{path} row {i}", k) if v is not None else None
+                          for i, v in enumerate(columns[k], 1)]
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except (TypeError, ValueError) as exc:  # pyarrow: a column whose rows have different types
+        raise DatasetError(f"{path}: columns must hold one type each across rows ({exc})") from exc
+
+
+def read_file(path: str | Path, method: str) -> datasets.Dataset:
+    """The raw rows of a `--dataset` file (or save_to_disk folder) as an Arrow-backed dataset."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset {path} does not exist")
     if path.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as exc:
+            raise DatasetError(f"{path}: not a dataset saved with save_to_disk; a folder of data files "
+                               "(data/train-*.parquet) or a hub id goes to --dataset_name") from exc
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise DatasetError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(ds)})")
             ds = ds["train"]
-        return [dict(r) for r in ds]
+        return ds
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with open(path) as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DatasetError(f"{path} row {i}: not valid JSON ({exc})") from exc
-        return rows
-    if suffix == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, list):
-            raise DatasetError(f"{path}: a .json dataset must be a list of rows")
-        return data
+    if suffix in (".jsonl", ".json"):
+        return _from_json_rows(path, _read_json_rows(path), method)
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+        return datasets.Dataset.from_parquet(str(path))  # memory-mapped Arrow, not rows in Python
     raise DatasetError(f"{path}: unsupported dataset; give .jsonl, .json, .parquet or a save_to_disk directory")
 
 
-def _open_image(value, root: Path, where: str) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):  # datasets' Image() storage
-        import io
+def load_named(name: str, config: str | None) -> datasets.DatasetDict:
+    """`--dataset_name` as TRL's scripts load it, plus what `datasets` does not do offline: a dataset repo
+    already in the hub cache (`hf download --repo-type dataset`) is read from there."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-        src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-        return Image.open(src).convert("RGB")
-    if not isinstance(value, str):
-        raise DatasetError(f"{where}: an image must be a file path, got {type(value).__name__}")
-    path = Path(value) if Path(value).is_absolute() else root / value
-    if not path.is_file():
-        raise DatasetError(f"{where}: image file {path} does not exist")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as exc:
-        raise DatasetError(f"{where}: image file {path} cannot be read ({exc})") from exc
+        return datasets.load_dataset(name, config)
+    except ConnectionError:
+        # datasets 5.2 offline only finds datasets it loaded before; the hub cache may hold the repo.
+        try:
+            snapshot = snapshot_download(name, repo_type="dataset", local_files_only=True)
+        except LocalEntryNotFoundError:
+            how = "HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+            raise DatasetError(f"dataset {name!r} is not a local folder and not in the Hugging Face cache "
+                               f"{constants.HF_HUB_CACHE}, and {how}; download it first "
+                               f"(hf download --repo-type dataset {name})") from None
+        return datasets.load_dataset(snapshot, config)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ValueError) as exc:
+        raise DatasetError(f"dataset {name!r}: {exc}") from None
 
 
-def _messages(value, role: str, where: str, column: str) -> list[dict]:
+def _as_messages(value, role: str, where: str, column: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
@@ -89,63 +140,148 @@ def _image_parts(messages: list[dict]) -> int | None:
                for p in m["content"] if p.get("type") == "image")
 
 
-def load_rows(path: str | Path, method: str) -> list[dict]:
-    """Read and check every row; raises DatasetError naming the first bad row."""
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if not system_prompt or messages[0].get("role") == "system":
+        return messages
+    # Arrow keeps one type per field: the system content takes the form the other messages use.
+    content = system_prompt if isinstance(messages[0].get("content"), str) else [{"type": "text", "text": system_prompt}]
+    return [{"role": "system", "content": content}, *messages]
+
+
+def _check_image(value, root: Path, where: str) -> str | None:
+    """Opens the image's header and verifies its data (no pixels decoded); returns the absolute path of
+    a path-given image, None for bytes."""
+    if isinstance(value, dict) and value.get("bytes"):
+        src, path = io.BytesIO(value["bytes"]), None
+    else:
+        name = value.get("path") if isinstance(value, dict) else value
+        if not isinstance(name, str):
+            raise DatasetError(f"{where}: an image must be a file path or image bytes, got {type(value).__name__}")
+        path = Path(name) if Path(name).is_absolute() else root / name
+        if not path.is_file():
+            raise DatasetError(f"{where}: image file {path} does not exist")
+        src = path
+    try:
+        with Image.open(src) as img:
+            img.verify()
+    except Exception as exc:  # PIL raises OSError, SyntaxError or struct errors for broken files
+        shown = f"file {path}" if path else "(embedded bytes)"
+        raise DatasetError(f"{where}: image {shown} cannot be read ({type(exc).__name__}: {exc})") from exc
+    return None if path is None else str(path)
+
+
+def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None = None,
+            system_prompt: str | None = None, strict_columns: bool = True) -> datasets.Dataset:
+    """Raw rows -> TRL's format: columns mapped, every row checked in one streaming pass (encoded
+    images held a batch at a time), images left encoded in Arrow for lazy decoding."""
+    columns = raw.column_names
+    if raw.num_rows == 0:
+        raise DatasetError(f"{source}: no rows")
+    prompt_col = next((c for c in PROMPT_COLUMNS if c in columns), None)
+    if prompt_col is None:
+        raise DatasetError(f"{source}: no prompt column; expected one of {', '.join(PROMPT_COLUMNS)} "
+                           f"(has {', '.join(columns)})")
+    image_cols = [c for c in IMAGE_COLUMNS if c in columns]
+    if len(image_cols) > 1:
+        raise DatasetError(f"{source} row 1: give `image` or `images`, not both")
+    image_col = image_cols[0] if image_cols else None
+    if method == "mpo":
+        answer_cols = ["chosen", "rejected"]
+        for c in answer_cols:
+            if c not in columns:
+                raise DatasetError(f"{source} row 1: missing column `{c}`")
+        extra = [c for c in columns if c not in (prompt_col, *answer_cols, *IMAGE_COLUMNS)]
+        if extra and strict_columns:
+            raise DatasetError(f"{source} row 1: unknown column(s) {', '.join(sorted(extra))}; expected "
+                               f"{', '.join(sorted({'prompt', 'chosen', 'rejected', 'image', 'images'}))}")
+        if extra:
+            log.info("%s: MPO uses prompt, chosen, rejected and images; ignoring %s", source, ", ".join(extra))
+        keep = []
+    else:
+        solution_col = next((c for c in SOLUTION_COLUMNS if c in columns), None)
+        answer_cols = [solution_col] if solution_col else []
+        keep = [c for c in columns if c not in (prompt_col, *answer_cols, image_col, "dataset_row")]
+
+    text_cols = [prompt_col, *answer_cols]
+    required = text_cols if method == "mpo" else [prompt_col]
+    image_feature = raw.features.get(image_col) if image_col else None
+    encoded = isinstance(image_feature, datasets.Image) or (
+        isinstance(image_feature, datasets.List) and isinstance(image_feature.feature, datasets.Image))
+    out = {"prompt": []} | {c: [] for c in ("chosen", "rejected") if method == "mpo"}
+    if method != "mpo" and answer_cols:
+        out["solution"] = []
+    paths: list = []
+    # Arrow format: image cells come as {bytes, path} (or path strings) and are never decoded here.
+    stream = raw.select_columns(text_cols + ([image_col] if image_col else [])).with_format("arrow")
+    row = 0
+    for batch in stream.iter(batch_size=CHECK_BATCH):
+        texts = {c: batch.column(c).to_pylist() for c in text_cols}
+        images = batch.column(image_col).to_pylist() if image_col else [None] * batch.num_rows
+        for k in range(batch.num_rows):
+            row += 1
+            where = f"{source} row {row}"
+            for c in required:
+                if texts[c][k] is None:
+                    raise DatasetError(f"{where}: missing column `{c}`")
+            value = images[k]
+            if image_col == "images" and value is not None and not isinstance(value, list):
+                raise DatasetError(f"{where}: `images` must be a list of images")
+            values = value if image_col == "images" else ([] if value is None else [value])
+            checked = [_check_image(v, root or Path("."), where) for v in values or []]
+            if not encoded and image_col:
+                paths.append(checked if image_col == "images" else (checked[0] if checked else None))
+            prompt = _with_system(_as_messages(texts[prompt_col][k], "user", where, prompt_col), system_prompt)
+            placeholders = _image_parts(prompt)
+            if placeholders is not None and placeholders != len(checked):
+                raise DatasetError(f"{where}: the prompt has {placeholders} image part(s) but the row gives "
+                                   f"{len(checked)} image(s)")
+            out["prompt"].append(prompt)
+            if method == "mpo":
+                out["chosen"].append(_as_messages(texts["chosen"][k], "assistant", where, "chosen"))
+                out["rejected"].append(_as_messages(texts["rejected"][k], "assistant", where, "rejected"))
+            elif answer_cols:
+                value = texts[answer_cols[0]][k]
+                out["solution"].append(value if value is None or isinstance(value, str) else str(value))
+
+    parts = [datasets.Dataset.from_dict(out)]
+    if image_col and encoded:
+        parts.append(raw.select_columns([image_col]))  # still the memory-mapped (or saved) encoded images
+    elif image_col:
+        feature = datasets.List(datasets.Image()) if image_col == "images" else datasets.Image()
+        parts.append(datasets.Dataset.from_dict({image_col: paths}, features=datasets.Features({image_col: feature})))
+    if keep:
+        parts.append(raw.select_columns(keep))
+    if method != "mpo":
+        parts.append(datasets.Dataset.from_dict({"dataset_row": list(range(1, raw.num_rows + 1))}))
+    return datasets.concatenate_datasets(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def load_train_dataset(path: str | Path, method: str, system_prompt: str | None = None) -> datasets.Dataset:
+    """A `--dataset` file as a checked `datasets.Dataset` in TRL's format."""
     path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"dataset {path} does not exist")
-    root = path if path.is_dir() else path.parent
-    rows = _read_rows(path)
-    if not rows:
-        raise DatasetError(f"{path}: no rows")
-    known, required = (MPO_COLUMNS, ("prompt", "chosen", "rejected")) if method == "mpo" else (GRPO_COLUMNS, ("prompt",))
-    first_keys = set(rows[0])
-    out = []
-    for i, row in enumerate(rows, 1):
-        where = f"{path} row {i}"
-        if not isinstance(row, dict):
-            raise DatasetError(f"{where}: a row must be an object with named columns")
-        for column in required:
-            if row.get(column) is None:
-                raise DatasetError(f"{where}: missing column `{column}`")
-        extra = set(row) - known
-        # MPO has a fixed schema. GRPO rows may carry columns for custom rewards, but every row the same ones.
-        unknown = extra if method == "mpo" else set(row) ^ first_keys
-        if unknown:
-            raise DatasetError(f"{where}: unknown column(s) {', '.join(sorted(unknown))}; "
-                               f"{'expected ' + ', '.join(sorted(known)) if method == 'mpo' else 'row 1 has ' + ', '.join(sorted(first_keys))}")
-        if "image" in row and "images" in row:
-            raise DatasetError(f"{where}: give `image` or `images`, not both")
-        values = row.get("images", [row["image"]] if row.get("image") is not None else [])
-        if not isinstance(values, list):
-            raise DatasetError(f"{where}: `images` must be a list of image paths")
-        images = [_open_image(v, root, where) for v in values]
-        item = {k: v for k, v in row.items() if k not in ("image", "images")}
-        item["prompt"] = _messages(row["prompt"], "user", where, "prompt")
-        placeholders = _image_parts(item["prompt"])
-        if placeholders is not None and placeholders != len(images):
-            raise DatasetError(f"{where}: the prompt has {placeholders} image part(s) but the row gives "
-                               f"{len(images)} image(s)")
-        if method == "mpo":
-            item["chosen"] = _messages(row["chosen"], "assistant", where, "chosen")
-            item["rejected"] = _messages(row["rejected"], "assistant", where, "rejected")
-            item["images"] = images
-        else:
-            item["images"] = images
-            item["dataset_row"] = i
-        out.append(item)
-    return out
+    raw = read_file(path, method)
+    return prepare(raw, method, str(path), path if path.is_dir() else path.parent, system_prompt)
 
 
-def load_train_dataset(path: str | Path, method: str):
-    """A `datasets.Dataset` in TRL's format, every row checked first."""
-    import datasets
+def load_datasets(align, method: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, eval) from the run's arguments; eval is `--eval_dataset FILE` when given, else the
+    `--dataset_test_split` when the named dataset has one, else None."""
+    eval_set = (load_train_dataset(align.eval_dataset, method, align.system_prompt)
+                 if align.eval_dataset else None)
+    if align.dataset:
+        return load_train_dataset(align.dataset, method, align.system_prompt), eval_set
+    splits = load_named(align.dataset_name, align.dataset_config)
+    if align.dataset_train_split not in splits:
+        raise DatasetError(f"dataset {align.dataset_name!r} has no split {align.dataset_train_split!r} "
+                           f"(has {', '.join(splits)}); see --dataset_train_split")
+    local = Path(align.dataset_name)
+    root = local if local.is_dir() else None
 
-    rows = load_rows(path, method)
-    features = None
-    if any(r["images"] for r in rows):
-        # Declared image features keep PIL images as images (and let datasets store them compactly).
-        ds = datasets.Dataset.from_list([{**r, "images": []} for r in rows])
-        features = ds.features.copy()
-        features["images"] = datasets.List(datasets.Image())
-    return datasets.Dataset.from_list(rows, features=features)
+    def one(split: str) -> datasets.Dataset:
+        return prepare(splits[split], method, f"{align.dataset_name} [{split}]", root, align.system_prompt,
+                       strict_columns=False)
+
+    test = align.dataset_test_split
+    if eval_set is None and test in splits:
+        eval_set = one(test)
+    return one(align.dataset_train_split), eval_set

