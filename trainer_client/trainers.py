@@ -16,10 +16,13 @@ from transformers import TrainerCallback
 from trl import DPOTrainer, GRPOTrainer
 
 from torchvision_compat import load_processor
+from trainer_client.async_rollouts import AsyncRollouts
 from trainer_client.client import AlignClient
 from trainer_client.config import AlignArguments, GRPORunConfig, MPORunConfig
 from trainer_client.data import load_train_dataset
+from trainer_client.dynamic_sampling import DynamicSampling
 from trainer_client.generation import ServerGeneration
+from trainer_client.importance_sampling import LossForwardImportanceSampling
 from trainer_client.rewards import load_rewards
 
 log = logging.getLogger(__name__)
@@ -28,24 +31,35 @@ log = logging.getLogger(__name__)
 class PushWeightsCallback(TrainerCallback):
     """After every optimizer step, the server gets the new weights (one new weight_version)."""
 
-    def __init__(self, generation: ServerGeneration):
+    def __init__(self, generation: ServerGeneration | AsyncRollouts):
         self.generation = generation
 
     def on_step_end(self, args, state, control, **kwargs):
         self.generation.sync_weights()
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if isinstance(self.generation, AsyncRollouts):
+            self.generation.close()  # the last push lands before the model is saved
 
-class ServerGRPOTrainer(GRPOTrainer):
+
+class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, GRPOTrainer):
     """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
-    does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam."""
+    does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam
+    (`AsyncRollouts` around it with --async_rollouts)."""
 
     def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.use_vllm, self.vllm_mode = True, "server"
         self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction
         self.vllm_generation = ServerGeneration(self, client, weight_transport)
+        if self.args.async_rollouts:
+            self.vllm_generation = AsyncRollouts(self.vllm_generation, self.args.max_staleness)
         self._last_loaded_step = -1
         self.add_callback(PushWeightsCallback(self.vllm_generation))
+
+
+class LocalGRPOTrainer(DynamicSampling, GRPOTrainer):
+    """TRL's own transformers generation (`--vllm-mode none`), with dynamic sampling available."""
 
 
 class ColocateGRPOTrainer(GRPOTrainer):
@@ -106,7 +120,7 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     if mode == "colocate":
         return ColocateGRPOTrainer(**common)
     if mode == "none":
-        return GRPOTrainer(**common)
+        return LocalGRPOTrainer(**common)
     main = trl_config.process_index == 0
     return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport)
 
