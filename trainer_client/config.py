@@ -69,6 +69,18 @@ def _vllm_mode_field(choices: list[str], default: str):
 class GRPORunConfig(GRPOConfig):
     # TRL's `vllm_mode` plus `none`, which stands for TRL's `use_vllm=False`.
     vllm_mode: str = _vllm_mode_field(["server", "colocate", "none"], "none")
+    async_rollouts: bool = field(default=False, metadata={
+        "help": "Server mode: the server generates the next batches while the trainer trains on this one "
+                "(trainer_client/async_rollouts.py)."})
+    max_staleness: int = field(default=1, metadata={
+        "help": "With --async_rollouts: how many batches are generated ahead, and the most weight versions a "
+                "trained completion may lag the trainer's weights (older groups are dropped and generated again)."})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "DAPO's dynamic sampling: drop groups whose rewards all agree (zero advantage) and generate "
+                "for more prompts until the batch is full (trainer_client/dynamic_sampling.py)."})
+    max_resample_rounds: int = field(default=4, metadata={
+        "help": "With --dynamic_sampling: at most this many extra generation rounds per batch; a batch still "
+                "short after them trains on the informative groups it has."})
 
 
 @dataclass
@@ -95,6 +107,25 @@ def _yaml_keys(argv: list[str]) -> set[str]:
         return set()
     with open(argv[argv.index("--config") + 1]) as f:
         return set((yaml.safe_load(f) or {}).keys())
+
+
+def _check_rollout_flags(config: GRPORunConfig) -> None:
+    if config.async_rollouts and config.vllm_mode != "server":
+        raise SystemExit(f"--async_rollouts needs --vllm-mode server (got {config.vllm_mode}): only align-serve "
+                         "generates while the trainer trains")
+    if config.async_rollouts and config.max_staleness < 1:
+        raise SystemExit(f"--max_staleness must be >= 1 (got {config.max_staleness})")
+    if config.dynamic_sampling and config.vllm_mode == "colocate":
+        raise SystemExit("--dynamic_sampling works with --vllm-mode server or none, not colocate")
+    if config.max_resample_rounds < 0:
+        raise SystemExit(f"--max_resample_rounds must be >= 0 (got {config.max_resample_rounds})")
+    # One generation batch spans steps_per_generation / gradient_accumulation_steps optimizer steps:
+    # that many weight versions pass while it is trained on, so async rollouts lag at least as much.
+    spans = -(-config.steps_per_generation // config.gradient_accumulation_steps)
+    if config.async_rollouts and config.max_staleness < spans:
+        raise SystemExit(f"--max_staleness {config.max_staleness} is below the {spans} optimizer steps one generation "
+                         f"batch spans (steps_per_generation {config.steps_per_generation} / "
+                         f"gradient_accumulation_steps {config.gradient_accumulation_steps}): raise it to {spans}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPORunConfig | MPORunConfig, ModelConfig]:
@@ -126,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
         raise SystemExit("align-train: give the data with --dataset FILE or --dataset_name ID_OR_FOLDER (one of them)")
     if config.vllm_mode == "server" and not align.server_url:
         raise SystemExit("--vllm-mode server needs at least one --server-url (an align-serve base URL)")
+    if method != "mpo":
+        _check_rollout_flags(config)
     init = {k: v for k, v in (("dtype", model_args.dtype), ("attn_implementation", model_args.attn_implementation))
             if v is not None}
     if init:

@@ -17,10 +17,13 @@ from transformers.trainer_utils import _is_peft_model
 from trl import DPOTrainer, GRPOTrainer
 
 from torchvision_compat import load_processor
+from trainer_client.async_rollouts import AsyncRollouts
 from trainer_client.client import AlignClient
 from trainer_client.config import AlignArguments, GRPORunConfig, MPORunConfig
 from trainer_client.data import load_datasets
+from trainer_client.dynamic_sampling import DynamicSampling
 from trainer_client.generation import ServerGeneration
+from trainer_client.importance_sampling import LossForwardImportanceSampling
 from trainer_client.rewards import load_rewards
 
 log = logging.getLogger(__name__)
@@ -29,12 +32,15 @@ log = logging.getLogger(__name__)
 class PushWeightsCallback(TrainerCallback):
     """After every optimizer step, the server gets the new weights (one new weight_version)."""
 
-    def __init__(self, generation: ServerGeneration):
+    def __init__(self, generation: ServerGeneration | AsyncRollouts):
         self.generation = generation
 
     def on_step_end(self, args, state, control, **kwargs):
         self.generation.sync_weights()
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if isinstance(self.generation, AsyncRollouts):
+            self.generation.close()  # the last push lands before the model is saved
 
 class RestoresCheckpointWeights:
     """transformers 5.17's Trainer resumes by `model.load_state_dict(saved tensors, strict=False)`,
@@ -57,10 +63,11 @@ class MPOTrainer(RestoresCheckpointWeights, DPOTrainer):
     """TRL's DPOTrainer, resuming with the checkpoint's weights."""
 
 
-class ServerGRPOTrainer(RestoresCheckpointWeights, GRPOTrainer):
+class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, RestoresCheckpointWeights, GRPOTrainer):
     """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
-    does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam.
-    Evaluation goes through the same seam, greedy (`ServerGeneration.sampling`)."""
+    does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam
+    (`AsyncRollouts` around it with --async_rollouts). Evaluation goes through the same seam, greedy
+    (`ServerGeneration.sampling`)."""
 
     def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto",
                  server_timeout: float = 600.0, **kwargs):
@@ -68,6 +75,8 @@ class ServerGRPOTrainer(RestoresCheckpointWeights, GRPOTrainer):
         self.use_vllm, self.vllm_mode = True, "server"
         self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction
         self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout)
+        if self.args.async_rollouts:
+            self.vllm_generation = AsyncRollouts(self.vllm_generation, self.args.max_staleness)
         self._last_loaded_step = -1
         self.add_callback(PushWeightsCallback(self.vllm_generation))
 
@@ -91,6 +100,10 @@ class GreedyEvalGRPOTrainer(RestoresCheckpointWeights, GRPOTrainer):
                 self.vllm_generation.temperature = saved
             else:
                 self.generation_config.do_sample = self.generation_kwargs["do_sample"] = saved
+
+
+class LocalGRPOTrainer(DynamicSampling, GreedyEvalGRPOTrainer):
+    """TRL's own transformers generation (`--vllm-mode none`), with dynamic sampling available."""
 
 
 class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
@@ -153,7 +166,7 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     if mode == "colocate":
         return ColocateGRPOTrainer(**common)
     if mode == "none":
-        return GreedyEvalGRPOTrainer(**common)
+        return LocalGRPOTrainer(**common)
     main = trl_config.process_index == 0
     return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport,
                              server_timeout=align.server_timeout)

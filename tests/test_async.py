@@ -1,0 +1,161 @@
+"""The faster server-mode step: the IS ratio from the loss's own forward, dynamic sampling (DAPO) and
+asynchronous rollouts, against a real `align-serve` (transformers engine; vLLM marked)."""
+
+import inspect
+
+import pytest
+import torch
+from trl import GRPOTrainer
+
+from tests.test_train import SMALL, server_version, train
+from tests.utils import ServerProcess
+from trainer_client.config import parse_args
+from trainer_client.demo import make_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colour-data")
+    make_dataset(root, 32, seed=0, method="grpo")
+    return root
+
+
+@pytest.fixture()
+def server(tiny_vlm, log_dir):
+    proc = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
+    yield proc
+    proc.stop()
+
+
+def parity_reward(completion_ids, **kwargs) -> list[float]:
+    return [float(ids[0] % 2) for ids in completion_ids]
+
+
+def odd_rows_agree(completion_ids, dataset_row, **kwargs) -> list[float]:
+    """Every group of an odd dataset row gets the same reward (zero advantage); even rows vary."""
+    return [1.0 if row % 2 else float(ids[0] % 2) for ids, row in zip(completion_ids, dataset_row, strict=True)]
+
+
+def logged(trainer, key: str) -> list[float]:
+    return [e[key] for e in trainer.state.log_history if key in e]
+
+
+def test_trl_seams_exist():
+    """The TRL 1.16 private names these modules lean on; an upgrade that moves them fails here."""
+    for name in ("_generate_and_score_completions", "_compute_loss", "_get_per_token_logps_and_entropies",
+                 "_tokenize_prompts", "_prepare_inputs"):
+        assert callable(getattr(GRPOTrainer, name, None)), name
+    score = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert "self.use_vllm and self.vllm_importance_sampling_correction" in score  # gates the old-logprob forward
+    assert 'output["sampling_per_token_logps"]' in score
+    loss = inspect.getsource(GRPOTrainer._compute_loss)
+    # The ratio is read after the loss's forward, and old logprobs default to that forward's, detached.
+    assert loss.index("_get_per_token_logps_and_entropies") < loss.index('inputs["importance_sampling_ratio"]')
+    assert "per_token_logps.detach() if old_per_token_logps is None" in loss
+    assert "self._buffered_inputs[self._step % self.args.steps_per_generation]" in inspect.getsource(
+        GRPOTrainer._prepare_inputs)
+
+
+def test_rollout_flags_are_checked():
+    base = ["--model", "m", "--dataset", "d"]
+    with pytest.raises(SystemExit, match="--async_rollouts needs --vllm-mode server"):
+        parse_args(["grpo", *base, "--async_rollouts"])
+    with pytest.raises(SystemExit, match="--max_staleness 1 is below the 4 optimizer steps"):
+        parse_args(["gspo", *base, "--vllm-mode", "server", "--server-url", "http://a:1", "--async_rollouts"])
+    _, _, config, _ = parse_args(["gspo", *base, "--vllm-mode", "server", "--server-url", "http://a:1",
+                                  "--async_rollouts", "--max_staleness", "4", "--dynamic_sampling"])
+    assert config.async_rollouts and config.max_staleness == 4 and config.dynamic_sampling
+    assert config.max_resample_rounds == 4
+
+
+def test_ratio_from_the_loss_forward_equals_trls(tiny_vlm, data, tmp_path, server):
+    """Same completions through TRL's path (extra no-grad forward) and ours: same ratio, same loss."""
+    from trainer_client.config import parse_args as parse
+    from trainer_client.trainers import build_trainer
+
+    method, align, config, _ = parse(["grpo", "--model", str(tiny_vlm), "--dataset", str(data / "grpo.jsonl"),
+                                      "--output_dir", str(tmp_path / "out"), *SMALL, "--num_generations", "4",
+                                      "--max_completion_length", "6", "--vllm-mode", "server",
+                                      "--server-url", server.url, "--reward_funcs", "tests.test_async:parity_reward"])
+    trainer = build_trainer(method, align, config)
+    assert trainer._ratio_from_loss_forward()
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = next(iter(trainer.get_train_dataloader()))
+
+    backend, replies = trainer.vllm_generation, []
+
+    def recorded(**kwargs):
+        replies.append(backend_generate(**kwargs))
+        return replies[-1]
+
+    def replayed(**kwargs):
+        return replies[0]
+
+    backend_generate = backend.generate
+    backend.generate = recorded
+    ours = trainer._generate_and_score_completions(batch)
+    backend.generate = replayed
+    trls = GRPOTrainer._generate_and_score_completions(trainer, batch)
+
+    assert "old_per_token_logps" in trls and "importance_sampling_ratio" in trls  # TRL paid the extra forward
+    assert "old_per_token_logps" not in ours and "importance_sampling_ratio" not in ours
+    torch.manual_seed(0)
+    loss_trl = GRPOTrainer._compute_loss(trainer, trainer.model, trls)
+    torch.manual_seed(0)
+    loss_ours = trainer._compute_loss(trainer.model, ours)
+    torch.testing.assert_close(ours["importance_sampling_ratio"], trls["importance_sampling_ratio"])
+    torch.testing.assert_close(loss_ours, loss_trl)
+    assert not torch.allclose(trls["importance_sampling_ratio"], torch.ones_like(trls["importance_sampling_ratio"]))
+
+
+def test_dynamic_sampling_never_trains_on_a_zero_advantage_group(tiny_vlm, data, tmp_path):
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "4",
+                    "--dynamic_sampling", "--max_resample_rounds", "8",
+                    "--reward_funcs", "tests.test_async:odd_rows_agree")
+    assert trainer.state.global_step == 4
+    dropped = logged(trainer, "dynamic_sampling/dropped_group_ratio")
+    assert len(dropped) == 4 and sum(dropped) > 0  # odd rows came up and were dropped
+    assert logged(trainer, "dynamic_sampling/zero_advantage_groups_trained") == [0.0] * 4
+    assert sum(logged(trainer, "dynamic_sampling/resample_rounds")) > 0  # short batches were refilled
+
+
+def run_async(model, data, out, url, *flags):
+    return train("grpo", model, data / "grpo.jsonl", out, "--vllm-mode", "server", "--server-url", url,
+                 "--async_rollouts", "--reward_funcs", "tests.test_async:parity_reward", *flags)
+
+
+def test_async_rollouts_one_step_off(tiny_vlm, data, tmp_path, server):
+    trainer = run_async(tiny_vlm, data, tmp_path / "out", server.url, "--max_steps", "4")
+    assert trainer.state.global_step == 4
+    assert server_version(server) == 4  # every push landed, the last one before the run ended
+    # Step 1 waits for its rollouts; every later step trains on rollouts made while the step
+    # before it trained, by the weights one version behind.
+    assert logged(trainer, "weight_version") == [0, 0, 1, 2]
+    assert logged(trainer, "async/staleness_max") == [0, 1, 1, 1]
+    assert logged(trainer, "async/prefetch_hits") == [0, 1, 1, 1]
+    assert logged(trainer, "async/stale_groups_dropped") == [0] * 4
+    assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+
+
+def test_async_rollouts_with_dynamic_sampling_and_two_versions_of_staleness(tiny_vlm, data, tmp_path, server):
+    trainer = run_async(tiny_vlm, data, tmp_path / "out", server.url, "--max_steps", "4", "--max_staleness", "2",
+                        "--dynamic_sampling", "--max_resample_rounds", "8",
+                        "--reward_funcs", "tests.test_async:odd_rows_agree")
+    assert trainer.state.global_step == 4 and server_version(server) == 4
+    staleness = logged(trainer, "async/staleness_max")
+    assert max(staleness) <= 2 and max(staleness) >= 1
+    assert logged(trainer, "dynamic_sampling/zero_advantage_groups_trained") == [0.0] * 4
+    assert sum(logged(trainer, "dynamic_sampling/dropped_group_ratio")) > 0
+
+
+@pytest.mark.vllm
+def test_async_rollouts_on_the_vllm_engine(tiny_vlm, data, tmp_path, log_dir):
+    proc = ServerProcess(tiny_vlm, "vllm", log_dir=log_dir).wait_ready(600)
+    try:
+        trainer = run_async(tiny_vlm, data, tmp_path / "out", proc.url, "--max_steps", "3")
+        assert server_version(proc) == 3
+        assert logged(trainer, "weight_version") == [0, 0, 1]
+        assert max(logged(trainer, "async/staleness_max")) == 1
+    finally:
+        proc.stop()

@@ -1,0 +1,91 @@
+"""Server mode without TRL's extra "old logprobs" forward pass.
+
+With vLLM-style generation TRL 1.16 runs one more no-grad forward over every generation batch
+(`old_per_token_logps`) only to form the importance-sampling ratio exp(old - sampling) against the
+server's logprobs. When each generation batch is used within a single optimizer step
+(`gradient_accumulation_steps % (steps_per_generation * num_iterations) == 0`, TRL's own test for
+"old == current"), those old logprobs are exactly the detached logprobs of the loss's own forward:
+TRL already uses `per_token_logps.detach()` as `old_per_token_logps` there when it does not use vLLM.
+`LossForwardImportanceSampling` forms the same ratio from that forward instead, so a server-mode step
+costs one forward + backward, as TRL's local step does. Same loss, same metrics; other settings
+(steps_per_generation > gradient_accumulation_steps, GSPO's preset, VESPO) keep TRL's path.
+
+TRL private names this leans on (`_generate_and_score_completions`, `_compute_loss`,
+`_get_per_token_logps_and_entropies`) are checked by tests/test_async.py::test_trl_seams_exist.
+"""
+
+import math
+
+import torch
+
+
+class LossForwardImportanceSampling:
+    """Mixin for a GRPOTrainer that generates through `vllm_generation` (use_vllm and its IS correction)."""
+
+    def _ratio_from_loss_forward(self) -> bool:
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return (self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo"
+                and self.args.gradient_accumulation_steps % generate_every == 0)
+
+    def _generate_and_score_completions(self, inputs):
+        if not self._ratio_from_loss_forward():
+            return super()._generate_and_score_completions(inputs)
+        # TRL skips the old-logprob forward (and the ratio) when the correction is off; the server's
+        # `sampling_per_token_logps` still go into the batch, and `_compute_loss` forms the ratio.
+        self.vllm_importance_sampling_correction = False
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self.vllm_importance_sampling_correction = True
+
+    def _compute_loss(self, model, inputs):
+        if not self._ratio_from_loss_forward() or "old_per_token_logps" in inputs:
+            return super()._compute_loss(model, inputs)
+        forward = self._get_per_token_logps_and_entropies
+
+        def forward_then_ratio(*args, **kwargs):
+            logps, entropies, aux = forward(*args, **kwargs)
+            inputs["importance_sampling_ratio"] = self._sampling_ratio(logps.detach(), inputs)
+            return logps, entropies, aux
+
+        # TRL reads inputs["importance_sampling_ratio"] after its forward: hook that one call.
+        self._get_per_token_logps_and_entropies = forward_then_ratio
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            del self._get_per_token_logps_and_entropies
+
+    def _sampling_ratio(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """TRL's vLLM importance-sampling ratio and its metrics (grpo_trainer.py, same modes and clips)."""
+        sampling = inputs["sampling_per_token_logps"]
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        diff = torch.nan_to_num((logps - sampling) * mask, nan=0.0)
+        mode = self.vllm_importance_sampling_mode
+        sequence_level = mode in ("sequence_mask", "sequence_truncate")
+        ratio = torch.exp(diff.sum(-1, keepdim=True) if sequence_level else diff)
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if mode in ("sequence_truncate", "token_truncate"):
+            ratio = torch.clamp(ratio, min=lo, max=hi)
+        elif mode in ("sequence_mask", "token_mask"):
+            lo = -math.inf if lo is None else lo
+            hi = math.inf if hi is None else hi
+            ratio = ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+        else:
+            raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}")
+
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        bool_mask = mask.bool()
+        delta = torch.abs(logps - sampling)[bool_mask]
+        delta = delta[~torch.isnan(delta)]
+        zero = torch.tensor(0.0, device=logps.device)
+        gather = self.accelerator.gather
+        metrics["sampling/sampling_logp_difference/mean"].append(
+            gather(delta.mean() if delta.numel() else zero).mean().item())
+        metrics["sampling/sampling_logp_difference/max"].append(
+            gather(delta.max() if delta.numel() else zero).max().item())
+        flat = ratio.flatten() if sequence_level else ratio[bool_mask]
+        for name, reduce in (("min", torch.min), ("mean", torch.mean), ("max", torch.max)):
+            value = gather(reduce(flat) if flat.numel() else zero)
+            metrics[f"sampling/importance_sampling_ratio/{name}"].append(
+                getattr(value, "nanmean" if name == "mean" else name)().item())
+        return ratio
