@@ -69,11 +69,10 @@ def _ranges(*models) -> dict[str, str]:
     out = {}
     for model in models:
         for name, prop in model.model_json_schema()["properties"].items():
-            for p in [prop, *prop.get("anyOf", [])]:
-                lo = "[" + str(p["minimum"]) if "minimum" in p else "(" + str(p.get("exclusiveMinimum", ""))
-                hi = str(p["maximum"]) + "]" if "maximum" in p else ""
-                if lo != "(" and hi:
-                    out[name] = f"{lo}, {hi}"
+            for p in [prop, *prop.get("anyOf", [])]:  # anyOf: an optional field's bounds sit in one member
+                if "maximum" in p:  # every bounded field has both ends
+                    lo = f"[{p['minimum']}" if "minimum" in p else f"({p['exclusiveMinimum']}"
+                    out[name] = f"{lo}, {p['maximum']}]"
     return out
 
 

@@ -11,6 +11,8 @@ import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
+
 from protocol import ErrorCode
 from server.errors import envelope
 from server.metrics import Metrics
@@ -64,6 +66,9 @@ class RequestLifecycle:
         self.metrics.inflight.inc()
         try:
             await self.app(scope, receive_with_deadline, send_with_id)
+        except ClientDisconnect:
+            if not timed_out:  # the client left mid-body: no one to answer, nothing to log as a bug
+                status = status or 499
         except Exception:
             if not timed_out:
                 log.exception("request %s (%s %s) failed", request_id, scope["method"], scope["path"])

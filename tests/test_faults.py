@@ -59,8 +59,14 @@ def _data_url(image: Image.Image) -> str:
 
 
 def test_64_clients_mixing_routes_during_3_pushes_lose_nothing_and_match_their_weights(server, trainer):
+    check_mixed_clients_during_pushes(server, trainer)
+
+
+def check_mixed_clients_during_pushes(server, trainer, clients: int = 64) -> None:
+    """`clients` threads loop over generate (uploaded image), chat (data-URL image) and info while the
+    trainer pushes 3 new versions (http, tcp, shm); then every answer is checked against its version."""
     images = [random_image(300 + k) for k in range(4)]  # one size: no padding, so batching cannot change greedy
-    decode = trainer.processing.tokenizer.decode
+    as_tokens = trainer.processing.tokenizer.convert_ids_to_tokens
     v0 = httpx.get(f"{server.url}/v1/info", headers=server.headers()).json()["weight_version"]
     expected = {v0: [trainer.greedy([img]) for img in images]}  # version -> greedy tokens per image
     answers: list[tuple[str, int, int, object]] = []  # (route, weight_version, image index, answer)
@@ -68,7 +74,7 @@ def test_64_clients_mixing_routes_during_3_pushes_lose_nothing_and_match_their_w
     stop = threading.Event()
 
     def client_loop(k: int) -> None:
-        with AlignClient(server.url, api_key=KEY, max_retries=8, backoff=0.05) as c:
+        with AlignClient(server.url, api_key=server.api_key, max_retries=8, backoff=0.05) as c:
             i = 0
             while not stop.is_set():
                 kind, img = (k + i) % 3, (k + i) % len(images)
@@ -83,9 +89,11 @@ def test_64_clients_mixing_routes_during_3_pushes_lose_nothing_and_match_their_w
                     elif kind == 1:  # OpenAI chat with the image inline as a data URL
                         out = c.chat([{"role": "user", "content": [
                             {"type": "image_url", "image_url": {"url": _data_url(images[img])}},
-                            {"type": "text", "text": QUESTION}]}], max_tokens=MAX_TOKENS, temperature=0.0)
+                            {"type": "text", "text": QUESTION}]}], max_tokens=MAX_TOKENS, temperature=0.0,
+                            logprobs=True)
                         version = int(out["system_fingerprint"].removeprefix("weight_version-"))
-                        answers.append(("chat", version, img, out["choices"][0]["message"]["content"]))
+                        tokens = [t["token"] for t in out["choices"][0]["logprobs"]["content"]]
+                        answers.append(("chat", version, img, tokens))
                     else:
                         answers.append(("info", c.info(refresh=True).weight_version, -1, None))
                 except BaseException as exc:  # noqa: BLE001 - every failure fails the test, named below
@@ -100,12 +108,12 @@ def test_64_clients_mixing_routes_during_3_pushes_lose_nothing_and_match_their_w
             assert time.monotonic() < deadline, f"only {answered_at(version)} answers at version {version}"
             time.sleep(0.05)
 
-    threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(64)]
+    threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(clients)]
     for t in threads:
         t.start()
     try:
         wait_answers(v0)
-        pusher = AlignClient(server.url, api_key=KEY)
+        pusher = AlignClient(server.url, api_key=server.api_key)
         for seed, transport in [(31, "http"), (32, "tcp"), (33, "shm")]:
             previous = expected[max(expected)]
             for attempt in range(10):  # every image's answer must change, else a stale answer would pass
@@ -132,8 +140,7 @@ def test_64_clients_mixing_routes_during_3_pushes_lose_nothing_and_match_their_w
         if route == "generate":
             assert answer == expected[version][img], f"generate at version {version} answered with other weights"
         elif route == "chat":
-            want = decode(expected[version][img], skip_special_tokens=True)
-            assert answer == want, f"chat at version {version} answered with other weights"
+            assert answer == as_tokens(expected[version][img]), f"chat at version {version} answered with other weights"
     assert {v for route, v, _, _ in answers if route != "info"} == set(expected)
 
 

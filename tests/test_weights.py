@@ -329,16 +329,24 @@ def check_traffic_during_syncs(client: AlignClient, trainer: Trainer) -> None:
                 per_completion = {c.weight_version for r in out.results for c in r.completions}
                 answers.append((out.weight_version, per_completion, [r.completions[0].token_ids for r in out.results]))
 
+    def wait_answers(version: int, count: int = 3) -> None:
+        # Each version must be seen by the traffic before the next push: a condition, not a sleep.
+        wait_for(lambda: errors or sum(1 for tagged, _, _ in list(answers) if tagged == version) >= count,
+                 f"{count} answers at version {version}", timeout=300)
+
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(traffic) for _ in range(3)]
-        for seed, transport in [(21, "http"), (22, "tcp"), (23, "shm")]:
-            time.sleep(0.3)
-            new_tokens = trainer.perturb_until_changed(seed, expected[max(expected)])
-            expected[client.push_weights(trainer.model, transport=transport, bucket_bytes=SMALL_BUCKET)] = new_tokens
-        time.sleep(0.3)
-        stop.set()
-        for f in futures:
-            f.result()
+        try:
+            wait_answers(v)
+            for seed, transport in [(21, "http"), (22, "tcp"), (23, "shm")]:
+                new_tokens = trainer.perturb_until_changed(seed, expected[max(expected)])
+                pushed = client.push_weights(trainer.model, transport=transport, bucket_bytes=SMALL_BUCKET)
+                expected[pushed] = new_tokens
+                wait_answers(pushed)
+        finally:
+            stop.set()
+            for f in futures:
+                f.result()
     assert not errors, errors[:3]
     assert sorted(expected) == list(range(v, v + 4))
     seen = set()
@@ -346,7 +354,7 @@ def check_traffic_during_syncs(client: AlignClient, trainer: Trainer) -> None:
         assert per_completion == {tagged}
         assert all(row == expected[tagged] for row in rows), f"version {tagged} answered with other weights"
         seen.add(tagged)
-    assert len(seen) >= 2  # the traffic really spanned syncs
+    assert seen == set(expected)  # the traffic really spanned every sync
 
 
 def test_metrics_count_syncs(server, client):
