@@ -206,6 +206,24 @@ def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path
     assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [1, 3]
 
 
+@pytest.mark.parametrize("mode", ["server", "none"])
+def test_eval_during_training_is_greedy(mode, tiny_vlm, data, tmp_path, request):
+    eval_file = make_dataset(tmp_path / "eval", 8, seed=2, method="grpo")
+    url = ["--server-url", request.getfixturevalue("server").url] if mode == "server" else []
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "4",
+                    "--steps_per_generation", "1", "--vllm-mode", mode, *url, "--eval_dataset", str(eval_file),
+                    "--eval_strategy", "steps", "--eval_steps", "2", *REWARDS)
+    evals = [e for e in trainer.state.log_history if "eval_reward" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all("eval_rewards/parity_reward/mean" in e and "eval_rewards/accuracy_reward/mean" in e for e in evals)
+    # Greedy: the same weights score the same, again and again (step 4's eval ran on the final weights).
+    again = [trainer.evaluate() for _ in range(2)]
+    keys = [k for k in evals[-1] if k.startswith("eval_reward")]
+    assert [{k: e[k] for k in keys} for e in again] == [{k: evals[-1][k] for k in keys}] * 2
+    if mode == "server":
+        assert server_version(request.getfixturevalue("server")) == 5  # evaluating pushed nothing new
+
+
 @pytest.mark.vllm
 def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, data, tmp_path, log_dir):
     from transformers import AutoModelForImageTextToText

@@ -28,11 +28,12 @@ class TransformersEngine(Engine):
     name = "transformers"
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None,
-                 device: str | None = None, seed: int = 0, **_ignored):
+                 device: str | None = None, seed: int = 0, mm_processor_kwargs: dict | None = None, **_ignored):
         self.model_path = model
         self.dtype = dtype
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.seed = seed
+        self.mm_processor_kwargs = mm_processor_kwargs
         self._max_model_len = max_model_len
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
@@ -47,7 +48,7 @@ class TransformersEngine(Engine):
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        self.processing = ModelProcessing(self.model_path)
+        self.processing = ModelProcessing(self.model_path, self.mm_processor_kwargs)
         torch.manual_seed(self.seed)
         dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}[self.dtype]
