@@ -149,11 +149,16 @@ def server_version(server) -> int:
 
 
 @pytest.mark.parametrize("method,transport", [("grpo", "tcp"), ("gspo", "http")])
-def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data, tmp_path, server):
+def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data, tmp_path, server, capsys,
+                                              monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # rich's table then keeps every header on one line
     assert server_version(server) == 0
     trainer = train(method, tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
                     "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
-                    "--weight-transport", transport, *REWARDS)
+                    "--weight-transport", transport, "--log_completions", "true", *REWARDS)
+    # TRL's completion table (--log_completions), with the version that made each completion as a column
+    header = next(line for line in capsys.readouterr().out.splitlines() if "Advantage" in line)
+    assert "Completion" in header and "weight_version" in header
     assert trainer.state.global_step == 3
     # The start weights are pushed before the first rollout, then one new version per optimizer step.
     assert server_version(server) == 4
