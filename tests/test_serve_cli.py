@@ -69,7 +69,9 @@ def _image_tokens(server) -> int:
 def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
     """max_pixels 784 shrinks any image to one merged 28x28 patch: one token, plus the two vision
     markers around it; the engine generates from the image at that size."""
-    vllm = ["--max-num-seqs", "3", "--no-enable-prefix-caching", "--kv-cache-dtype", "auto"] if engine == "vllm" else []
+    # vLLM running transformers' modeling code (--model-impl transformers) serves images on CPU too
+    vllm = ["--max-num-seqs", "3", "--no-enable-prefix-caching", "--kv-cache-dtype", "auto",
+            "--model-impl", "transformers"] if engine == "vllm" else []
     server = ServerProcess(tiny_vlm, engine, log_dir=log_dir,
                            extra=["--mm-processor-kwargs", '{"max_pixels": 784}', *vllm, "--log-level", "info"])
     try:
@@ -80,5 +82,6 @@ def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
         server.stop()
     assert small == 1 + 2
     if engine == "vllm":  # vLLM's own resolved config, logged by the engine after start
-        assert ("max_num_seqs=3 enable_prefix_caching=False kv_cache_dtype=auto "
+        assert ("vLLM engine: model_impl=transformers data_parallel_size=1 max_num_seqs=3 "
+                "enable_prefix_caching=False kv_cache_dtype=auto "
                 "mm_processor_kwargs={'max_pixels': 784}") in logs
