@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -40,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture / compilation (faster start)")
     p.add_argument("--seed", type=int, default=0)
+    # `vllm serve`'s own flags for RL serving, handed to vLLM's engine args unchanged (vLLM checks them).
+    vllm = p.add_argument_group("vLLM engine", "as `vllm serve` takes them; default: vLLM's")
+    vllm.add_argument("--model-impl", choices=["auto", "vllm", "transformers", "terratorch"], default=None,
+                      help="vLLM's implementation of the model, or transformers' modeling code run by vLLM")
+    vllm.add_argument("--data-parallel-size", type=int, default=None, help="engine replicas behind this server")
+    vllm.add_argument("--max-num-seqs", type=int, default=None, help="sequences one scheduler step batches")
+    vllm.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                      help="reuse the KV cache of shared prompt prefixes (a GRPO group shares its prompt)")
+    vllm.add_argument("--kv-cache-dtype", default=None, help="auto, fp8, fp8_e4m3, ... (vLLM's choices)")
+    vllm.add_argument("--mm-processor-kwargs", type=_json_object, default=None,
+                      help='JSON for the HF processor, e.g. \'{"max_pixels": 1003520}\' (the transformers '
+                           "engine applies it too)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Timeouts: no peer can hold the server by stalling.
     p.add_argument("--body-timeout", type=float, default=300.0,
@@ -47,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-timeout", type=float, default=600.0,
                    help="seconds one generate or chat request may run; then 504 (the request is cancelled)")
     return p
+
+
+VLLM_ONLY = ("model_impl", "data_parallel_size", "max_num_seqs", "enable_prefix_caching", "kv_cache_dtype")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, e.g. '{{\"max_pixels\": 1003520}}', not {text!r}")
+    return value
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -63,6 +89,8 @@ async def serve(args: argparse.Namespace) -> int:
         args.engine, model=str(args.model_dir), trust_remote_code=args.trust_remote_code, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager, max_images_per_prompt=args.max_images_per_prompt,
+        mm_processor_kwargs=args.mm_processor_kwargs,
+        vllm_args={k: getattr(args, k) for k in VLLM_ONLY if getattr(args, k) is not None},
     )
     app = create_app(engine, ServeConfig(model_name=model_name, api_key=args.api_key, max_pixels=args.max_pixels,
                                          max_image_bytes=args.max_image_bytes,
@@ -100,6 +128,10 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    given = [f"--{k.replace('_', '-')}" for k in VLLM_ONLY if getattr(args, k) is not None]
+    if args.engine == "transformers" and given:
+        sys.exit(f"align-serve: {', '.join(given)} configure the vLLM engine; the transformers engine cannot "
+                 "honour them (drop them, or serve with --engine vllm)")
     try:
         args.model_dir = resolve_model(args.model, args.revision)
     except ModelNotFound as exc:

@@ -31,6 +31,26 @@ def test_generate_waits_out_a_loading_server(tiny_vlm, log_dir):
         server.stop()
 
 
+@pytest.mark.fault
+def test_a_call_waits_out_a_server_restart(tiny_vlm, log_dir):
+    """SIGKILLed and started again on its port: refused connections, 503 while it loads, then the
+    answer, from a new instance serving its start checkpoint (version 0) again."""
+    from transformers import AutoModelForImageTextToText
+
+    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
+    try:
+        with AlignClient(server.url, max_retries=0, retry_for=300) as client:
+            client.push_weights(AutoModelForImageTextToText.from_pretrained(tiny_vlm), transport="http")
+            first = client.info(refresh=True)
+            server.kill()
+            server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir, port=server.port)
+            out = client.generate(prompt_ids=[[1, 2, 3]], max_tokens=2)
+        assert first.weight_version == 1
+        assert out.instance_id != first.instance_id and out.weight_version == 0
+    finally:
+        server.stop()
+
+
 def test_a_batch_is_spread_over_several_servers_and_answered_in_order(tiny_vlm, log_dir):
     servers = [ServerProcess(tiny_vlm, "transformers", log_dir=log_dir) for _ in range(2)]
     try:

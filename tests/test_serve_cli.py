@@ -4,7 +4,9 @@ import socket
 import subprocess
 import sys
 
-from tests.utils import free_port
+import pytest
+
+from tests.utils import ServerProcess, free_port
 
 
 def _serve(*args, timeout=180):
@@ -30,3 +32,57 @@ def test_a_directory_that_is_not_a_model_exits_non_zero(tmp_path):
 def test_a_missing_model_directory_is_named(tmp_path):
     run = _serve("--model", str(tmp_path / "nope"), "--port", str(free_port()))
     assert run.returncode != 0 and "is neither a directory nor a hub id" in run.stderr
+
+
+
+def test_vllm_only_flags_are_refused_by_the_transformers_engine(tiny_vlm):
+    run = _serve("--model", str(tiny_vlm), "--port", str(free_port()), "--max-num-seqs", "4",
+                 "--no-enable-prefix-caching")
+    assert run.returncode == 1
+    assert "--max-num-seqs, --enable-prefix-caching configure the vLLM engine" in run.stderr
+
+
+def test_mm_processor_kwargs_must_be_a_json_object(tiny_vlm):
+    run = _serve("--model", str(tiny_vlm), "--port", str(free_port()), "--mm-processor-kwargs", "max_pixels=5")
+    assert run.returncode == 2
+    assert "--mm-processor-kwargs: not JSON" in run.stderr
+
+
+QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+
+
+def _image_tokens(server) -> int:
+    """Positions one 64x64 image takes, as the server counts them (its context-length error says)."""
+    from tests.utils import random_image
+    from trainer_client import AlignClient, AlignServerError
+
+    with AlignClient(server.url) as client:
+        limit = client.info().limits.max_model_len
+        with pytest.raises(AlignServerError) as err:
+            client.generate(messages=[QUESTION], images=[[random_image(0)]], max_tokens=limit)
+        plain = client.generate(messages=[[{"role": "user", "content": "What colour?"}]], max_tokens=1)
+        with_image = client.generate(messages=[QUESTION], images=[[random_image(0)]], max_tokens=2)
+    assert with_image.results[0].completions[0].token_ids  # the engine runs images at that size
+    return err.value.detail["prompt_tokens"] - len(plain.results[0].prompt_ids)
+
+
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
+    """max_pixels 784 shrinks any image to one merged 28x28 patch: one token, plus the two vision
+    markers around it; the engine generates from the image at that size."""
+    # vLLM running transformers' modeling code (--model-impl transformers) serves images on CPU too
+    vllm = ["--max-num-seqs", "3", "--no-enable-prefix-caching", "--kv-cache-dtype", "auto",
+            "--model-impl", "transformers"] if engine == "vllm" else []
+    server = ServerProcess(tiny_vlm, engine, log_dir=log_dir,
+                           extra=["--mm-processor-kwargs", '{"max_pixels": 784}', *vllm, "--log-level", "info"])
+    try:
+        server.wait_ready(600)
+        small = _image_tokens(server)
+        logs = server.logs()
+    finally:
+        server.stop()
+    assert small == 1 + 2
+    if engine == "vllm":  # vLLM's own resolved config, logged by the engine after start
+        assert ("vLLM engine: model_impl=transformers data_parallel_size=1 max_num_seqs=3 "
+                "enable_prefix_caching=False kv_cache_dtype=auto "
+                "mm_processor_kwargs={'max_pixels': 784}") in logs

@@ -149,11 +149,16 @@ def server_version(server) -> int:
 
 
 @pytest.mark.parametrize("method,transport", [("grpo", "tcp"), ("gspo", "http")])
-def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data, tmp_path, server):
+def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data, tmp_path, server, capsys,
+                                              monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # rich's table then keeps every header on one line
     assert server_version(server) == 0
     trainer = train(method, tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
                     "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
-                    "--weight-transport", transport, *REWARDS)
+                    "--weight-transport", transport, "--log_completions", "true", *REWARDS)
+    # TRL's completion table (--log_completions), with the version that made each completion as a column
+    header = next(line for line in capsys.readouterr().out.splitlines() if "Advantage" in line)
+    assert "Completion" in header and "weight_version" in header
     assert trainer.state.global_step == 3
     # The start weights are pushed before the first rollout, then one new version per optimizer step.
     assert server_version(server) == 4
@@ -204,6 +209,24 @@ def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path
     # server holds), then step 2's: two new versions, and step 2 trained on the first of them.
     assert server_version(server) == 4
     assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [1, 3]
+
+
+@pytest.mark.parametrize("mode", ["server", "none"])
+def test_eval_during_training_is_greedy(mode, tiny_vlm, data, tmp_path, request):
+    eval_file = make_dataset(tmp_path / "eval", 8, seed=2, method="grpo")
+    url = ["--server-url", request.getfixturevalue("server").url] if mode == "server" else []
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "4",
+                    "--steps_per_generation", "1", "--vllm-mode", mode, *url, "--eval_dataset", str(eval_file),
+                    "--eval_strategy", "steps", "--eval_steps", "2", *REWARDS)
+    evals = [e for e in trainer.state.log_history if "eval_reward" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all("eval_rewards/parity_reward/mean" in e and "eval_rewards/accuracy_reward/mean" in e for e in evals)
+    # Greedy: the same weights score the same, again and again (step 4's eval ran on the final weights).
+    again = [trainer.evaluate() for _ in range(2)]
+    keys = [k for k in evals[-1] if k.startswith("eval_reward")]
+    assert [{k: e[k] for k in keys} for e in again] == [{k: evals[-1][k] for k in keys}] * 2
+    if mode == "server":
+        assert server_version(request.getfixturevalue("server")) == 5  # evaluating pushed nothing new
 
 
 @pytest.mark.vllm

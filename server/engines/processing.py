@@ -15,11 +15,14 @@ from torchvision_compat import load_processor
 
 
 class ModelProcessing:
-    def __init__(self, model_path: str, trust_remote_code: bool = False):
+    def __init__(self, model_path: str, trust_remote_code: bool = False, mm_processor_kwargs: dict | None = None):
         from transformers import AutoConfig, AutoTokenizer
 
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.is_vlm = hasattr(config, "vision_config")
+        # As vLLM does with --mm-processor-kwargs: call-time overrides of the image processor
+        # (max_pixels, min_pixels), so both count an image's tokens alike.
+        self.mm_kwargs = dict(mm_processor_kwargs or {})
         if self.is_vlm:
             self.processor = load_processor(model_path, trust_remote_code=trust_remote_code)
             self.tokenizer = self.processor.tokenizer
@@ -53,7 +56,7 @@ class ModelProcessing:
         self.eos_token_ids = sorted(eos)
 
     def image_tokens(self, image: Image.Image) -> int:
-        patches = self.image_processor.get_number_of_image_patches(image.height, image.width, {})
+        patches = self.image_processor.get_number_of_image_patches(image.height, image.width, self.mm_kwargs)
         return patches // (self.merge_size**2)
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -67,7 +70,7 @@ class ModelProcessing:
         extra = {}
         counts = iter(())
         if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
+            vision = self.image_processor(images=images, return_tensors="pt", **self.mm_kwargs)
             grid = vision["image_grid_thw"]
             counts = iter((grid.prod(-1) // self.merge_size**2).tolist())
             extra = {"pixel_values": vision["pixel_values"].to(device), "image_grid_thw": grid.to(device)}

