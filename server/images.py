@@ -52,7 +52,7 @@ class ImageCache:
 
     @staticmethod
     def _size(img: Image.Image) -> int:
-        return img.width * img.height * 3
+        return img.width * img.height * 4  # Pillow keeps an RGB pixel in 4 bytes (RGBX), not 3
 
     def __contains__(self, sha: str) -> bool:
         with self._lock:

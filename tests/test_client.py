@@ -80,7 +80,7 @@ def _decode(model_dir, ids):
 def test_images_evicted_from_the_server_cache_are_uploaded_again(tiny_vlm, log_dir):
     # room for about two 64x64 images: the third upload evicts the first
     server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir,
-                           extra=["--image-cache-bytes", str(64 * 64 * 3 * 2)]).wait_ready()
+                           extra=["--image-cache-bytes", str(64 * 64 * 4 * 2)]).wait_ready()
     try:
         with AlignClient(server.url) as client:
             first, *others = [random_image(k) for k in range(3)]

@@ -70,15 +70,15 @@ def test_collapse_image_runs_leaves_one_placeholder_per_image():
 
 
 def test_image_cache_is_bounded_lru():
-    img = random_image(0, 32)  # 32*32*3 = 3072 bytes decoded
-    cache = ImageCache(max_bytes=3072 * 2)
+    img = random_image(0, 32)  # 32*32*4 = 4096 bytes decoded (Pillow's RGB is 4 bytes a pixel)
+    cache = ImageCache(max_bytes=4096 * 2)
     for k in "abc":
         cache.put(k * 64, img)
     assert ("a" * 64) not in cache and ("b" * 64) in cache and ("c" * 64) in cache
     cache.get("b" * 64)  # touch b: c is now the oldest
     cache.put("d" * 64, img)
     assert ("b" * 64) in cache and ("c" * 64) not in cache
-    assert cache.bytes == 3072 * 2
+    assert cache.bytes == 4096 * 2
 
 
 def test_decode_image_bounds_bytes_and_pixels_before_decoding():

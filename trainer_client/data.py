@@ -68,7 +68,8 @@ def _from_json_rows(path: Path, rows: list[dict], method: str) -> datasets.Datas
                                f"row 1 has {', '.join(sorted(first))}")
     columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}
     # A string in one row and messages in another cannot share an Arrow column: messages for all.
-    for k, role in [*((c, "user") for c in PROMPT_COLUMNS), ("chosen", "assistant"), ("rejected", "assistant")]:
+    prompt_col = next((c for c in PROMPT_COLUMNS if c in columns), "prompt")
+    for k, role in [(prompt_col, "user"), ("chosen", "assistant"), ("rejected", "assistant")]:
         if k in columns:
             columns[k] = [_as_messages(v, role, f"{path} row {i}", k) if v is not None else None
                           for i, v in enumerate(columns[k], 1)]
