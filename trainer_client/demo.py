@@ -102,7 +102,9 @@ def plot(path: Path, rewards: list[float], accuracy: dict[int, float], size=(640
         y = xy(1, v)[1]
         draw.line([(left, y), (w - right, y)], fill=(225, 225, 225))
         draw.text((6, y - 6), f"{v:.2f}", fill="black")
-    draw.line([xy(1, 0.25)[0], xy(1, 0.25)[1], w - right, xy(1, 0.25)[1]], fill=(200, 160, 160))  # chance
+    draw.line([(left, xy(1, 0.25)[1]), (w - right, xy(1, 0.25)[1])], fill=(210, 40, 40))  # chance
+    for step in (1, steps):
+        draw.text((xy(step, 0)[0] - 4, h - bottom + 4), str(step), fill="black")
     if len(rewards) > 1:
         draw.line([xy(i, r) for i, r in enumerate(rewards, 1)], fill=(30, 90, 200), width=2)
     points = sorted(accuracy.items())
@@ -157,7 +159,7 @@ class StepPrinter:
         acc = f"accuracy {self.accuracy[step]:4.0%}" if step in self.accuracy else " " * 13
         print(f"step {step:3d}  reward {logs['reward']:.3f}  "
               f"dropped groups {logs.get('dynamic_sampling/dropped_group_ratio', 0):4.0%}  "
-              f"staleness {logs.get('async/staleness_max', 0):.0f}  {acc}  "
+              f"staleness {logs.get('async/staleness_max', 0):.1f}  {acc}  "
               f"{time.monotonic() - self.started:4.0f} s", flush=True)
 
 
