@@ -38,7 +38,7 @@ _exit = trl_profiling.ProfilingContext.__exit__
 
 
 def _record(self, *exc):
-    SPANS[self.name.split(".")[-1]].append(time.perf_counter() - self._start_time)
+    SPANS[self.name.split(".", 1)[-1]].append(time.perf_counter() - self._start_time)
     return _exit(self, *exc)
 
 
@@ -82,16 +82,17 @@ def pin(pid: int, cores: set[int]) -> None:
                 pass
 
 
-def train(flags: list[str], skip: int) -> tuple[float, dict[str, float]]:
+def train(flags: list[str], skip: int, into: dict[str, list[float]]) -> None:
+    """Train; append the step times (after `skip`) under "step" and each span's times under its name."""
     SPANS.clear()
     method, align, config, _ = parse_args(flags)
     trainer = build_trainer(method, align, config)
     clock = StepClock()
     trainer.add_callback(clock)
     trainer.train()
-    steps = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)][skip:]
-    breakdown = {name: statistics.median(v[skip:] or v) for name, v in SPANS.items()}
-    return statistics.median(steps), breakdown
+    into["step"] += [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)][skip:]
+    for name, times in SPANS.items():
+        into[name] += times[skip:] or times
 
 
 def main() -> None:
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the five runs this many times, interleaved (for a machine shared with other jobs)")
     args = parser.parse_args()
     all_cores = os.sched_getaffinity(0)
     if len(all_cores) < 2:
@@ -117,41 +120,43 @@ def main() -> None:
              "--learning_rate", "1e-3", "--reward_funcs", "__main__:parity_reward", "--save_strategy", "no",
              "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--logging_steps", "1"]
 
-    results: dict[str, tuple[float, dict]] = {}
-    results["local"] = train([*flags, "--output_dir", str(work / "local"), "--vllm-mode", "none"], args.skip)
+    results: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     threads = torch.get_num_threads()
-    for pinned in (True, False):
-        env = {"OMP_NUM_THREADS": "1"} if pinned else {}
-        server = ServerProcess(model, args.engine, log_dir=work, env=env).wait_ready(600)
-        try:
-            if pinned:
-                pin(server.proc.pid, {server_core})
-                pin(os.getpid(), {trainer_core})
-                torch.set_num_threads(1)
-            for mode, extra in (("sync", []), ("async", ["--async_rollouts"])):
-                tag = f"{mode} {'pinned' if pinned else 'unpinned'}"
-                results[tag] = train([*flags, "--output_dir", str(work / tag.replace(" ", "-")), "--vllm-mode",
-                                      "server", "--server-url", server.url, *extra], args.skip)
-        finally:
-            server.stop()
-            pin(os.getpid(), all_cores)
-            torch.set_num_threads(threads)
+    for _ in range(args.rounds):
+        train([*flags, "--output_dir", str(work / "local"), "--vllm-mode", "none"], args.skip, results["local"])
+        for pinned in (True, False):
+            env = {"OMP_NUM_THREADS": "1"} if pinned else {}
+            server = ServerProcess(model, args.engine, log_dir=work, env=env).wait_ready(600)
+            try:
+                if pinned:
+                    pin(server.proc.pid, {server_core})
+                    pin(os.getpid(), {trainer_core})
+                    torch.set_num_threads(1)
+                for mode, extra in (("sync", []), ("async", ["--async_rollouts"])):
+                    tag = f"{mode} {'pinned' if pinned else 'unpinned'}"
+                    train([*flags, "--output_dir", str(work / tag.replace(" ", "-")), "--vllm-mode", "server",
+                           "--server-url", server.url, *extra], args.skip, results[tag])
+            finally:
+                server.stop()
+                pin(os.getpid(), all_cores)
+                torch.set_num_threads(threads)
 
     batch = f"{args.prompts} prompts x {args.generations} generations x {args.tokens} tokens"
-    print(f"\nGRPO step, tiny Qwen2-VL, {batch}, {args.engine} engine, median of steps {args.skip + 1}-{args.steps}")
+    print(f"\nGRPO step, tiny Qwen2-VL, {batch}, {args.engine} engine, median of steps {args.skip + 1}-{args.steps}"
+          f" over {args.rounds} round(s)")
     print(f"(pinned: server on core {server_core}, trainer on core {trainer_core}; local always unpinned)")
     shown = ("_prepare_inputs", "vLLM.generate", "transformers.generate", "_get_per_token_logps_and_entropies",
              "compute_loss", "_calculate_rewards", "sync_weights", "push_weights")
     print(f"{'':18s} {'step s':>7s}  " + "  ".join(f"{s[:14]:>14s}" for s in shown))
-    for tag, (step, parts) in results.items():
-        print(f"{tag:18s} {step:7.3f}  " + "  ".join(
-            f"{parts[s] * 1000:11.1f} ms" if s in parts else f"{'-':>14s}" for s in shown))
-    local = results["local"][0]
+    step = {tag: statistics.median(parts["step"]) for tag, parts in results.items()}
+    for tag, parts in results.items():
+        print(f"{tag:18s} {step[tag]:7.3f}  " + "  ".join(
+            f"{statistics.median(parts[s]) * 1000:11.1f} ms" if s in parts else f"{'-':>14s}" for s in shown))
     for pinned in ("unpinned", "pinned"):
-        print(f"ratio sync / local ({pinned}): {results['sync ' + pinned][0] / local:.2f}; "
-              f"async / local ({pinned}): {results['async ' + pinned][0] / local:.2f}")
-    print(f"ratio sync / local: {results['sync pinned'][0] / local:.2f}")
-    print(f"ratio async / local: {results['async pinned'][0] / local:.2f}")
+        print(f"ratio sync / local ({pinned}): {step['sync ' + pinned] / step['local']:.2f}; "
+              f"async / local ({pinned}): {step['async ' + pinned] / step['local']:.2f}")
+    print(f"ratio sync / local: {step['sync pinned'] / step['local']:.2f}")
+    print(f"ratio async / local: {step['async pinned'] / step['local']:.2f}")
 
 
 if __name__ == "__main__":
