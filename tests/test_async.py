@@ -159,3 +159,31 @@ def test_async_rollouts_on_the_vllm_engine(tiny_vlm, data, tmp_path, log_dir):
         assert max(logged(trainer, "async/staleness_max")) == 1
     finally:
         proc.stop()
+
+
+def test_groups_older_than_max_staleness_are_generated_again(tiny_vlm, data, tmp_path, server):
+    """A prefetched batch that sat while the server moved two versions on is not trained on as is."""
+    from trainer_client.config import parse_args as parse
+    from trainer_client.trainers import build_trainer
+
+    method, align, config, _ = parse(["grpo", "--model", str(tiny_vlm), "--dataset", str(data / "grpo.jsonl"),
+                                      "--output_dir", str(tmp_path / "out"), *SMALL, "--num_generations", "4",
+                                      "--max_completion_length", "4", "--vllm-mode", "server", "--async_rollouts",
+                                      "--server-url", server.url])
+    rollouts = build_trainer(method, align, config).vllm_generation
+    rows = list(next(iter(rollouts.trainer.get_train_dataloader())))[::4]
+    request = rollouts._request(rows, 4)
+    rollouts._launch(request)
+    assert {c.weight_version for g in request.future.result() for c in g} == {0}
+    for _ in range(2):
+        rollouts.client.push_weights(rollouts.trainer.model)
+    rollouts.policy_version = 2
+    _, _, versions, stats = rollouts._collect(request.prompt_ids, request.images, 4, None)
+    assert stats["prefetch_hits"] == 1 and stats["stale_groups_dropped"] == len(rows)
+    assert set(versions) == {2} and stats["staleness_max"] == 0
+
+    # A server that stays behind (it lost pushes) stops the run with the reason.
+    rollouts.policy_version = 5
+    with pytest.raises(RuntimeError, match="3 versions behind the trainer"):
+        rollouts._collect(request.prompt_ids, request.images, 4, None)
+    rollouts.close()

@@ -304,7 +304,8 @@ def test_grpo_colocate(tiny_vlm, data, tmp_path):
 # ---- the demo learns ------------------------------------------------------------------------------
 
 def test_demo_reward_rises(tmp_path):
-    """`make demo` on its default seed: MPO warm-up, then GRPO through align-serve."""
+    """`make demo` on its default seed: MPO warm-up, then GRPO through align-serve with async
+    rollouts and dynamic sampling."""
     from trainer_client.demo import main as demo
 
     result = demo(["--work-dir", str(tmp_path)])
@@ -313,7 +314,8 @@ def test_demo_reward_rises(tmp_path):
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     assert last > first + 0.15, (first, last)
     assert result["weight_version"] == len(rewards) + 1  # the start push, then one per GRPO step
-    assert result["accuracy_after"] > 0.5  # on fresh images; chance is 0.25
+    assert result["accuracy_after"] >= 0.9  # greedy, on fresh images; chance is 0.25
+    assert result["plot"].is_file()
 
 
 def test_accelerate_two_processes_server_mode(tiny_vlm, data, tmp_path, server):

@@ -137,6 +137,11 @@ class AsyncRollouts:
                                             [images[i] for i in stale], n).result()
                 for i, g in zip(stale, fresh, strict=True):
                     groups[i] = g
+                lag = self.policy_version - min(c.weight_version for i in stale for c in groups[i])
+                if lag > self.max_staleness:
+                    raise RuntimeError(f"the server serves weights {lag} versions behind the trainer's even for new "
+                                       "requests: it lost weight pushes (restarted?); restart the run or resume it "
+                                       "from its last checkpoint")
         completions = [c for g in groups for c in g]
         stats = {"staleness_max": float(self.policy_version - min(c.weight_version for c in completions)),
                  "stale_groups_dropped": float(len(stale)), "prefetch_hits": float(hit)}

@@ -4,9 +4,11 @@
 2. A generated dataset: grey 64x64 images with a square or circle in red, green, blue or yellow.
 3. A short MPO warm-up (`align-train mpo`): FACTS.md measured that GRPO alone on a random tiny VLM
    learns to say *a* colour, then collapses to one colour for every image.
-4. `align-serve` starts on the warmed-up model; `align-train grpo --vllm-mode server` trains against
-   it, pushing weights after every step.
-5. The reward curve, then accuracy on fresh images (greedy, through the server) against chance (25%).
+4. `align-serve` starts on the warmed-up model; `align-train grpo --vllm-mode server --async_rollouts
+   --dynamic_sampling` trains against it (in this process, so each step prints a line), pushing weights
+   after every step while the server already generates the next batch.
+5. Accuracy on fresh images (greedy, through the server) against chance (25%) as it goes, and a PNG
+   of reward and accuracy per step beside the run (`grpo/reward_accuracy.png`).
 """
 
 import argparse
@@ -79,13 +81,43 @@ def reward_curve(log_history: list[dict]) -> list[float]:
     return [e["reward"] for e in log_history if "reward" in e]
 
 
-def print_curve(rewards: list[float], width: int = 40) -> None:
-    print("\nreward per step (GRPO, server mode):")
-    for i, r in enumerate(rewards, 1):
-        print(f"  step {i:3d}  {r:5.3f}  {'#' * round(r * width)}")
+def print_curve(rewards: list[float]) -> None:
     k = max(1, len(rewards) // 5)
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     print(f"mean reward, first 20% of steps: {first:.3f}; last 20%: {last:.3f}")
+
+
+def plot(path: Path, rewards: list[float], accuracy: dict[int, float], size=(640, 360)) -> Path:
+    """Reward per step and accuracy at the steps it was measured, as a PNG (PIL: no plotting library)."""
+    w, h = size
+    left, right, top, bottom = 44, 16, 28, 32
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    steps = max(len(rewards), max(accuracy, default=1))
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return (left + (w - left - right) * (step - 1) / max(1, steps - 1), top + (h - top - bottom) * (1 - value))
+
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = xy(1, v)[1]
+        draw.line([(left, y), (w - right, y)], fill=(225, 225, 225))
+        draw.text((6, y - 6), f"{v:.2f}", fill="black")
+    draw.line([(left, xy(1, 0.25)[1]), (w - right, xy(1, 0.25)[1])], fill=(210, 40, 40))  # chance
+    for step in (1, steps):
+        draw.text((xy(step, 0)[0] - 4, h - bottom + 4), str(step), fill="black")
+    if len(rewards) > 1:
+        draw.line([xy(i, r) for i, r in enumerate(rewards, 1)], fill=(30, 90, 200), width=2)
+    points = sorted(accuracy.items())
+    if len(points) > 1:
+        draw.line([xy(s, a) for s, a in points], fill=(220, 120, 20), width=2)
+    for s, a in points:
+        x, y = xy(s, a)
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(220, 120, 20))
+    draw.text((left, 8), "reward (blue) and greedy accuracy on fresh images (orange) per GRPO step; "
+                         "chance 25% (red)", fill="black")
+    draw.text((w // 2 - 20, h - 20), "GRPO step", fill="black")
+    img.save(path)
+    return path
 
 
 def accuracy(client, n: int = 64, seed: int = 12345) -> float:
@@ -101,16 +133,51 @@ def accuracy(client, n: int = 64, seed: int = 12345) -> float:
     return sum(accuracy_reward(texts, colours)) / n
 
 
+class StepPrinter:
+    """One line per GRPO step: reward, groups dynamic sampling dropped, rollout staleness, and every
+    `every` steps greedy accuracy on fresh images through the server (the weights it serves then)."""
+
+    def __init__(self, client, every: int, started: float):
+        from transformers import TrainerCallback
+
+        printer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step % every == 0:
+                    printer.accuracy[state.global_step] = accuracy(client, n=32, seed=777)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "reward" in logs:
+                    printer.line(state.global_step, logs)
+
+        self.callback = Callback()
+        self.accuracy: dict[int, float] = {}
+        self.started = started
+
+    def line(self, step: int, logs: dict) -> None:
+        acc = f"accuracy {self.accuracy[step]:4.0%}" if step in self.accuracy else " " * 13
+        print(f"step {step:3d}  reward {logs['reward']:.3f}  "
+              f"dropped groups {logs.get('dynamic_sampling/dropped_group_ratio', 0):4.0%}  "
+              f"staleness {logs.get('async/staleness_max', 0):.1f}  {acc}  "
+              f"{time.monotonic() - self.started:4.0f} s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m trainer_client.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default=None, help="where the model, data and runs go (default: a temp dir)")
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
-    parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--grpo-steps", type=int, default=120)
+    parser.add_argument("--warmup-steps", type=int, default=60)
+    parser.add_argument("--grpo-steps", type=int, default=80)
+    parser.add_argument("--eval-every", type=int, default=10, help="greedy accuracy on fresh images every N steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    from transformers import PrinterCallback
+
     from trainer_client.client import AlignClient
+    from trainer_client.config import parse_args
+    from trainer_client.trainers import build_trainer
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="vlm-align-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -139,12 +206,21 @@ def main(argv: list[str] | None = None) -> dict:
         client = AlignClient(url)
         client.wait_ready(timeout=600)
         before = accuracy(client)
-        _run([str(bin_dir / "align-train"), "grpo", "--model", str(work / "warmup"), "--dataset", str(grpo_data),
-              "--output_dir", str(work / "grpo"), "--vllm-mode", "server", "--server-url", url,
-              "--reward_funcs", "accuracy", "--max_steps", str(args.grpo_steps), "--learning_rate", "1e-3",
-              "--per_device_train_batch_size", "64", "--num_generations", "8", "--max_completion_length", "4",
-              "--temperature", "1.0", "--beta", "0.0", *common], work / "grpo.log")
-        state = json.loads((work / "grpo" / "trainer_state.json").read_text())
+        print(f"accuracy on 64 fresh images after the MPO warm-up: {before:.0%} (chance 25%)")
+        print(f"$ align-train grpo --vllm-mode server --async_rollouts --dynamic_sampling ... ({args.grpo_steps} steps)")
+        # In this process (not a subprocess) so that every step prints a line as it ends.
+        method, align, config, _ = parse_args([
+            "grpo", "--model", str(work / "warmup"), "--dataset", str(grpo_data), "--output_dir", str(work / "grpo"),
+            "--vllm-mode", "server", "--server-url", url, "--async_rollouts", "--dynamic_sampling",
+            "--max_resample_rounds", "2", "--reward_funcs", "accuracy", "--max_steps", str(args.grpo_steps),
+            "--learning_rate", "1e-3", "--per_device_train_batch_size", "64", "--num_generations", "8",
+            "--max_completion_length", "4", "--temperature", "1.0", "--beta", "0.0", *common])
+        trainer = build_trainer(method, align, config)
+        trainer.remove_callback(PrinterCallback)  # its dict per step would bury the lines below
+        steps = StepPrinter(client, args.eval_every, started)
+        trainer.add_callback(steps.callback)
+        trainer.train()
+        trainer.save_model(config.output_dir)
         after = accuracy(client)
         version = client.info(refresh=True).weight_version
     finally:
@@ -152,12 +228,16 @@ def main(argv: list[str] | None = None) -> dict:
         server.wait(30)
         server_log.close()
 
-    rewards = reward_curve(state["log_history"])
+    rewards = reward_curve(trainer.state.log_history)
     print_curve(rewards)
+    steps.accuracy[len(rewards)] = after
+    png = plot(work / "grpo" / "reward_accuracy.png", rewards, steps.accuracy)
     print(f"server weight_version after training: {version}")
     print(f"accuracy on 64 fresh images (greedy): after warm-up {before:.0%}, after GRPO {after:.0%}; chance 25%")
+    print(f"plot: {png}")
     print(f"demo finished in {time.monotonic() - started:.0f} s")
-    return {"rewards": rewards, "accuracy_before": before, "accuracy_after": after, "weight_version": version}
+    return {"rewards": rewards, "accuracy_before": before, "accuracy_after": after, "weight_version": version,
+            "accuracy": dict(steps.accuracy), "plot": png}
 
 
 if __name__ == "__main__":
