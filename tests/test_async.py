@@ -128,10 +128,11 @@ def run_async(model, data, out, url, *flags):
 def test_async_rollouts_one_step_off(tiny_vlm, data, tmp_path, server):
     trainer = run_async(tiny_vlm, data, tmp_path / "out", server.url, "--max_steps", "4")
     assert trainer.state.global_step == 4
-    assert server_version(server) == 4  # every push landed, the last one before the run ended
+    assert server_version(server) == 5  # the start push and one per step, the last one before the run ended
     # Step 1 waits for its rollouts; every later step trains on rollouts made while the step
     # before it trained, by the weights one version behind.
-    assert logged(trainer, "weight_version") == [0, 0, 1, 2]
+    assert logged(trainer, "weight_version") == [1, 1, 2, 3]
+    assert logged(trainer, "weight_version_pushed") == [1, 2, 3, 4]
     assert logged(trainer, "async/staleness_max") == [0, 1, 1, 1]
     assert logged(trainer, "async/prefetch_hits") == [0, 1, 1, 1]
     assert logged(trainer, "async/stale_groups_dropped") == [0] * 4
@@ -142,7 +143,7 @@ def test_async_rollouts_with_dynamic_sampling_and_two_versions_of_staleness(tiny
     trainer = run_async(tiny_vlm, data, tmp_path / "out", server.url, "--max_steps", "4", "--max_staleness", "2",
                         "--dynamic_sampling", "--max_resample_rounds", "8",
                         "--reward_funcs", "tests.test_async:odd_rows_agree")
-    assert trainer.state.global_step == 4 and server_version(server) == 4
+    assert trainer.state.global_step == 4 and server_version(server) == 5
     staleness = logged(trainer, "async/staleness_max")
     assert max(staleness) <= 2 and max(staleness) >= 1
     assert logged(trainer, "dynamic_sampling/zero_advantage_groups_trained") == [0.0] * 4
@@ -154,8 +155,8 @@ def test_async_rollouts_on_the_vllm_engine(tiny_vlm, data, tmp_path, log_dir):
     proc = ServerProcess(tiny_vlm, "vllm", log_dir=log_dir).wait_ready(600)
     try:
         trainer = run_async(tiny_vlm, data, tmp_path / "out", proc.url, "--max_steps", "3")
-        assert server_version(proc) == 3
-        assert logged(trainer, "weight_version") == [0, 0, 1]
+        assert server_version(proc) == 4
+        assert logged(trainer, "weight_version") == [1, 1, 2]
         assert max(logged(trainer, "async/staleness_max")) == 1
     finally:
         proc.stop()
@@ -173,17 +174,19 @@ def test_groups_older_than_max_staleness_are_generated_again(tiny_vlm, data, tmp
     rollouts = build_trainer(method, align, config).vllm_generation
     rows = list(next(iter(rollouts.trainer.get_train_dataloader())))[::4]
     request = rollouts._request(rows, 4)
+    rollouts._push_at_start()
+    start = rollouts.policy_version
     rollouts._launch(request)
-    assert {c.weight_version for g in request.future.result() for c in g} == {0}
+    assert {c.weight_version for g in request.future.result() for c in g} == {start}
     for _ in range(2):
         rollouts.client.push_weights(rollouts.trainer.model)
-    rollouts.policy_version = 2
+    rollouts.policy_version = start + 2
     _, _, versions, stats = rollouts._collect(request.prompt_ids, request.images, 4, None)
     assert stats["prefetch_hits"] == 1 and stats["stale_groups_dropped"] == len(rows)
-    assert set(versions) == {2} and stats["staleness_max"] == 0
+    assert set(versions) == {start + 2} and stats["staleness_max"] == 0
 
     # A server that stays behind (it lost pushes) stops the run with the reason.
-    rollouts.policy_version = 5
+    rollouts.policy_version = start + 5
     with pytest.raises(RuntimeError, match="3 versions behind the trainer"):
         rollouts._collect(request.prompt_ids, request.images, 4, None)
     rollouts.close()

@@ -59,8 +59,9 @@ class AsyncRollouts:
         self.depth = max(1, max_staleness // spans)
         self._pending: deque[_Request] = deque()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="align-rollouts") if self.client else None
-        # The trainer's weights are the server's at start; each push adds one version.
-        self.policy_version = self.client.info(refresh=True).weight_version if self.client else 0
+        # The version of the trainer's newest pushed weights; None until the push at train() start
+        # (ServerGeneration's rule: the trainer cannot know what a server holds before it pushes).
+        self.policy_version: int | None = None
         self._push: Future | None = None
 
     @property
@@ -87,11 +88,12 @@ class AsyncRollouts:
                 self._launch(self._request(rows[::num_generations], num_generations))
         payload = broadcast_object_list([payload], from_process=0)[0]
         completion_ids, logprobs, versions, stats = payload
+        pushed = stats.pop("policy_version")
         metrics = self.trainer._metrics["train"]
         for name, value in stats.items():
             metrics[f"async/{name}"].append(value)
         mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
-        self.sync._log_versions(versions[mine])
+        self.sync._log_versions(versions[mine], pushed)
         return prompts, completion_ids[mine], logprobs[mine], None
 
     def _request(self, rows: list[dict], n: int) -> _Request:
@@ -112,8 +114,26 @@ class AsyncRollouts:
         self._pending.append(request)
 
     def _call_server(self, prompt_ids, images, n):
-        out = self.client.generate(prompt_ids=prompt_ids, images=images, **self.sync.sampling(n))
+        out = self.client.generate(prompt_ids=prompt_ids, images=images, check=self._check_instance,
+                                   **self.sync.sampling(n))
         return [list(r.completions) for r in out.results]
+
+    def _check_instance(self, server: int, answer) -> None:
+        # Versions count per server process: after a restart they start again at 0, and the queued
+        # reads-ahead and pushes no longer line up with them.
+        instance = self.sync.pushed[server][0]
+        if answer.instance_id != instance:
+            raise RuntimeError(f"{self.client.base_urls[server]} restarted during an --async_rollouts run "
+                               f"(instance {answer.instance_id[:8]}, was {instance[:8]}); resume the run with "
+                               "--resume_from_checkpoint (synchronous server mode waits restarts out by itself)")
+
+    def _push_at_start(self) -> None:
+        self._worker.submit(self.sync._push, range(len(self.sync.pushed))).result()
+        versions = {version for _, version in self.sync.pushed}
+        if len(versions) > 1:
+            raise RuntimeError(f"the servers hold different weight versions after the start push ({sorted(versions)}): "
+                               "--async_rollouts counts staleness in one version sequence; restart them together")
+        self.policy_version = versions.pop()
 
     def _collect(self, prompt_ids, images, n, profiler) -> tuple:
         """This batch's completions: the prefetched ones if they are for these prompts, minus groups
@@ -146,7 +166,7 @@ class AsyncRollouts:
         stats = {"staleness_max": float(self.policy_version - min(c.weight_version for c in completions)),
                  "stale_groups_dropped": float(len(stale)), "prefetch_hits": float(hit)}
         return ([c.token_ids for c in completions], [[[lp] for lp in c.logprobs] for c in completions],
-                [c.weight_version for c in completions], stats)
+                [c.weight_version for c in completions], {**stats, "policy_version": float(self.policy_version)})
 
     # ---- weights --------------------------------------------------------------------------------
     def sync_weights(self) -> None:
@@ -157,6 +177,9 @@ class AsyncRollouts:
         self.sync.pushed_step = step
         if not self.accelerator.is_main_process:
             return
+        if self.policy_version is None:  # train() starts: TRL syncs before its first generation
+            self._push_at_start()
+            return
         if self._push is not None:
             self._push.result()  # a failed push surfaces here, one step late, not never
         # A snapshot: the optimizer changes the parameters in place while the worker streams them.
@@ -166,11 +189,15 @@ class AsyncRollouts:
         self._push = self._worker.submit(self._push_snapshot, snapshot, step, self.policy_version)
 
     def _push_snapshot(self, pairs, step: int, expected: int) -> None:
-        version = self.client.push_weights(pairs, transport=self.sync.weight_transport)
-        if version != expected:
-            raise RuntimeError(f"the server committed weight_version {version} for step {step}, expected {expected}: "
-                               "another trainer pushes to this server, or it restarted; restart the run")
-        log.info("step %d: pushed weights, server weight_version %d", step, version)
+        for server in range(len(self.sync.pushed)):
+            # ServerGeneration's record too: its greedy eval then finds the weights it expects.
+            self.sync.pushed[server] = self.sync._push_one(server, pairs)
+            version = self.sync.pushed[server][1]
+            if version != expected:
+                raise RuntimeError(f"{self.client.base_urls[server]} committed weight_version {version} for step "
+                                   f"{step}, expected {expected}: another trainer pushes to this server, or it "
+                                   "restarted; resume the run with --resume_from_checkpoint")
+            log.info("step %d: pushed weights, %s weight_version %d", step, self.client.base_urls[server], version)
 
     def _drain(self) -> None:
         """Wait for everything queued (prefetches are discarded; the last push must land)."""
