@@ -65,7 +65,6 @@ _CORPUS = (
 
 def build_tokenizer(vocab_size: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -78,7 +77,14 @@ def build_tokenizer(vocab_size: int = 512):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    return _qwen_tokenizer(tok, model_max_length=2048)
+
+
+def _qwen_tokenizer(tok, model_max_length: int):
+    """A tokenizers object as a Qwen2-VL tokenizer: its special tokens, chat template, left padding."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -87,9 +93,8 @@ def build_tokenizer(vocab_size: int = 512):
         additional_special_tokens=SPECIAL_TOKENS[1:],
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
-        model_max_length=2048,
+        model_max_length=model_max_length,
     )
-    return fast
 
 
 # Qwen2's pre-tokenizer split (one digit per piece), as in its tokenizer.json and qwen-tokenizer's PAT_STR.
@@ -105,7 +110,6 @@ def build_qwen2_tokenizer():
     from importlib import resources
 
     from tokenizers import normalizers
-    from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     try:
@@ -122,17 +126,7 @@ def build_qwen2_tokenizer():
 
     tok = Converter(vocab_file=str(ranks_file), pattern=QWEN2_PATTERN, extra_special_tokens=SPECIAL_TOKENS).converted()
     tok.normalizer = normalizers.NFC()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        bos_token=None,
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        chat_template=CHAT_TEMPLATE,
-        padding_side="left",
-        model_max_length=32768,
-    )
+    return _qwen_tokenizer(tok, model_max_length=32768)
 
 
 TOKENIZERS = {"tiny": build_tokenizer, "qwen2": build_qwen2_tokenizer}

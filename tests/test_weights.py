@@ -293,17 +293,21 @@ def push_when_free(client: AlignClient, weights, transport: str, deadline_s: flo
             time.sleep(0.2)
 
 
-@pytest.mark.fault
-@pytest.mark.parametrize("transport", ["http", "tcp", "shm"])
-def test_sender_killed_mid_stream_leaves_the_old_version_serving(server, client, trainer, tiny_vlm, transport):
+def check_sender_killed_mid_stream(server, client, trainer, model_dir, transport: str, seed: int) -> None:
     tokens_before, v = served(client, trainer)
-    kill_sender_mid_stream(server.url, tiny_vlm, transport)
+    kill_sender_mid_stream(server.url, model_dir, transport)
     assert served(client, trainer) == (tokens_before, v)  # never a mixed model
     # A fresh sender gets through once the dead one's session fails (tcp) or idles out (http, shm).
-    new_tokens = trainer.perturb_until_changed(11, tokens_before)
+    new_tokens = trainer.perturb_until_changed(seed, tokens_before)
     new = push_when_free(client, trainer.model, transport, SESSION_TIMEOUT[transport] + 30)
     assert new == v + 1
     assert served(client, trainer) == (new_tokens, new)
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("transport", ["http", "tcp", "shm"])
+def test_sender_killed_mid_stream_leaves_the_old_version_serving(server, client, trainer, tiny_vlm, transport):
+    check_sender_killed_mid_stream(server, client, trainer, tiny_vlm, transport, seed=11)
 
 
 def test_generate_traffic_during_syncs_never_fails_and_each_answer_names_its_weights(client, trainer):
