@@ -152,6 +152,8 @@ class WeightReceiver:
 
     # ---- init ------------------------------------------------------------------------------------
     async def init(self, spec: WeightsInit, local_host: str) -> WeightsSession:
+        if self.engine.weight_sync_refused:
+            raise WeightSyncError(400, ErrorCode.invalid_request, self.engine.weight_sync_refused, "transport")
         if spec.transport not in self.engine.weight_transports:
             raise WeightSyncError(400, ErrorCode.invalid_request,
                                   f"the {self.engine.name} engine does not take the {spec.transport} transport; it "

@@ -79,6 +79,13 @@ def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
         server.wait_ready(600)
         small = _image_tokens(server)
         logs = server.logs()
+        if engine == "vllm":  # a push into vLLM's Transformers backend is refused up front, not half-loaded
+            from transformers import AutoModelForImageTextToText
+
+            from trainer_client import AlignClient, AlignServerError
+            with AlignClient(server.url) as client, pytest.raises(AlignServerError) as err:
+                client.push_weights(AutoModelForImageTextToText.from_pretrained(tiny_vlm))
+            assert err.value.status == 400 and "--model-impl transformers" in err.value.message
     finally:
         server.stop()
     assert small == 1 + 2

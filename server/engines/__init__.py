@@ -54,6 +54,7 @@ class Engine(ABC):
 
     # ---- weight sync: server/weights.py stages the bytes, the engine swaps them in -------------
     weight_transports: tuple[str, ...] = ("http", "tcp", "shm")
+    weight_sync_refused: str | None = None  # why this engine takes no weight sync at all, if it takes none
     weight_workers: int = 1  # processes an nccl weight group spans on this side
 
     async def commit_weights(self, staged: "StagedWeights", version: int) -> None:

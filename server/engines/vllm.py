@@ -86,6 +86,11 @@ class VLLMEngine(Engine):
                  c.parallel_config.data_parallel_size, c.scheduler_config.max_num_seqs,
                  c.cache_config.enable_prefix_caching, c.cache_config.cache_dtype,
                  c.model_config.multimodal_config.mm_processor_kwargs if c.model_config.multimodal_config else None)
+        if c.model_config.model_impl == "transformers":
+            # Its weight loader expects the checkpoint's legacy names and the commit fails half way
+            # (a half-loaded model); refuse the sync up front instead.
+            self.weight_sync_refused = ("weight sync into vLLM's Transformers modeling backend (--model-impl "
+                                        "transformers) is not supported; serve with --model-impl auto or vllm")
         self.max_model_len = self.llm.model_config.max_model_len
         self.image_token_id = self.processing.image_token_id
         self.eos_token_ids = self.processing.eos_token_ids
