@@ -1,6 +1,7 @@
 """Models by hub id on both commands, read from a real hub cache layout offline (HF_HUB_OFFLINE=1),
 and a missing id stopped with one line that says where it was looked for."""
 
+import json
 import os
 import subprocess
 import sys
@@ -82,13 +83,25 @@ def test_a_missing_id_is_one_line_on_both_commands(hf_home, tmp_path):
     assert serve.returncode != 0 and "revision v2" in serve.stderr and "Traceback" not in serve.stderr
 
 
-def test_align_train_model_and_dataset_by_hub_id_offline(hf_home, tmp_path):
+def test_align_serve_and_align_train_server_mode_with_eval_by_hub_id_offline(hf_home, tmp_path, log_dir):
+    """The README's first Training command, small: model and data by id from the offline cache,
+    rollouts and greedy eval (the dataset's test split) through align-serve."""
     cache_as_hub(colour_parquet_folder(tmp_path / "colours", n=8), hf_home, "tiny-org/colours", "dataset")
-    run = _cli("trainer_client.cli", "grpo", "--model_name_or_path", REPO, "--model_revision", "main",
-               "--dataset_name", "tiny-org/colours", "--system_prompt", "Answer with one word.",
-               "--output_dir", str(tmp_path / "out"),
-               "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "4",
-               "--max_steps", "1", "--report_to", "none", "--disable_tqdm", "true", env=offline(hf_home))
+    server = ServerProcess(REPO, "transformers", log_dir=log_dir, env=offline(hf_home))
+    try:
+        server.wait_ready()
+        run = _cli("trainer_client.cli", "grpo", "--model_name_or_path", REPO, "--model_revision", "main",
+                   "--dataset_name", "tiny-org/colours", "--system_prompt", "Answer with one word.",
+                   "--vllm-mode", "server", "--server-url", server.url,
+                   "--eval_strategy", "steps", "--eval_steps", "1", "--output_dir", str(tmp_path / "out"),
+                   "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "4",
+                   "--max_steps", "2", "--report_to", "none", "--disable_tqdm", "true", env=offline(hf_home))
+    finally:
+        server.stop()
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "1 steps, model saved to" in run.stdout
+    assert "2 steps, model saved to" in run.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "eval_reward" in e] == [1, 2]
+    steps = [e for e in history if "weight_version" in e]
+    assert len(steps) == 2 and all(e["weight_version"] == e["weight_version_pushed"] for e in steps)
