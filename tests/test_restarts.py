@@ -108,8 +108,9 @@ def test_server_killed_mid_run_and_restarted(engine, tiny_vlm, data, tmp_path, l
     assert final == served[-1] + 1
 
 
-def test_trainer_killed_mid_step_resumes_from_its_checkpoint(tiny_vlm, data, tmp_path, log_dir):  # noqa: F811
-    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_trainer_killed_mid_step_resumes_from_its_checkpoint(engine, tiny_vlm, data, tmp_path, log_dir):  # noqa: F811
+    server = ServerProcess(tiny_vlm, engine, log_dir=log_dir).wait_ready(600)
     out = tmp_path / "out"
     try:
         trainer = Trainer(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "6",
