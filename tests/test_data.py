@@ -120,7 +120,7 @@ def colour_parquet_folder(root, n=6, extra=None):
 
 def args(**kw):
     base = dict(dataset=None, dataset_name=None, dataset_config=None, dataset_train_split="train",
-                dataset_test_split="test", system_prompt=None)
+                dataset_test_split="test", system_prompt=None, eval_dataset=None)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -166,7 +166,8 @@ def test_dataset_name_from_the_hub_cache_offline(tmp_path):
         from types import SimpleNamespace
         from trainer_client.data import load_datasets
         a = SimpleNamespace(dataset=None, dataset_name="org/colours", dataset_config=None,
-                            dataset_train_split="train", dataset_test_split="test", system_prompt=None)
+                            dataset_train_split="train", dataset_test_split="test", system_prompt=None,
+                            eval_dataset=None)
         train, test = load_datasets(a, "grpo")
         print(train.num_rows, test.num_rows, train[0]["image"].size, train[0]["prompt"][0]["content"])
     """))
@@ -176,7 +177,8 @@ def test_dataset_name_from_the_hub_cache_offline(tmp_path):
         from types import SimpleNamespace
         from trainer_client.data import load_datasets
         a = SimpleNamespace(dataset=None, dataset_name="org/nope", dataset_config=None,
-                            dataset_train_split="train", dataset_test_split="test", system_prompt=None)
+                            dataset_train_split="train", dataset_test_split="test", system_prompt=None,
+                            eval_dataset=None)
         load_datasets(a, "grpo")
     """))
     assert missing.returncode != 0
