@@ -70,16 +70,27 @@ class StepClock(TrainerCallback):
         self.ends.append(time.perf_counter())
 
 
-def pin(pid: int, cores: set[int]) -> None:
-    """Every thread of `pid` and of its children onto `cores`."""
+def pin(pid: int, cores: set[int], children: bool = True) -> None:
+    """Every thread of `pid` (and of its children) onto `cores`. The trainer is pinned without its
+    children: the server it started is one of them and has a core of its own."""
     procs = [psutil.Process(pid)]
-    procs += procs[0].children(recursive=True)
+    if children:
+        procs += procs[0].children(recursive=True)
     for proc in procs:
         for thread in proc.threads():
             try:
                 os.sched_setaffinity(thread.id, cores)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def check_pinned(server_pid: int, server_cores: set[int], trainer_pid: int, trainer_cores: set[int]) -> None:
+    """Fail rather than report "pinned" numbers from processes sharing a core."""
+    for pid, cores in ((server_pid, server_cores), (trainer_pid, trainer_cores)):
+        for thread in psutil.Process(pid).threads():
+            got = os.sched_getaffinity(thread.id)
+            if got != cores:
+                sys.exit(f"thread {thread.id} of pid {pid} runs on cores {sorted(got)}, not {sorted(cores)}")
 
 
 def train(flags: list[str], skip: int, into: dict[str, list[float]]) -> None:
@@ -130,15 +141,16 @@ def main() -> None:
             try:
                 if pinned:
                     pin(server.proc.pid, {server_core})
-                    pin(os.getpid(), {trainer_core})
+                    pin(os.getpid(), {trainer_core}, children=False)
                     torch.set_num_threads(1)
+                    check_pinned(server.proc.pid, {server_core}, os.getpid(), {trainer_core})
                 for mode, extra in (("sync", []), ("async", ["--async_rollouts"])):
                     tag = f"{mode} {'pinned' if pinned else 'unpinned'}"
                     train([*flags, "--output_dir", str(work / tag.replace(" ", "-")), "--vllm-mode", "server",
                            "--server-url", server.url, *extra], args.skip, results[tag])
             finally:
                 server.stop()
-                pin(os.getpid(), all_cores)
+                pin(os.getpid(), all_cores, children=False)
                 torch.set_num_threads(threads)
 
     batch = f"{args.prompts} prompts x {args.generations} generations x {args.tokens} tokens"
