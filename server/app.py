@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -220,39 +221,56 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return Response(status_code=200 if sha256 in images else 404)
 
     # ---- generation ---------------------------------------------------------------------------
-    def resolve_images(prompt: GeneratePrompt, i: int) -> list:
+    def check_image_count(prompt: GeneratePrompt, i: int) -> None:
         if len(prompt.images) > config.max_images_per_prompt:
             raise APIError(400, ErrorCode.invalid_request,
                            f"prompts[{i}].images has {len(prompt.images)} images; the server accepts up to "
                            f"{config.max_images_per_prompt} per prompt (see --max-images-per-prompt)",
                            {"field": f"prompts[{i}].images", "limit": config.max_images_per_prompt})
-        out = []
-        for j, ref in enumerate(prompt.images):
-            what = f"prompts[{i}].images[{j}]"
-            if ref.sha256 is not None:
-                img = images.get(ref.sha256)
-                if img is None:
-                    raise APIError(400, ErrorCode.unknown_image,
-                                   f"{what}: the server holds no image {ref.sha256}; PUT it to "
-                                   f"{API_PREFIX}/images/{ref.sha256} first",
-                                   {"field": what, "sha256": ref.sha256})
-            else:
+
+    def decode_inline(prompts: list[GeneratePrompt]) -> dict[tuple[int, int], Image.Image]:
+        """The images sent inline (`data`), decoded into the cache. Run off the event loop: a batch of
+        big images takes a while to decode, and health checks and other requests go on meanwhile."""
+        out = {}
+        for i, prompt in enumerate(prompts):
+            check_image_count(prompt, i)
+            for j, ref in enumerate(prompt.images):
+                if ref.data is None:
+                    continue
+                what = f"prompts[{i}].images[{j}]"
                 try:
                     data = base64.b64decode(ref.data, validate=True)
-                    _, img = images.add_bytes(data, what, config.max_image_bytes, config.max_pixels)
+                    _, out[i, j] = images.add_bytes(data, what, config.max_image_bytes, config.max_pixels)
                 except binascii.Error:
                     raise APIError(400, ErrorCode.invalid_image, f"{what}.data is not valid base64",
                                    {"field": what}) from None
                 except ImageError as exc:
                     raise APIError(exc.status, exc.code, exc.message, {"field": what}) from None
+        return out
+
+    def resolve_images(prompt: GeneratePrompt, i: int, inline: dict[tuple[int, int], Image.Image]) -> list:
+        check_image_count(prompt, i)
+        out = []
+        for j, ref in enumerate(prompt.images):
+            what = f"prompts[{i}].images[{j}]"
+            if ref.sha256 is None:
+                out.append(inline[i, j])
+                continue
+            img = images.get(ref.sha256)
+            if img is None:
+                raise APIError(400, ErrorCode.unknown_image,
+                               f"{what}: the server holds no image {ref.sha256}; PUT it to "
+                               f"{API_PREFIX}/images/{ref.sha256} first",
+                               {"field": what, "sha256": ref.sha256})
             out.append(img)
         return out
 
-    def to_engine_prompt(prompt: GeneratePrompt, i: int, sampling: SamplingParams) -> EnginePrompt:
+    def to_engine_prompt(prompt: GeneratePrompt, i: int, sampling: SamplingParams,
+                         inline: dict[tuple[int, int], Image.Image]) -> EnginePrompt:
         if prompt.images and engine.image_token_id is None:
             raise APIError(400, ErrorCode.invalid_request, f"prompts[{i}].images: the served model is text-only",
                            {"field": f"prompts[{i}].images"})
-        imgs = resolve_images(prompt, i)
+        imgs = resolve_images(prompt, i, inline)
         if prompt.messages is not None:
             msgs = [m.model_dump() for m in prompt.messages]
             n_parts = sum(1 for m in msgs if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
@@ -289,7 +307,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return ep
 
     async def run_generate(prompts: list[GeneratePrompt], sampling: SamplingParams):
-        eprompts = [to_engine_prompt(p, i, sampling) for i, p in enumerate(prompts)]
+        inline = await asyncio.to_thread(decode_inline, prompts) if any(r.data for p in prompts for r in p.images) else {}
+        eprompts = [to_engine_prompt(p, i, sampling, inline) for i, p in enumerate(prompts)]
         try:
             outs = await asyncio.wait_for(engine.generate(eprompts, sampling), config.generate_timeout_s)
         except TimeoutError:

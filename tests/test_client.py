@@ -3,15 +3,10 @@
 import httpx
 import pytest
 
-from tests.utils import ServerProcess, free_port, random_image
+from tests.utils import ServerProcess, free_port, prompts_served, random_image
 from trainer_client import AlignClient, AlignConnectionError
 
 QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
-
-
-def _prompts_served(server: ServerProcess) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    return float(next(line for line in text.splitlines() if line.startswith("align_prompts_total ")).split()[-1])
 
 
 def test_connection_refused_raises_after_retries():
@@ -61,7 +56,7 @@ def test_a_batch_is_spread_over_several_servers_and_answered_in_order(tiny_vlm, 
             messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}] for t in texts]
             out = client.generate(messages=messages, images=[[random_image(k)] for k in range(6)], max_tokens=2)
             tok = client.info().image_token_id
-        assert [_prompts_served(s) for s in servers] == [3.0, 3.0]
+        assert [prompts_served(s) for s in servers] == [3.0, 3.0]
         # answers come back in the caller's order: each prompt's ids hold its own text
         for k, result in enumerate(out.results):
             assert result.prompt_ids.count(tok) == 1
@@ -89,6 +84,37 @@ def test_images_evicted_from_the_server_cache_are_uploaded_again(tiny_vlm, log_d
                 client.generate(messages=[QUESTION], images=[[img]], max_tokens=1)
             out = client.generate(messages=[QUESTION], images=[[first]], max_tokens=1)
         assert len(out.results[0].completions) == 1
+        # the last call named `first` by hash, was told the server no longer holds it, and sent it again
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'align_requests_total{route="/v1/generate",status="400"} 1.0' in metrics
+    finally:
+        server.stop()
+
+
+def test_new_images_go_inline_once_then_by_hash(tiny_vlm, log_dir):
+    """A GRPO step brings new images every time: they ride in the generate request itself (no HEAD and
+    PUT round trips per image); the server keeps them, so the next request names them by hash. Images
+    beyond the request's inline budget are uploaded first, as before."""
+    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
+    sent: list[tuple[str, str, bytes]] = []
+    try:
+        with AlignClient(server.url) as client:
+            client._http[0].event_hooks["request"].append(
+                lambda r: sent.append((r.method, r.url.path, r.read())))
+            images = [[random_image(k)] for k in range(3)]
+            first = client.generate(messages=[QUESTION] * 3, images=images, max_tokens=2, temperature=0.0)
+            second = client.generate(messages=[QUESTION] * 3, images=images, max_tokens=2, temperature=0.0)
+            assert [(m, p) for m, p, _ in sent] == [("POST", "/v1/generate")] * 2
+            assert sent[0][2].count(b'"data"') == 3 and b'"sha256"' not in sent[0][2]
+            assert sent[1][2].count(b'"sha256"') == 3 and b'"data"' not in sent[1][2]
+            assert [r.completions[0].token_ids for r in first.results] == \
+                [r.completions[0].token_ids for r in second.results]
+
+            sent.clear()
+            client.inline_image_bytes = 0  # no room inline: each new image is uploaded first
+            client.generate(messages=[QUESTION], images=[[random_image(9)]], max_tokens=1)
+            assert [(m, p.split("/")[2]) for m, p, _ in sent] == [("HEAD", "images"), ("PUT", "images"),
+                                                                  ("POST", "generate")]
     finally:
         server.stop()
 

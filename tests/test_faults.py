@@ -63,8 +63,9 @@ def test_64_clients_mixing_routes_during_3_pushes_lose_nothing_and_match_their_w
 
 
 def check_mixed_clients_during_pushes(server, trainer, clients: int = 64) -> None:
-    """`clients` threads loop over generate (uploaded image), chat (data-URL image) and info while the
-    trainer pushes 3 new versions (http, tcp, shm); then every answer is checked against its version."""
+    """`clients` threads loop over generate (image inline the first time, or uploaded first: odd
+    clients leave no room inline), chat (data-URL image) and info while the trainer pushes 3 new
+    versions (http, tcp, shm); then every answer is checked against its version."""
     images = [random_image(300 + k) for k in range(4)]  # one size: no padding, so batching cannot change greedy
     as_tokens = trainer.processing.tokenizer.convert_ids_to_tokens
     v0 = httpx.get(f"{server.url}/v1/info", headers=server.headers()).json()["weight_version"]
@@ -74,13 +75,14 @@ def check_mixed_clients_during_pushes(server, trainer, clients: int = 64) -> Non
     stop = threading.Event()
 
     def client_loop(k: int) -> None:
-        with AlignClient(server.url, api_key=server.api_key, max_retries=8, backoff=0.05) as c:
+        with AlignClient(server.url, api_key=server.api_key, max_retries=8, backoff=0.05,
+                         inline_image_bytes=0 if k % 2 else 8 << 20) as c:
             i = 0
             while not stop.is_set():
                 kind, img = (k + i) % 3, (k + i) % len(images)
                 i += 1
                 try:
-                    if kind == 0:  # token ids + an image uploaded once by hash
+                    if kind == 0:  # token ids + an image sent once, then named by hash
                         out = c.generate(prompt_ids=[trainer.prompt_ids], images=[[images[img]]], temperature=0.0,
                                          max_tokens=MAX_TOKENS)
                         comp = out.results[0].completions[0]
