@@ -7,35 +7,30 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.test_train import REWARDS, SMALL, data  # noqa: F401  (the dataset fixture)
-from tests.utils import ServerProcess
+from tests.utils import ServerProcess, wait_for
 from trainer_client.cli import run
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.fault
 
 
+# One client for every poll: `httpx.get` builds a client, and its SSL context costs ~50 ms of CPU,
+# which polling every 50 ms would take from the server and the trainer on 2 cores.
+_HTTP = httpx.Client(timeout=5)
+
+
 def served_version(url: str) -> int | None:
     """The server's weight_version; None while it is down."""
     try:
-        return httpx.get(f"{url}/v1/weights/version", timeout=5).json()["weight_version"]
+        return _HTTP.get(f"{url}/v1/weights/version").json()["weight_version"]
     except httpx.TransportError:
         return None
-
-
-def wait_for(condition, what: str, timeout: float = 600.0, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
 
 
 def grpo_args(model, dataset, out, url, *flags) -> list[str]:
@@ -87,7 +82,7 @@ def test_server_killed_mid_run_and_restarted(engine, tiny_vlm, data, tmp_path, l
                       tmp_path / "train.log")
     try:
         # Version 3 = the start push and those after steps 1 and 2: the run is under way.
-        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 3, "step 2's push")
+        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 3, "step 2's push", timeout=600)
         server.kill()
         server = ServerProcess(tiny_vlm, engine, log_dir=log_dir, port=server.port)
         output = trainer.wait()
@@ -116,7 +111,7 @@ def test_trainer_killed_mid_step_resumes_from_its_checkpoint(engine, tiny_vlm, d
         trainer = Trainer(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "6",
                                     "--save_steps", "2"), tmp_path / "train.log")
         # Version 4 comes after step 3: checkpoint-2 was saved at the end of step 2, before it.
-        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 4, "step 3's push")
+        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 4, "step 3's push", timeout=600)
         trainer.kill()
         before_resume = served_version(server.url)
 

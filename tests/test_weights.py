@@ -19,7 +19,7 @@ import torch
 
 from server.engines import EnginePrompt
 from server.engines.processing import ModelProcessing
-from tests.utils import ServerProcess, random_image
+from tests.utils import ServerProcess, random_image, wait_for
 from trainer_client import AlignClient, AlignServerError
 from trainer_client.weights import named_weights, plan_buckets
 
@@ -245,17 +245,6 @@ AlignClient(url, api_key=key).push_weights(model, transport=transport, bucket_by
 # tcp frees the server the moment the dead sender's socket closes, so its session may idle long
 # (the status check below has all the time it needs); http and shm wait out the idle timeout.
 SESSION_TIMEOUT = {"http": 5.0, "tcp": 60.0, "shm": 5.0}
-
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    """Poll a condition the server reports; fail naming it if it never holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def kill_sender_mid_stream(url: str, model_dir, transport: str) -> tuple[int, int]:

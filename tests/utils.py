@@ -27,6 +27,23 @@ def random_image(seed: int, size: int = 64) -> Image.Image:
     return Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8"))
 
 
+def wait_for(condition, what: str, timeout: float = 60.0, poll: float = 0.05):
+    """Poll a condition (a status a server reports, a line a process printed) until it holds; return
+    its value, or fail naming what never happened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+def prompts_served(server: "ServerProcess") -> float:
+    """The server's `align_prompts_total`: prompts it generated for."""
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers()).text
+    return float(next(line for line in text.splitlines() if line.startswith("align_prompts_total ")).split()[-1])
+
+
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -57,15 +74,18 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = 300.0) -> "ServerProcess":
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"align-serve exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.url}/ready", headers=self.headers(), timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        # One client for all polls: a new one per poll builds an SSL context (~50 ms of CPU) that a
+        # starting server on 2 cores would pay for.
+        with httpx.Client(headers=self.headers(), timeout=2) as http:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"align-serve exited with {self.proc.returncode}:\n{self.logs()}")
+                try:
+                    if http.get(f"{self.url}/ready").status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.3)
         raise TimeoutError(f"align-serve not ready after {timeout} s:\n{self.logs()}")
 
     def alive(self) -> bool:
