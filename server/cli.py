@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image accepted, in pixels")
-    p.add_argument("--max-image-bytes", type=int, default=16 * 1024 * 1024, help="largest encoded image accepted")
-    p.add_argument("--max-images-per-prompt", type=int, default=8)
+    p.add_argument("--max-pixels", type=_positive(int), default=4096 * 4096, help="largest image accepted, in pixels")
+    p.add_argument("--max-image-bytes", type=_positive(int), default=16 * 1024 * 1024, help="largest encoded image accepted")
+    p.add_argument("--max-images-per-prompt", type=_positive(int), default=8)
     p.add_argument("--image-cache-bytes", type=int, default=2 * 1024**3, help="decoded-image cache bound (LRU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vLLM: fraction of device memory (on CPU, of host memory) to take; default 0.9 GPU, 0.2 CPU")
@@ -55,14 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
                            "engine applies it too)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Timeouts: no peer can hold the server by stalling.
-    p.add_argument("--body-timeout", type=float, default=300.0,
+    p.add_argument("--body-timeout", type=_positive(float), default=300.0,
                    help="seconds a request body (an image upload, a weight bucket) may take to arrive; then 408")
-    p.add_argument("--generate-timeout", type=float, default=600.0,
+    p.add_argument("--generate-timeout", type=_positive(float), default=600.0,
                    help="seconds one generate or chat request may run; then 504 (the request is cancelled)")
     return p
 
 
 VLLM_ONLY = ("model_impl", "data_parallel_size", "max_num_seqs", "enable_prefix_caching", "kv_cache_dtype")
+
+
+def _positive(kind: type):
+    """An argparse type: a number above 0 (a zero or negative timeout or limit would refuse everything)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
 
 
 def _json_object(text: str) -> dict:

@@ -71,6 +71,8 @@ def test_rollout_flags_are_checked():
                                   "--async_rollouts", "--max_staleness", "4", "--dynamic_sampling"])
     assert config.async_rollouts and config.max_staleness == 4 and config.dynamic_sampling
     assert config.max_resample_rounds == 4
+    with pytest.raises(SystemExit, match="--server_timeout must be above 0 seconds"):
+        parse_args(["grpo", *base, "--vllm-mode", "server", "--server-url", "http://a:1", "--server_timeout", "0"])
 
 
 def test_ratio_from_the_loss_forward_equals_trls(tiny_vlm, data, tmp_path, server):

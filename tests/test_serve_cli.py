@@ -42,6 +42,17 @@ def test_vllm_only_flags_are_refused_by_the_transformers_engine(tiny_vlm):
     assert "--max-num-seqs, --enable-prefix-caching configure the vLLM engine" in run.stderr
 
 
+@pytest.mark.parametrize("flag,value", [("--body-timeout", "0"), ("--generate-timeout", "-1"),
+                                        ("--max-image-bytes", "0"), ("--max-images-per-prompt", "x")])
+def test_timeouts_and_limits_must_be_positive(flag, value, capsys):
+    from server.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--model", "m", flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: " in capsys.readouterr().err
+
+
 def test_mm_processor_kwargs_must_be_a_json_object(tiny_vlm):
     run = _serve("--model", str(tiny_vlm), "--port", str(free_port()), "--mm-processor-kwargs", "max_pixels=5")
     assert run.returncode == 2

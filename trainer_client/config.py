@@ -157,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
         raise SystemExit("align-train: give the data with --dataset FILE or --dataset_name ID_OR_FOLDER (one of them)")
     if config.vllm_mode == "server" and not align.server_url:
         raise SystemExit("--vllm-mode server needs at least one --server-url (an align-serve base URL)")
+    if not align.server_timeout > 0:
+        raise SystemExit(f"--server_timeout must be above 0 seconds (got {align.server_timeout:g})")
     if method != "mpo":
         _check_rollout_flags(config)
     init = {k: v for k, v in (("dtype", model_args.dtype), ("attn_implementation", model_args.attn_implementation))
