@@ -3,17 +3,21 @@ asynchronous rollouts, against a real `align-serve` (transformers engine; vLLM m
 
 import inspect
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from trl import GRPOTrainer
 
-from tests.test_train import SMALL, changed, server_version, train, weights
-from tests.utils import ServerProcess, prompts_served, random_image
-from trainer_client import AlignClient
+from tests.test_train import (
+    SMALL,
+    accelerate_grpo,
+    changed,
+    check_servers_answer_as_the_merged_adapter,
+    server_version,
+    train,
+    weights,
+)
+from tests.utils import ServerProcess, prompts_served
 from trainer_client.config import parse_args
 from trainer_client.demo import make_dataset
 
@@ -208,8 +212,9 @@ def test_async_rollouts_across_two_servers_with_lora(tiny_vlm, data, tmp_path, s
     try:
         # 2 prompts x 4 generations a step: one prompt to each server
         trainer = run_async(tiny_vlm, data, tmp_path / "out", server.url, "--server-url", second.url,
-                            "--max_steps", "3", "--per_device_train_batch_size", "8", "--learning_rate", "0.5", "--use_peft", "--lora_r", "4", "--lora_target_modules",
-                            "q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+                            "--max_steps", "3", "--per_device_train_batch_size", "8", "--learning_rate", "0.5",
+                            "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "o_proj",
+                            "up_proj", "down_proj")
         assert trainer.state.global_step == 3
         assert server_version(server) == server_version(second) == 4  # the start push and one per step
         assert logged(trainer, "weight_version") == [1, 1, 2]
@@ -217,23 +222,7 @@ def test_async_rollouts_across_two_servers_with_lora(tiny_vlm, data, tmp_path, s
         assert logged(trainer, "async/stale_groups_dropped") == [0] * 3
         assert prompts_served(server) == prompts_served(second) > 0  # the batches were split between them
 
-        model, processor = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
-        assert hasattr(model, "peft_config")  # an adapter was trained, not the full model
-        question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
-        image = random_image(4)
-        inputs = processor(text=[processor.apply_chat_template(question, add_generation_prompt=True)],
-                           images=[image], return_tensors="pt")
-        model.eval()
-        with torch.inference_mode():
-            merged = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-            with model.disable_adapter():
-                base = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        assert merged.tolist() != base.tolist(), "the adapter must change the answer for this check to mean anything"
-        for proc in (server, second):
-            with AlignClient(proc.url) as client:
-                got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]],
-                                      temperature=0.0, max_tokens=8).results[0].completions[0].token_ids
-            assert got and got == merged.tolist()[: len(got)], proc.url
+        check_servers_answer_as_the_merged_adapter(trainer, server, second)
     finally:
         second.stop()
 
@@ -253,14 +242,8 @@ def test_async_gspo_stays_within_its_staleness(tiny_vlm, data, tmp_path, server)
 
 def test_async_rollouts_under_accelerate_two_processes(tiny_vlm, data, tmp_path, server):
     """Two CPU processes (DDP over gloo): the main one generates ahead and pushes; both train."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer_client.cli", "grpo",
-           "--model", str(tiny_vlm), "--dataset", str(data / "grpo.jsonl"), "--output_dir", str(tmp_path / "out"),
-           *SMALL, "--num_generations", "4", "--max_completion_length", "4", "--max_steps", "3",
-           "--vllm-mode", "server", "--server-url", server.url, "--async_rollouts",
-           "--reward_funcs", "tests.test_async:parity_reward"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = accelerate_grpo(tiny_vlm, data / "grpo.jsonl", tmp_path / "out", server.url, "--max_steps", "3",
+                           "--async_rollouts", "--reward_funcs", "tests.test_async:parity_reward")
     assert server_version(server) == 4  # the start push, then one per step: from the main process only
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
     used = [float(v) for v in re.findall(r"'weight_version': '([0-9.]+)'", proc.stdout + proc.stderr)]

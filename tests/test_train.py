@@ -3,6 +3,8 @@ a real `align-serve` subprocess. Small batches and a few steps: these check beha
 (the seeded demo test checks learning)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.utils import ServerProcess
+from tests.utils import ServerProcess, random_image
 from trainer_client import AlignClient
 from trainer_client.cli import run
 from trainer_client.config import parse_args
@@ -171,14 +173,9 @@ def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
 
 
-def test_server_mode_with_lora_serves_the_merged_weights(tiny_vlm, data, tmp_path, server):
-    from tests.utils import random_image
-
-    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2", "--learning_rate",
-                    "0.5", "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
-                    "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "o_proj", "up_proj",
-                    "down_proj", *REWARDS)
-    assert server_version(server) == 3  # the start push, then one per step
+def check_servers_answer_as_the_merged_adapter(trainer, *servers) -> None:
+    """The trained adapter changes the model's greedy answer, and every server gives the answer of
+    the model with the adapter merged."""
     model, processor = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
     assert hasattr(model, "peft_config")  # an adapter was trained, not the full model
     question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
@@ -191,10 +188,20 @@ def test_server_mode_with_lora_serves_the_merged_weights(tiny_vlm, data, tmp_pat
         with model.disable_adapter():
             base = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
     assert lora != base, "the adapter must change the answer for this check to mean anything"
-    with AlignClient(server.url) as client:
-        got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
-                              max_tokens=8).results[0].completions[0].token_ids
-    assert got == lora[: len(got)] and got
+    for server in servers:
+        with AlignClient(server.url) as client:
+            got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
+                                  max_tokens=8).results[0].completions[0].token_ids
+        assert got == lora[: len(got)] and got, server.url
+
+
+def test_server_mode_with_lora_serves_the_merged_weights(tiny_vlm, data, tmp_path, server):
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2", "--learning_rate",
+                    "0.5", "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
+                    "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "o_proj", "up_proj",
+                    "down_proj", *REWARDS)
+    assert server_version(server) == 3  # the start push, then one per step
+    check_servers_answer_as_the_merged_adapter(trainer, server)
 
 
 def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path, server):
@@ -318,17 +325,20 @@ def test_demo_reward_rises(tmp_path):
     assert result["plot"].is_file()
 
 
-def test_accelerate_two_processes_server_mode(tiny_vlm, data, tmp_path, server):
-    """Two CPU processes (DDP over gloo): only the main one talks to the server and pushes."""
-    import subprocess
-    import sys
-
+def accelerate_grpo(model, dataset, out, url, *flags) -> subprocess.CompletedProcess:
+    """`align-train grpo` in server mode as two CPU processes under `accelerate launch`; fails the
+    test with the tail of its output if it exits non-zero."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer_client.cli", "grpo",
-           "--model", str(tiny_vlm), "--dataset", str(data / "grpo.jsonl"), "--output_dir", str(tmp_path / "out"),
-           *SMALL, "--num_generations", "4", "--max_completion_length", "4", "--max_steps", "2",
-           "--vllm-mode", "server", "--server-url", server.url, *REWARDS]
+           "--model", str(model), "--dataset", str(dataset), "--output_dir", str(out), *SMALL,
+           "--num_generations", "4", "--max_completion_length", "4", "--vllm-mode", "server", "--server-url", url, *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_accelerate_two_processes_server_mode(tiny_vlm, data, tmp_path, server):
+    """Two CPU processes (DDP over gloo): only the main one talks to the server and pushes."""
+    accelerate_grpo(tiny_vlm, data / "grpo.jsonl", tmp_path / "out", server.url, "--max_steps", "2", *REWARDS)
     assert server_version(server) == 3  # the start push, then one per step
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))

@@ -262,8 +262,9 @@ def kill_sender_mid_stream(url: str, model_dir, transport: str) -> tuple[int, in
         if transport != "shm":  # shm writes into the staging file directly: the server counts no buckets
             # The sender's gloo send can return before the server's receive thread records the
             # bucket: wait until the server itself reports it, with the sender still stalled.
-            status = wait_for(lambda: (s := httpx.get(f"{url}/v1/weights/version", headers={
-                "Authorization": f"Bearer {KEY}"}).json())["received_buckets"] and s, "the server to record a bucket")
+            with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}) as http:  # one client for every poll
+                status = wait_for(lambda: (s := http.get(f"{url}/v1/weights/version").json())["received_buckets"] and s,
+                                  "the server to record a bucket")
             assert status["syncing"] and 0 < status["received_buckets"] < status["total_buckets"], status
     finally:
         os.kill(proc.pid, signal.SIGKILL)
