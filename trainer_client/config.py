@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, GRPOConfig, ModelConfig, TrlParser
 
+import kv_cache
+
 METHODS = ("grpo", "gspo", "mpo")
 
 # Values from the papers, as TRL documents them (FACTS.md "Recipe values"); each one stays overridable.
@@ -78,6 +80,10 @@ class GRPORunConfig(GRPOConfig):
     dynamic_sampling: bool = field(default=False, metadata={
         "help": "DAPO's dynamic sampling: drop groups whose rewards all agree (zero advantage) and generate "
                 "for more prompts until the batch is full (trainer_client/dynamic_sampling.py)."})
+    vllm_kv_cache_memory_bytes: str | None = field(default=None, metadata={
+        "help": "Colocate: vLLM's KV cache size (bytes, or 512M, 2G), whatever the machine holds. Default on CPU: "
+                "2 sequences of --vllm_max_model_length tokens, at least 32768 tokens (vLLM-CPU would otherwise "
+                "take a share of the NUMA node minus this process's memory); on GPU: vLLM's."})
     max_resample_rounds: int = field(default=4, metadata={
         "help": "With --dynamic_sampling: at most this many extra generation rounds per batch; a batch still "
                 "short after them trains on the informative groups it has."})
@@ -117,6 +123,11 @@ def _check_rollout_flags(config: GRPORunConfig) -> None:
         raise SystemExit(f"--max_staleness must be >= 1 (got {config.max_staleness})")
     if config.dynamic_sampling and config.vllm_mode == "colocate":
         raise SystemExit("--dynamic_sampling works with --vllm-mode server or none, not colocate")
+    if config.vllm_kv_cache_memory_bytes is not None:
+        try:
+            config.vllm_kv_cache_memory_bytes = kv_cache.parse_bytes(config.vllm_kv_cache_memory_bytes)
+        except ValueError as exc:
+            raise SystemExit(f"--vllm_kv_cache_memory_bytes: {exc}") from None
     if config.max_resample_rounds < 0:
         raise SystemExit(f"--max_resample_rounds must be >= 0 (got {config.max_resample_rounds})")
     # One generation batch spans steps_per_generation / gradient_accumulation_steps optimizer steps:

@@ -6,6 +6,7 @@ weight sync and the operational shell (data checks, rewards, checkpoints, loggin
 - MPO: `DPOTrainer` with the combined loss (`loss_type` list + `loss_weights`).
 """
 
+import contextlib
 import copy
 import functools
 import logging
@@ -16,6 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import _is_peft_model
 from trl import DPOTrainer, GRPOTrainer
 
+import kv_cache
 from torchvision_compat import load_processor
 from trainer_client.async_rollouts import AsyncRollouts
 from trainer_client.client import AlignClient
@@ -112,9 +114,33 @@ class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
     the sync goes through vLLM's layerwise reload, which re-packs every layer it loads."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        with _fixed_kv_cache(kwargs["args"].vllm_kv_cache_memory_bytes):
+            super().__init__(*args, **kwargs)
         if not torch.cuda.is_available():
             self.vllm_generation.sync_weights = functools.partial(_sync_vllm_cpu, self.vllm_generation)
+
+
+@contextlib.contextmanager
+def _fixed_kv_cache(size: int | None):
+    """TRL builds its colocated `LLM(...)` without vLLM's `kv_cache_memory_bytes`, so on CPU the KV
+    cache would be a share of the NUMA node minus this process's RSS, which holds the trainer's own
+    model too (kv_cache.py). Hand vLLM a fixed size instead: the user's, or on CPU the default."""
+    import trl.generation.vllm_generation as trl_vllm  # TRL's module-level `from vllm import LLM`
+
+    build = trl_vllm.LLM
+
+    def llm(**kwargs):
+        kv = size
+        if kv is None and not torch.cuda.is_available():
+            kv = kv_cache.default_kv_cache_bytes(kwargs["model"], kwargs.get("max_model_len"))
+            log.info("colocated vLLM: KV cache %s (--vllm_kv_cache_memory_bytes sets another)", kv_cache.gib(kv))
+        return build(**kwargs, **({"kv_cache_memory_bytes": kv} if kv is not None else {}))
+
+    trl_vllm.LLM = llm
+    try:
+        yield
+    finally:
+        trl_vllm.LLM = build
 
 
 def _sync_vllm_cpu(generation) -> None:

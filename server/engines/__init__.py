@@ -17,6 +17,10 @@ class EngineUnavailable(RuntimeError):
     """The engine could not finish a request for now (aborted, paused): the client should retry."""
 
 
+class EngineStartError(RuntimeError):
+    """A start the user's flags cannot make: the message says which flag to change, no traceback needed."""
+
+
 @dataclass
 class EnginePrompt:
     prompt_ids: list[int]  # one image placeholder token per image

