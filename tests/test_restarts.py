@@ -128,3 +128,36 @@ def test_trainer_killed_mid_step_resumes_from_its_checkpoint(engine, tiny_vlm, d
     assert after[0]["weight_version"] > before_resume
     assert [int(e["weight_version"]) for e in after] == list(range(int(after[0]["weight_version"]),
                                                                       int(after[0]["weight_version"]) + 4))
+
+
+def test_server_killed_mid_async_run_and_restarted(tiny_vlm, data, tmp_path, log_dir):  # noqa: F811
+    """--async_rollouts waits a restart out as synchronous server mode does: the new instance gets the
+    trainer's weights again, what it served before that is refused, and every step trains on
+    completions from weights this trainer pushed, counted in its own version sequence."""
+    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready(600)
+    out = tmp_path / "out"
+    trainer = Trainer(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "8",
+                                "--async_rollouts", "--max_staleness", "1"), tmp_path / "train.log")
+    try:
+        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 3, "step 2's push", timeout=600)
+        server.kill()
+        server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir, port=server.port)
+        output = trainer.wait()
+        final = served_version(server.url)
+    finally:
+        if trainer.proc.poll() is None:
+            trainer.kill()
+        server.stop()
+
+    steps = step_logs(json.loads((out / "trainer_state.json").read_text())["log_history"])
+    assert [e["step"] for e in steps] == list(range(1, 9))  # every step ran
+    assert "restarted" in output
+    used, pushed = [e["weight_version"] for e in steps], [e["weight_version_pushed"] for e in steps]
+    # The trainer's own sequence: one version per push, never back at the restart...
+    assert pushed == list(range(int(pushed[0]), int(pushed[0]) + 8)), pushed
+    assert used == sorted(used), used
+    # ...and no step trained on anything but the weights pushed for it or the push before.
+    assert all(p - 1 <= u <= p for u, p in zip(used, pushed, strict=True)), (used, pushed)
+    assert max(e["async/staleness_max"] for e in steps) <= 1
+    # The new instance holds the weights pushed after the last step: its own count since the restart.
+    assert final is not None and 1 <= final < pushed[-1] + 1

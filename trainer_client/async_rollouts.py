@@ -14,10 +14,19 @@ synchronous server mode.
 The push itself runs on the worker too: the trainer snapshots its weights (one memory copy) and
 goes on with the next step while the snapshot streams to the server and commits.
 
+A server that restarts mid-run (SIGKILL, OOM, a redeploy) comes back serving its start checkpoint, its
+versions counting from 0 again. The run waits it out: an answer from an instance this trainer has not
+pushed to is refused, everything queued is dropped, the trainer's weights (those of the newest
+version, at the step boundary where this happens) are pushed again, and the batch is generated again.
+A push that meets the restart pushes its snapshot to the new instance (`ServerGeneration._push_one`).
+Versions are counted in the trainer's sequence (`policy_version`): each server's own numbers are
+mapped onto it by the offset its last push recorded, so staleness holds across restarts.
+
 Logged per generation: `async/staleness_max` (versions between the trainer's weights and the
 oldest completion trained on), `async/stale_groups_dropped`, `async/prefetch_hits`.
 """
 
+import contextlib
 import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,10 +35,18 @@ from accelerate.utils import broadcast_object_list, gather_object
 from trl.data_utils import prepare_multimodal_messages
 
 from trainer_client.client import collapse_image_runs
-from trainer_client.generation import ServerGeneration
+from trainer_client.generation import MAX_REFUSALS, ServerGeneration
 from trainer_client.weights import named_weights
 
 log = logging.getLogger(__name__)
+
+
+class ServerRestarted(RuntimeError):
+    """An answer from a server instance this trainer has not pushed weights to."""
+
+    def __init__(self, server: int, message: str):
+        super().__init__(message)
+        self.server = server
 
 
 class _Request:
@@ -62,7 +79,10 @@ class AsyncRollouts:
         # The version of the trainer's newest pushed weights; None until the push at train() start
         # (ServerGeneration's rule: the trainer cannot know what a server holds before it pushes).
         self.policy_version: int | None = None
+        # per server: policy_version - the server's own weight_version, as its last push recorded
+        self._offset = [0] * len(self.sync.pushed)
         self._push: Future | None = None
+        self.restarts = 0
 
     @property
     def accelerator(self):
@@ -119,13 +139,16 @@ class AsyncRollouts:
         return [list(r.completions) for r in out.results]
 
     def _check_instance(self, server: int, answer) -> None:
-        # Versions count per server process: after a restart they start again at 0, and the queued
-        # reads-ahead and pushes no longer line up with them.
+        """Refuse a restarted server's answers until this trainer has pushed to it; put the versions of
+        the others in the trainer's sequence."""
         instance = self.sync.pushed[server][0]
         if answer.instance_id != instance:
-            raise RuntimeError(f"{self.client.base_urls[server]} restarted during an --async_rollouts run "
-                               f"(instance {answer.instance_id[:8]}, was {instance[:8]}); resume the run with "
-                               "--resume_from_checkpoint (synchronous server mode waits restarts out by itself)")
+            raise ServerRestarted(server, f"{self.client.base_urls[server]} restarted (instance "
+                                          f"{answer.instance_id[:8]}, was {instance[:8]}) and serves weights "
+                                          "this trainer did not push")
+        for result in answer.results:
+            for c in result.completions:
+                c.weight_version += self._offset[server]
 
     def _push_at_start(self) -> None:
         self._worker.submit(self.sync._push, range(len(self.sync.pushed))).result()
@@ -134,6 +157,46 @@ class AsyncRollouts:
             raise RuntimeError(f"the servers hold different weight versions after the start push ({sorted(versions)}): "
                                "--async_rollouts counts staleness in one version sequence; restart them together")
         self.policy_version = versions.pop()
+
+    def _record(self, server: int, pushed: tuple[str, int], policy_version: int) -> None:
+        """`server` holds the weights of `policy_version` (ServerGeneration's record too: its greedy
+        eval then finds the weights it expects)."""
+        before = self.sync.pushed[server]
+        self.sync.pushed[server] = pushed
+        if before is not None and pushed[0] != before[0]:
+            self._offset[server] = policy_version - pushed[1]
+        elif pushed[1] + self._offset[server] != policy_version:
+            raise RuntimeError(f"{self.client.base_urls[server]} committed weight_version {pushed[1]}, expected "
+                               f"{policy_version - self._offset[server]}: another trainer pushes to this server")
+
+    def _recover(self) -> None:
+        """A server restarted: drop everything queued, then push the trainer's weights to every server
+        that has not had them since. Called between steps, where they are `policy_version`'s."""
+        self.restarts += 1
+        self._drain()
+        for server in range(len(self.sync.pushed)):
+            if self.client.info(refresh=True, server=server).instance_id != self.sync.pushed[server][0]:
+                self._worker.submit(self._push_live, server).result()
+
+    def _push_live(self, server: int) -> None:
+        with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
+            self._record(server, self.sync._push_one(server, pairs), self.policy_version)
+        log.warning("%s restarted: pushed this trainer's weights (version %d) to it again",
+                    self.client.base_urls[server], self.policy_version)
+
+    def _generate_now(self, prompt_ids, images, n, pending: Future | None = None) -> list:
+        """This batch's groups from `pending` (a read-ahead) or a new request; a restart met on the way
+        is recovered from and the batch generated again."""
+        for refusals in range(MAX_REFUSALS + 1):
+            future = pending or self._worker.submit(self._call_server, prompt_ids, images, n)
+            pending = None
+            try:
+                return future.result()
+            except ServerRestarted as exc:
+                if refusals == MAX_REFUSALS:
+                    raise RuntimeError(f"{exc}; {MAX_REFUSALS + 1} restarts in a row") from None
+                log.warning("async rollouts: %s; dropping what was queued, pushing the weights again", exc)
+                self._recover()
 
     def _collect(self, prompt_ids, images, n, profiler) -> tuple:
         """This batch's completions: the prefetched ones if they are for these prompts, minus groups
@@ -144,17 +207,13 @@ class AsyncRollouts:
                         "re-seeded data order?); generating this one now")
             self._drain()
         with profiler if profiler is not None else _null():
-            if hit:
-                groups = self._pending.popleft().future.result()
-            else:
-                groups = self._worker.submit(self._call_server, prompt_ids, images, n).result()
+            groups = self._generate_now(prompt_ids, images, n, self._pending.popleft().future if hit else None)
             stale = [i for i, g in enumerate(groups)
                      if self.policy_version - min(c.weight_version for c in g) > self.max_staleness]
             if stale:
                 log.warning("async rollouts: %d group(s) older than %d weight version(s); generating them again",
                             len(stale), self.max_staleness)
-                fresh = self._worker.submit(self._call_server, [prompt_ids[i] for i in stale],
-                                            [images[i] for i in stale], n).result()
+                fresh = self._generate_now([prompt_ids[i] for i in stale], [images[i] for i in stale], n)
                 for i, g in zip(stale, fresh, strict=True):
                     groups[i] = g
                 lag = self.policy_version - min(c.weight_version for i in stale for c in groups[i])
@@ -190,19 +249,17 @@ class AsyncRollouts:
 
     def _push_snapshot(self, pairs, step: int, expected: int) -> None:
         for server in range(len(self.sync.pushed)):
-            # ServerGeneration's record too: its greedy eval then finds the weights it expects.
-            self.sync.pushed[server] = self.sync._push_one(server, pairs)
-            version = self.sync.pushed[server][1]
-            if version != expected:
-                raise RuntimeError(f"{self.client.base_urls[server]} committed weight_version {version} for step "
-                                   f"{step}, expected {expected}: another trainer pushes to this server, or it "
-                                   "restarted; resume the run with --resume_from_checkpoint")
-            log.info("step %d: pushed weights, %s weight_version %d", step, self.client.base_urls[server], version)
+            # A server that restarted before or during this push gets the snapshot on its new instance.
+            self._record(server, self.sync._push_one(server, pairs), expected)
+            log.info("step %d: pushed weights, %s weight_version %d", step, self.client.base_urls[server],
+                     self.sync.pushed[server][1])
 
     def _drain(self) -> None:
-        """Wait for everything queued (prefetches are discarded; the last push must land)."""
+        """Wait for everything queued (prefetches are discarded, whoever answered them; the last push
+        must land)."""
         while self._pending:
-            self._pending.popleft().future.result()
+            with contextlib.suppress(ServerRestarted):
+                self._pending.popleft().future.result()
         if self._push is not None:
             self._push.result()
             self._push = None
