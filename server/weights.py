@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -232,16 +233,27 @@ class WeightReceiver:
                                   missing=missing[:20])
 
     def _start_tcp(self, session: _Session, host: str) -> int:
-        """Open a gloo group (TCPStore here, the sender is rank 0) and receive every bucket in order."""
+        """Open a gloo group (TCPStore here, the sender is rank 0) and receive every bucket in order.
+
+        Everything listens on `host`, the address the API answered this init on (loopback by default),
+        never on all interfaces as TCPStore and gloo do by themselves: whoever reaches that address
+        can reach the API anyway, where the API key guards init."""
         from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
         timeout = datetime.timedelta(seconds=session.spec.session_timeout_s)
-        store = TCPStore(host, 0, 2, True, timeout, wait_for_workers=False)
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.bind((host, 0))
+        listener.listen()
+        store = TCPStore(host, listener.getsockname()[1], 2, True, timeout, wait_for_workers=False,
+                         master_listen_fd=listener.detach())  # the store owns and closes it
+        options = ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = [ProcessGroupGloo.create_device(hostname=host)]
 
         def receive() -> None:
             try:
                 # The session id prefixes the store: only the sender that got it from init can join.
-                group = ProcessGroupGloo(PrefixStore(session.id, store), 1, 2, timeout)
+                group = ProcessGroupGloo(PrefixStore(session.id, store), 1, 2, options)
                 session.touch()
                 for i in range(len(session.spec.buckets)):
                     if session.state != "receiving":

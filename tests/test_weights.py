@@ -143,6 +143,26 @@ def test_push_serves_the_trainers_greedy_output(client, trainer, transport):
     assert httpx.get(f"{client.base_urls[0]}/ready", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
+def test_tcp_sync_listens_only_where_the_api_listens(client, server, trainer):
+    """While a tcp sync is open, the server's TCPStore and gloo listen on the API's bind address
+    (loopback here), never on every interface, and the sender's gloo the same."""
+    import psutil
+
+    def listening(pid: int) -> set[str]:
+        return {c.laddr.ip for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+
+    seen = {}
+
+    def progress(sent: int, total: int) -> None:
+        if sent < total and "server" not in seen:  # buckets still to come: the sync is open
+            seen["server"], seen["trainer"] = listening(server.proc.pid), listening(os.getpid())
+
+    version = client.push_weights(trainer.model, transport="tcp", bucket_bytes=SMALL_BUCKET, progress=progress)
+    assert version == client.info(refresh=True).weight_version
+    assert seen["server"] == {"127.0.0.1"}, seen
+    assert seen["trainer"] <= {"127.0.0.1"}, seen
+
+
 def test_weight_routes_require_the_api_key(server):
     for method, path in [("POST", "/v1/weights/init"), ("PUT", "/v1/weights/buckets/0"),
                          ("POST", "/v1/weights/commit"), ("POST", "/v1/weights/abort"),

@@ -148,7 +148,11 @@ def _send_tcp(client, server: int, session: WeightsSession, pairs, specs, sizes,
     host = urlparse(client.base_urls[server]).hostname
     timeout = datetime.timedelta(seconds=session.session_timeout_s)
     store = TCPStore(host, session.tcp_port, 2, False, timeout)
-    group = ProcessGroupGloo(PrefixStore(session.session_id, store), 0, 2, timeout)
+    # gloo listens too: on the address the server reaches us at, not on every interface.
+    options = ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [ProcessGroupGloo.create_device(hostname=_local_address_towards(host))]
+    group = ProcessGroupGloo(PrefixStore(session.session_id, store), 0, 2, options)
     # Two buffers: pack bucket i+1 while bucket i is on the wire.
     bufs = [torch.empty(max(sizes), dtype=torch.uint8) for _ in range(min(2, len(sizes)))]
     pending, sent, total = None, 0, sum(sizes)
@@ -218,7 +222,7 @@ class _ServerSyncClient:
 
 
 def _local_address_towards(host: str) -> str:
-    """The address of this machine that `host` can reach us at (for the nccl rendezvous)."""
+    """The address of this machine that `host` can reach us at (the nccl rendezvous, gloo's listener)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((host, 9))  # no packet is sent: this only picks the route
         return s.getsockname()[0]
