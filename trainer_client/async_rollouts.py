@@ -36,7 +36,7 @@ from trl.data_utils import prepare_multimodal_messages
 
 from trainer_client.client import collapse_image_runs
 from trainer_client.generation import MAX_REFUSALS, ServerGeneration
-from trainer_client.weights import named_weights
+from trainer_client.weights import host_copy, named_weights
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class AsyncRollouts:
         # per server: policy_version - the server's own weight_version, as its last push recorded
         self._offset = [0] * len(self.sync.pushed)
         self._push: Future | None = None
+        self._last_snapshot: list | None = None
         self.restarts = 0
 
     @property
@@ -150,8 +151,19 @@ class AsyncRollouts:
             for c in result.completions:
                 c.weight_version += self._offset[server]
 
-    def _push_at_start(self) -> None:
-        self._worker.submit(self.sync._push, range(len(self.sync.pushed))).result()
+    def _push_at_start(self, snapshot: list | None = None) -> None:
+        """Every server gets `snapshot`, or the trainer's weights (the training loop waits meanwhile)."""
+        def push_all(pairs) -> None:
+            for server in range(len(self.sync.pushed)):
+                self.sync.pushed[server] = self.sync._push_one(server, pairs)
+                log.info("train() starts: pushed weights, %s weight_version %d", self.client.base_urls[server],
+                         self.sync.pushed[server][1])
+
+        if snapshot is not None:
+            self._worker.submit(push_all, snapshot).result()
+        else:
+            with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
+                self._worker.submit(push_all, pairs).result()
         versions = {version for _, version in self.sync.pushed}
         if len(versions) > 1:
             raise RuntimeError(f"the servers hold different weight versions after the start push ({sorted(versions)}): "
@@ -179,8 +191,11 @@ class AsyncRollouts:
                 self._worker.submit(self._push_live, server).result()
 
     def _push_live(self, server: int) -> None:
-        with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
-            self._record(server, self.sync._push_one(server, pairs), self.policy_version)
+        if self._last_snapshot is not None:  # sharded: the other processes are not here to gather
+            self._record(server, self.sync._push_one(server, self._last_snapshot), self.policy_version)
+        else:
+            with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
+                self._record(server, self.sync._push_one(server, pairs), self.policy_version)
         log.warning("%s restarted: pushed this trainer's weights (version %d) to it again",
                     self.client.base_urls[server], self.policy_version)
 
@@ -234,18 +249,35 @@ class AsyncRollouts:
         if step == self.sync.pushed_step:
             return
         self.sync.pushed_step = step
-        if not self.accelerator.is_main_process:
+        sharded = self.sync.sharded
+        if not (self.accelerator.is_main_process or sharded):
             return
-        if self.policy_version is None:  # train() starts: TRL syncs before its first generation
+        if self.policy_version is None and not sharded:  # train() starts: TRL syncs before its first generation
             self._push_at_start()
             return
         if self._push is not None:
             self._push.result()  # a failed push surfaces here, one step late, not never
-        # A snapshot: the optimizer changes the parameters in place while the worker streams them.
-        with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
-            snapshot = [(name, t.clone()) for name, t in pairs]
+        snapshot = self._snapshot()
+        if snapshot is None:  # a sharded model's other processes: their part was the gather
+            return
+        if self.policy_version is None:
+            self._push_at_start(snapshot)
+            return
         self.policy_version += 1
         self._push = self._worker.submit(self._push_snapshot, snapshot, step, self.policy_version)
+
+    def _snapshot(self) -> list | None:
+        """The trainer's weights as they are now, for the worker to stream while training goes on (the
+        optimizer changes the parameters in place). A sharded model's full tensors are gathered by every
+        process together, into host memory on the main one, which keeps the newest snapshot to push
+        again to a server that restarts (the other processes are not there to gather then)."""
+        with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
+            if not self.sync.sharded:
+                return [(name, t.clone()) for name, t in pairs]
+            full = host_copy(pairs, keep=self.accelerator.is_main_process)
+        if full is not None:
+            self._last_snapshot = full
+        return full
 
     def _push_snapshot(self, pairs, step: int, expected: int) -> None:
         for server in range(len(self.sync.pushed)):

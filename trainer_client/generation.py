@@ -18,10 +18,11 @@ import logging
 import time
 from collections import Counter
 
+import torch.distributed
 from accelerate.utils import broadcast_object_list, gather_object
 
 from trainer_client.client import AlignClient, AlignServerError
-from trainer_client.weights import named_weights, push_one
+from trainer_client.weights import is_sharded, named_weights, push_gathered, push_one
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +38,27 @@ class StaleAnswer(RuntimeError):
 
 class ServerGeneration:
     def __init__(self, trainer, client: AlignClient | None, weight_transport: str = "auto",
-                 server_timeout: float = 600.0):
+                 server_timeout: float = 600.0, servers: int = 1):
         self.trainer = trainer
         self.client = client  # None on every process but the main one
         self.weight_transport = weight_transport
         self.server_timeout = server_timeout
         self.pushed_step: int | None = None  # None: nothing pushed by this train() yet
-        # per server: (instance_id, weight_version) our last push made there; None: push before using it
-        self.pushed: list[tuple[str, int] | None] = [None] * (len(client.base_urls) if client else 0)
+        # per server: (instance_id, weight_version) our last push made there (on the main process; the
+        # others keep ("", -1)); None: push before using it
+        self.pushed: list[tuple[str, int] | None] = [None] * servers
         self.weight_versions: Counter[int] = Counter()  # completions per weight_version, whole run
         self.restarts = 0  # answers refused since the run started (server restarts, foreign pushes)
 
     @property
     def accelerator(self):
         return self.trainer.accelerator
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 (known once the Trainer has prepared the model): the parameters are DTensor shards, and
+        every process takes part in each push (weights.Gathered)."""
+        return any(hasattr(p, "full_tensor") for p in self.trainer.model.parameters())
 
     def sampling(self, num_generations: int) -> dict:
         t = self.trainer
@@ -67,38 +75,39 @@ class ServerGeneration:
         `num_generations` times) its prompt ids, completion ids, per-token [logprob], and None."""
         all_prompts = gather_object(prompts)
         all_images = gather_object(images if images is not None else [None] * len(prompts))
-        payload = None
-        if self.accelerator.is_main_process:
-            # The sampler repeats each prompt num_generations times in a row: ask once with n.
-            unique = all_prompts[::num_generations]
-            unique_images = [imgs or [] for imgs in all_images[::num_generations]]
-            with profiler if profiler is not None else _null():
-                out = self._generate_on_pushed_weights(unique, unique_images, num_generations)
-            completions = [c for r in out.results for c in r.completions]
-            # The server never samples image/video placeholders (as TRL's local generation
-            # suppresses them), so every completion can be trained on as it is.
-            pushed = [p[1] for p in self.pushed if p is not None]
-            payload = ([c.token_ids for c in completions], [[[lp] for lp in c.logprobs] for c in completions],
-                       [c.weight_version for c in completions], sum(pushed) / len(pushed))
-        payload = broadcast_object_list([payload], from_process=0)[0]
+        # The sampler repeats each prompt num_generations times in a row: ask once with n.
+        unique = all_prompts[::num_generations]
+        unique_images = [imgs or [] for imgs in all_images[::num_generations]]
+        for refusals in range(MAX_REFUSALS + 1):
+            self._push([i for i, p in enumerate(self.pushed) if p is None])
+            payload = None
+            if self.accelerator.is_main_process:
+                try:
+                    with profiler if profiler is not None else _null():
+                        out = self.client.generate(prompt_ids=unique, images=unique_images, check=self._check,
+                                                   **self.sampling(num_generations))
+                    completions = [c for r in out.results for c in r.completions]
+                    # The server never samples image/video placeholders (as TRL's local generation
+                    # suppresses them), so every completion can be trained on as it is.
+                    pushed = [p[1] for p in self.pushed if p is not None]
+                    payload = ([c.token_ids for c in completions], [[[lp] for lp in c.logprobs] for c in completions],
+                               [c.weight_version for c in completions], sum(pushed) / len(pushed))
+                except StaleAnswer as exc:
+                    self.restarts += 1
+                    if refusals == MAX_REFUSALS:
+                        raise RuntimeError(f"{exc}; refused {MAX_REFUSALS + 1} answers in a row: is another "
+                                           "trainer pushing weights to the same server?") from None
+                    log.warning("%s: dropping these completions, pushing the weights again", exc)
+                    payload = exc.server
+            # Every process learns which server needs the weights again: a sharded model's push takes them all.
+            payload = broadcast_object_list([payload], from_process=0)[0]
+            if not isinstance(payload, int):
+                break
+            self.pushed[payload] = None
         completion_ids, logprobs, versions, pushed_version = payload
         mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
         self._log_versions(versions[mine], pushed_version)
         return prompts, completion_ids[mine], logprobs[mine], None
-
-    def _generate_on_pushed_weights(self, prompts, images, num_generations):
-        for refusals in range(MAX_REFUSALS + 1):
-            self._push([i for i, p in enumerate(self.pushed) if p is None])
-            try:
-                return self.client.generate(prompt_ids=prompts, images=images, check=self._check,
-                                            **self.sampling(num_generations))
-            except StaleAnswer as exc:
-                self.restarts += 1
-                self.pushed[exc.server] = None
-                if refusals == MAX_REFUSALS:
-                    raise RuntimeError(f"{exc}; refused {MAX_REFUSALS + 1} answers in a row: is another trainer "
-                                       "pushing weights to the same server?") from None
-                log.warning("%s: dropping these completions, pushing the weights again", exc)
 
     def _check(self, server: int, answer) -> None:
         instance, version = self.pushed[server]
@@ -124,41 +133,58 @@ class ServerGeneration:
         step = self.trainer.state.global_step
         if step == self.pushed_step:
             return
-        if self.accelerator.is_main_process:
-            self._push(range(len(self.pushed)))
+        self._push(range(len(self.pushed)))
         self.pushed_step = step
 
     def _push(self, servers) -> None:
+        """Push to `servers`: from the main process, or from every process of a sharded model."""
         servers = list(servers)
-        if not servers:
+        main = self.accelerator.is_main_process
+        if not servers or not (main or self.sharded):
+            for server in servers:
+                self.pushed[server] = ("", -1)
             return
         model = self.accelerator.unwrap_model(self.trainer.model)
         with named_weights(model) as pairs:
             for server in servers:
                 self.pushed[server] = self._push_one(server, pairs)
-                log.info("step %d: pushed weights, %s weight_version %d", self.trainer.state.global_step,
-                         self.client.base_urls[server], self.pushed[server][1])
+                if main:
+                    log.info("step %d: pushed weights, %s weight_version %d", self.trainer.state.global_step,
+                             self.client.base_urls[server], self.pushed[server][1])
 
     def _push_one(self, server: int, pairs) -> tuple[str, int]:
-        """One full sync; a sync cut short by a server restart is made again on the new instance."""
+        """One full sync; a sync cut short by a server restart is made again on the new instance. With
+        sharded `pairs` every process runs this, and follows the main one's decision to push again."""
+        sharded, main = is_sharded(pairs), self.client is not None
         deadline = time.monotonic() + self.server_timeout
         while True:
-            instance = self.client.info(refresh=True, server=server).instance_id
+            instance = self.client.info(refresh=True, server=server).instance_id if main else ""
             try:
+                if sharded:
+                    return instance, push_gathered(self.client, server, pairs, self.weight_transport).weight_version
                 return instance, push_one(self.client, server, pairs, self.weight_transport).weight_version
             except Exception as exc:
-                wait = _open_sync_expiry(exc)
-                if wait is not None and time.monotonic() + wait < deadline:
-                    # A sync left open by a trainer that died mid-push (this run's previous life):
-                    # the server drops it after its idle timeout.
-                    log.warning("%s holds another weight sync open; pushing again in %.0f s",
-                                self.client.base_urls[server], wait)
-                    time.sleep(wait + 0.5)
-                    continue
-                self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
-                if self.client.info(refresh=True, server=server).instance_id == instance:
+                again = [self._again(exc, server, instance, deadline) if main else None]
+                if sharded:
+                    torch.distributed.broadcast_object_list(again, src=0)
+                if not again[0]:
                     raise
-                log.warning("%s restarted during a weight push; pushing again", self.client.base_urls[server])
+
+    def _again(self, exc: Exception, server: int, instance: str, deadline: float) -> bool:
+        """Whether a failed push is worth making again, after waiting for what made it fail."""
+        wait = _open_sync_expiry(exc)
+        if wait is not None and time.monotonic() + wait < deadline:
+            # A sync left open by a trainer that died mid-push (this run's previous life):
+            # the server drops it after its idle timeout.
+            log.warning("%s holds another weight sync open; pushing again in %.0f s",
+                        self.client.base_urls[server], wait)
+            time.sleep(wait + 0.5)
+            return True
+        self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+        if self.client.info(refresh=True, server=server).instance_id == instance:
+            return False
+        log.warning("%s restarted during a weight push; pushing again", self.client.base_urls[server])
+        return True
 
 
 def _open_sync_expiry(exc: Exception) -> float | None:

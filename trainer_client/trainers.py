@@ -72,15 +72,34 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, Restores
     (`ServerGeneration.sampling`)."""
 
     def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto",
-                 server_timeout: float = 600.0, **kwargs):
+                 server_timeout: float = 600.0, servers: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.use_vllm, self.vllm_mode = True, "server"
         self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction
-        self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout)
+        problem = sharding_refusal(self.accelerator.state.fsdp_plugin, self.accelerator.state.deepspeed_plugin)
+        if problem:
+            raise SystemExit(f"align-train: {problem}")
+        self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout, servers)
         if self.args.async_rollouts:
             self.vllm_generation = AsyncRollouts(self.vllm_generation, self.args.max_staleness)
         self._last_loaded_step = -1
         self.add_callback(PushWeightsCallback(self.vllm_generation))
+
+
+def sharding_refusal(fsdp_plugin, deepspeed_plugin) -> str | None:
+    """Server mode pushes whole weights that every process gathers with it (weights.Gathered): the
+    sharded setups it cannot gather from are refused when the trainer is built, not at the first push."""
+    if fsdp_plugin is not None:
+        if fsdp_plugin.fsdp_version != 2:
+            return ("--vllm-mode server pushes from FSDP2 (DTensor shards every process gathers), not FSDP1: "
+                    "set fsdp_version: 2 in the accelerate config")
+        if type(fsdp_plugin.cpu_offload).__name__ == "CPUOffloadPolicy":
+            return ("--vllm-mode server cannot gather parameters FSDP2 offloads to the CPU (the gather runs on the "
+                    "device): set fsdp_offload_params: false in the accelerate config")
+    if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
+        return ("--vllm-mode server does not push from DeepSpeed ZeRO-3 yet: use FSDP2 (fsdp_version: 2), or "
+                "ZeRO-1/2 (whole parameters on every process)")
+    return None
 
 
 class GreedyEvalGRPOTrainer(RestoresCheckpointWeights, GRPOTrainer):
@@ -195,7 +214,7 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
         return LocalGRPOTrainer(**common)
     main = trl_config.process_index == 0
     return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport,
-                             server_timeout=align.server_timeout)
+                             server_timeout=align.server_timeout, servers=len(align.server_url))
 
 
 def resume_arg(config) -> str | bool | None:

@@ -110,10 +110,45 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
-def _pack(pairs, specs, bucket: int, out: torch.Tensor) -> None:
-    for (_, t), s in zip(pairs, specs, strict=True):
+def is_sharded(pairs) -> bool:
+    """FSDP2 parameters are DTensors: each rank holds a shard, and the full tensor is a collective."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for _, t in pairs)
+
+
+class Gathered:
+    """The full tensors of `pairs`, in order, one at a time. A sharded (DTensor) one is all-gathered
+    when it is reached, a collective every rank runs in this same order: so a rank holds its shard
+    plus the tensor in hand, and the bucket being sent, never the whole model. `finish()` runs the
+    gathers a failed send did not reach (the other ranks are waiting in them)."""
+
+    def __init__(self, pairs):
+        self._tensors = (t.full_tensor() if hasattr(t, "full_tensor") else t for _, t in pairs)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self._tensors
+
+    def finish(self) -> None:
+        for _ in self._tensors:
+            pass
+
+
+def host_copy(pairs, keep: bool) -> list[tuple[str, torch.Tensor]] | None:
+    """A full copy of `pairs` in host memory, to send while training goes on. A sharded model's
+    tensors are gathered one at a time by every process together; those with `keep=False` drop them."""
+    copy = []
+    for (name, _), t in zip(pairs, Gathered(pairs), strict=True):
+        if keep:
+            copy.append((name, t.to("cpu", copy=True)))
+    return copy if keep else None
+
+
+def _pack(tensors: Iterator[torch.Tensor], specs, bucket: int, out: torch.Tensor) -> None:
+    """Bucket `bucket`'s tensors, the next ones of `tensors` (buckets hold runs of the plan)."""
+    for s in specs:
         if s.bucket == bucket:
-            out[s.offset : s.offset + s.nbytes].copy_(_as_bytes(t))
+            out[s.offset : s.offset + s.nbytes].copy_(_as_bytes(next(tensors)))
 
 
 class _Chunks:
@@ -128,12 +163,12 @@ class _Chunks:
 
 
 # ---- transports ------------------------------------------------------------------------------------
-def _send_http(client, server: int, session: WeightsSession, pairs, specs, sizes, progress: Progress | None):
+def _send_http(client, server: int, session: WeightsSession, tensors, specs, sizes, progress: Progress | None):
     buf = torch.empty(max(sizes), dtype=torch.uint8)
     sent, total = 0, sum(sizes)
     for i, size in enumerate(sizes):
         body = buf[:size]
-        _pack(pairs, specs, i, body)
+        _pack(tensors, specs, i, body)
         client._request(server, "PUT", f"{PREFIX}/buckets/{i}", content=_Chunks(body),
                         headers={SESSION_HEADER: session.session_id, "Content-Type": "application/octet-stream",
                                  "Content-Length": str(size)})
@@ -142,7 +177,7 @@ def _send_http(client, server: int, session: WeightsSession, pairs, specs, sizes
             progress(sent, total)
 
 
-def _send_tcp(client, server: int, session: WeightsSession, pairs, specs, sizes, progress: Progress | None):
+def _send_tcp(client, server: int, session: WeightsSession, tensors, specs, sizes, progress: Progress | None):
     from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
     host = urlparse(client.base_urls[server]).hostname
@@ -158,7 +193,7 @@ def _send_tcp(client, server: int, session: WeightsSession, pairs, specs, sizes,
     pending, sent, total = None, 0, sum(sizes)
     for i, size in enumerate(sizes):
         body = bufs[i % 2][:size]
-        _pack(pairs, specs, i, body)
+        _pack(tensors, specs, i, body)
         if pending is not None:
             pending.wait()
             sent += sizes[i - 1]
@@ -170,7 +205,7 @@ def _send_tcp(client, server: int, session: WeightsSession, pairs, specs, sizes,
         progress(total, total)
 
 
-def _send_shm(session: WeightsSession, pairs, specs, sizes, progress: Progress | None):
+def _send_shm(session: WeightsSession, tensors, specs, sizes, progress: Progress | None):
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     fd = os.open(session.shm_path, os.O_RDWR)
     try:
@@ -179,7 +214,7 @@ def _send_shm(session: WeightsSession, pairs, specs, sizes, progress: Progress |
         os.close(fd)
     dest = torch.frombuffer(mapped, dtype=torch.uint8)
     sent, total = 0, sum(sizes)
-    for (_, t), s in zip(pairs, specs, strict=True):
+    for t, s in zip(tensors, specs, strict=True):
         start = starts[s.bucket] + s.offset
         dest[start : start + s.nbytes].copy_(_as_bytes(t))
         sent += s.nbytes
@@ -234,8 +269,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _send_engine(client, server: int, transport: str, session: WeightsSession, pairs, status: WeightsStatus,
-                 ) -> WeightsCommitted:
+def _send_engine(client, server: int, transport: str, session: WeightsSession, pairs, tensors,
+                 status: WeightsStatus) -> WeightsCommitted:
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
@@ -244,7 +279,7 @@ def _send_engine(client, server: int, transport: str, session: WeightsSession, p
             return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in pairs]
 
         def __iter__(self):
-            return iter(pairs)
+            return zip((n for n, _ in pairs), tensors, strict=True)
 
     engines = client.__dict__.setdefault("_weight_engines", {})
     key = (server, transport)
@@ -291,8 +326,11 @@ def _pick_transport(client, server: int, pairs, status: WeightsStatus) -> str:
 
 def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transport: str = "auto",
              bucket_bytes: int = DEFAULT_BUCKET_BYTES, target_version: int | None = None,
-             session_timeout_s: float = 60.0, progress: Progress | None = None) -> WeightsCommitted:
-    """One full sync of `pairs` to server number `server` of `client`."""
+             session_timeout_s: float = 60.0, progress: Progress | None = None,
+             tensors: Gathered | None = None) -> WeightsCommitted:
+    """One full sync of `pairs` to server number `server` of `client`. The bytes come from `tensors`
+    (default: `Gathered(pairs)`), read once, in order."""
+    tensors = iter(tensors if tensors is not None else Gathered(pairs))
     status = WeightsStatus.model_validate(client._request(server, "GET", f"{PREFIX}/version").json())
     chosen = _pick_transport(client, server, pairs, status) if transport == "auto" else transport
     if chosen not in status.transports:
@@ -309,10 +347,10 @@ def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transpo
     session = WeightsSession.model_validate(r.json())
     try:
         if chosen in ("nccl", "ipc"):
-            return _send_engine(client, server, chosen, session, pairs, status)
+            return _send_engine(client, server, chosen, session, pairs, tensors, status)
         if chosen == "shm":
             try:
-                _send_shm(session, pairs, init.tensors, init.buckets, progress)
+                _send_shm(session, tensors, init.tensors, init.buckets, progress)
             except (FileNotFoundError, PermissionError) as exc:
                 if transport != "auto":
                     raise
@@ -320,11 +358,11 @@ def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transpo
                 log.info("shm staging file not reachable from here (%s); using http", exc)
                 client._request(server, "POST", f"{PREFIX}/abort", json={"session_id": session.session_id})
                 return push_one(client, server, pairs, "http", bucket_bytes, target_version, session_timeout_s,
-                                progress)
+                                progress, tensors)
         elif chosen == "tcp":
-            _send_tcp(client, server, session, pairs, init.tensors, init.buckets, progress)
+            _send_tcp(client, server, session, tensors, init.tensors, init.buckets, progress)
         else:
-            _send_http(client, server, session, pairs, init.tensors, init.buckets, progress)
+            _send_http(client, server, session, tensors, init.tensors, init.buckets, progress)
         r = client._request(server, "POST", f"{PREFIX}/commit", json={"session_id": session.session_id})
         return WeightsCommitted.model_validate(r.json())
     except BaseException:
@@ -332,6 +370,30 @@ def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transpo
         with contextlib.suppress(Exception):
             client._request(server, "POST", f"{PREFIX}/abort", json={"session_id": session.session_id})
         raise
+
+
+def push_gathered(client, server: int, pairs, transport: str = "auto", **kwargs) -> WeightsCommitted:
+    """`push_one` for a sharded model: every rank calls it with the same `pairs` (its shards), the
+    main one (rank 0) with the `client`. Each tensor is gathered once, in plan order, and the main
+    rank streams every bucket as soon as it is packed. Every rank returns the main rank's commit, or
+    raises its error."""
+    import torch.distributed as dist
+
+    tensors = Gathered(pairs)
+    outcome = [None]
+    if client is not None:
+        try:
+            outcome[0] = push_one(client, server, pairs, transport, tensors=tensors, **kwargs)
+        except Exception as exc:
+            failure = exc
+            outcome[0] = f"{type(exc).__name__}: {exc}"
+    tensors.finish()
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], str):
+        if client is not None:
+            raise failure
+        raise RuntimeError(f"the main process's weight push failed: {outcome[0]}")
+    return outcome[0]
 
 
 def push_weights(client, weights: Weights, transport: str = "auto", bucket_bytes: int = DEFAULT_BUCKET_BYTES,

@@ -1,0 +1,85 @@
+"""One rank of tests/test_sharded.py, under `torchrun --nproc_per_node 2`: a tiny VLM sharded by FSDP2's
+`fully_shard` over gloo pushes its weights to align-serve with every rank taking part
+(`weights.push_gathered`), on each transport, then as the async snapshot (`weights.host_copy`). After
+every push the main rank checks that the server answers greedily exactly as the gathered model does.
+Prints one JSON line per check on rank 0."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from tests.test_weights import SMALL_BUCKET, Trainer, served
+from trainer_client import AlignClient
+from trainer_client.weights import host_copy, named_weights, push_gathered, push_one
+
+
+def perturb(model, seed: int) -> None:
+    """Each rank moves its own shard: the full model is whatever the shards gather into."""
+    g = torch.Generator().manual_seed(seed * 10 + dist.get_rank())
+    with torch.no_grad():
+        for p in model.parameters():
+            local = p.to_local()
+            local.add_(torch.randn(local.shape, generator=g) * 0.5 * (local.std() if local.numel() > 1 else 1.0))
+
+
+def gathered_greedy(model, reference: Trainer) -> list[int] | None:
+    """The full model's greedy answer (rank 0), from tensors every rank gathers together."""
+    full = {name: p.full_tensor() for name, p in model.named_parameters()}
+    if dist.get_rank() != 0:
+        return None
+    with torch.no_grad():
+        for name, p in reference.model.named_parameters():
+            p.copy_(full[name])
+    return reference.greedy()
+
+
+def main(model_dir: str, url: str, transports: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    reference = Trainer(model_dir)  # every rank loads it; the main one keeps it as the unsharded twin
+    model = type(reference.model).from_pretrained(model_dir)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    shard = next(model.parameters())
+    report = {"shard_rows": shard.to_local().shape[0], "full_rows": shard.shape[0]}
+    client = AlignClient(url) if rank == 0 else None
+    before = None
+    for seed, transport in enumerate(transports, start=1):
+        perturb(model, seed)
+        expected = gathered_greedy(model, reference)
+        with named_weights(model) as pairs:
+            if transport == "snapshot":  # the async path: gather to host memory, then a plain push
+                snapshot = host_copy(pairs, keep=rank == 0)
+                version = push_one(client, 0, snapshot, "http", SMALL_BUCKET).weight_version if rank == 0 else None
+            else:
+                version = push_gathered(client, 0, pairs, transport, bucket_bytes=SMALL_BUCKET).weight_version
+        if rank == 0:
+            tokens, tagged = served(client, reference)
+            print(json.dumps({"transport": transport, "version": version, "tagged": tagged, "served": tokens,
+                              "expected": expected, "changed": expected != before, **report}), flush=True)
+            before = expected
+
+    # The main rank's push fails half way (its progress callback raises after the first bucket): every
+    # rank still finishes the gathers, and every rank raises, none hangs in a collective.
+    def fail(sent: int, total: int) -> None:
+        raise RuntimeError("the main rank's push broke")
+
+    with named_weights(model) as pairs:
+        try:
+            push_gathered(client, 0, pairs, "http", bucket_bytes=SMALL_BUCKET, progress=fail)
+            raised = None
+        except RuntimeError as exc:
+            raised = str(exc)
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, raised)
+    if rank == 0:
+        print(json.dumps({"failure": outcomes, "version_after": client.info(refresh=True).weight_version}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3].split(","))

@@ -1,0 +1,58 @@
+"""Sharded trainers push whole weights: FSDP2 (`fully_shard`, 2 processes over gloo) on CPU, against a
+real align-serve. Every rank takes part; the server ends up serving exactly the gathered model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.utils import ServerProcess, free_port
+
+ROOT = Path(__file__).parents[1]
+TRANSPORTS = ["http", "tcp", "shm", "snapshot"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_vlm, log_dir):
+    s = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir)
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+def test_fsdp2_push_from_every_rank_serves_the_gathered_model(tiny_vlm, server):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "tests.sharded_push_worker", str(tiny_vlm), server.url, ",".join(TRANSPORTS)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    pushes, failure = lines[:-1], lines[-1]
+    assert [p["transport"] for p in pushes] == TRANSPORTS
+    for p in pushes:
+        assert p["shard_rows"] * 2 == p["full_rows"]  # each rank held half: the model was sharded
+        assert p["changed"], p  # each push changed the answer, so a stale server could not pass
+        assert p["tagged"] == p["version"]
+        assert p["served"] == p["expected"], p
+    assert [p["version"] for p in pushes] == list(range(pushes[0]["version"], pushes[0]["version"] + 4))
+    # A push the main rank broke half way raised on both ranks (no hang) and committed nothing.
+    assert failure["failure"][0] == "the main rank's push broke"
+    assert failure["failure"][1].startswith("the main process's weight push failed: RuntimeError")
+    assert failure["version_after"] == pushes[-1]["version"]
+
+
+def test_sharded_setups_server_mode_cannot_gather_are_refused_at_start():
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    from trainer_client.trainers import sharding_refusal
+
+    assert sharding_refusal(None, None) is None
+    assert sharding_refusal(FullyShardedDataParallelPlugin(fsdp_version=2), None) is None
+    assert "set fsdp_version: 2" in sharding_refusal(FullyShardedDataParallelPlugin(fsdp_version=1), None)
+    offload = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_offload=True)
+    assert "set fsdp_offload_params: false" in sharding_refusal(offload, None)
+    assert "ZeRO-3 yet" in sharding_refusal(None, DeepSpeedPlugin(zero_stage=3))
+    assert sharding_refusal(None, DeepSpeedPlugin(zero_stage=2)) is None
