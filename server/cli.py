@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images-per-prompt", type=_positive(int), default=8)
     p.add_argument("--image-cache-bytes", type=int, default=2 * 1024**3, help="decoded-image cache bound (LRU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vLLM: fraction of GPU memory to take (default 0.9); on CPU only checked against the "
-                        "NUMA node at start (default 0.2), the KV cache size is --kv-cache-memory-bytes")
+                   help="vLLM on GPU: fraction of the GPU's memory to take (default 0.9). No effect on CPU, where "
+                        "the KV cache has a fixed size (--kv-cache-memory-bytes)")
     p.add_argument("--kv-cache-memory-bytes", type=_size, default=None,
                    help="vLLM: the KV cache's size (bytes, or 512M, 2G), whatever the machine holds. Default on "
                         "CPU: 2 sequences of --max-model-len tokens, at least 32768 tokens; on GPU: vLLM's, "

@@ -37,7 +37,7 @@ class VLLMEngine(Engine):
             dtype="float32" if dtype == "auto" and not on_gpu else dtype,
             max_model_len=max_model_len,
             seed=seed,
-            # on CPU only a share of the NUMA node vLLM checks at start: the KV cache has a fixed size there
+            # unused on CPU, where the KV cache has a fixed size (kv_cache.py)
             gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.2),
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             tensor_parallel_size=tensor_parallel_size,
