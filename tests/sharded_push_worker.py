@@ -1,10 +1,11 @@
-"""One rank of tests/test_sharded.py, under `torchrun --nproc_per_node 2`: a tiny VLM sharded by FSDP2's
-`fully_shard` over gloo pushes its weights to align-serve with every rank taking part
-(`weights.push_gathered`), on each transport, then as the async snapshot (`weights.host_copy`). After
-every push the main rank checks that the server answers greedily exactly as the gathered model does.
-Prints one JSON line per check on rank 0."""
+"""One rank of tests/test_sharded.py, under `torchrun --nproc_per_node 2`: a tiny VLM sharded over gloo
+by FSDP2's `fully_shard` or DeepSpeed ZeRO-3's `zero.Init` pushes its weights to align-serve with every
+rank taking part (`weights.push_gathered`), on each transport, then as the async snapshot
+(`weights.host_copy`). After every push the main rank checks that the server answers greedily exactly
+as the gathered model does. Prints one JSON line per check on rank 0."""
 
 import json
+import math
 import sys
 
 import torch
@@ -13,7 +14,26 @@ from torch.distributed.fsdp import fully_shard
 
 from tests.test_weights import SMALL_BUCKET, Trainer, served
 from trainer_client import AlignClient
-from trainer_client.weights import host_copy, named_weights, push_gathered, push_one
+from trainer_client.weights import Gathered, full_shape, host_copy, named_weights, push_gathered, push_one
+
+
+def shard(model, sharding: str) -> None:
+    if sharding == "fsdp2":
+        for layer in model.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return
+    import deepspeed
+
+    # DeepSpeed's CPU backend would first compile its shared-memory collectives (minutes on 2 cores);
+    # gloo carries these gathers as well.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.zero.Init(module=model, config_dict_or_path={"train_batch_size": 2, "zero_optimization": {"stage": 3}})
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p.ds_tensor
 
 
 def perturb(model, seed: int) -> None:
@@ -21,13 +41,14 @@ def perturb(model, seed: int) -> None:
     g = torch.Generator().manual_seed(seed * 10 + dist.get_rank())
     with torch.no_grad():
         for p in model.parameters():
-            local = p.to_local()
-            local.add_(torch.randn(local.shape, generator=g) * 0.5 * (local.std() if local.numel() > 1 else 1.0))
+            part = local(p)
+            part.add_(torch.randn(part.shape, generator=g) * 0.5 * (part.std() if part.numel() > 1 else 1.0))
 
 
 def gathered_greedy(model, reference: Trainer) -> list[int] | None:
     """The full model's greedy answer (rank 0), from tensors every rank gathers together."""
-    full = {name: p.full_tensor() for name, p in model.named_parameters()}
+    with named_weights(model) as pairs:
+        full = dict(zip((name for name, _ in pairs), Gathered(pairs), strict=True))
     if dist.get_rank() != 0:
         return None
     with torch.no_grad():
@@ -36,16 +57,14 @@ def gathered_greedy(model, reference: Trainer) -> list[int] | None:
     return reference.greedy()
 
 
-def main(model_dir: str, url: str, transports: list[str]) -> None:
+def main(sharding: str, model_dir: str, url: str, transports: list[str]) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     reference = Trainer(model_dir)  # every rank loads it; the main one keeps it as the unsharded twin
     model = type(reference.model).from_pretrained(model_dir)
-    for layer in model.model.language_model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    shard = next(model.parameters())
-    report = {"shard_rows": shard.to_local().shape[0], "full_rows": shard.shape[0]}
+    shard(model, sharding)
+    first = next(model.parameters())
+    report = {"shard_elements": local(first).numel(), "full_elements": math.prod(full_shape(first))}
     client = AlignClient(url) if rank == 0 else None
     before = None
     for seed, transport in enumerate(transports, start=1):
@@ -82,4 +101,4 @@ def main(model_dir: str, url: str, transports: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3].split(","))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(","))

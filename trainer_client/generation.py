@@ -56,9 +56,9 @@ class ServerGeneration:
 
     @property
     def sharded(self) -> bool:
-        """FSDP2 (known once the Trainer has prepared the model): the parameters are DTensor shards, and
-        every process takes part in each push (weights.Gathered)."""
-        return any(hasattr(p, "full_tensor") for p in self.trainer.model.parameters())
+        """FSDP2 or ZeRO-3 (known once the Trainer has prepared the model): the parameters are shards,
+        and every process takes part in each push (weights.Gathered)."""
+        return is_sharded(self.trainer.model.named_parameters())
 
     def sampling(self, num_generations: int) -> dict:
         t = self.trainer

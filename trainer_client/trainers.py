@@ -87,7 +87,8 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, Restores
 
 
 def sharding_refusal(fsdp_plugin, deepspeed_plugin) -> str | None:
-    """Server mode pushes whole weights that every process gathers with it (weights.Gathered): the
+    """Server mode pushes whole weights that every process gathers with it (weights.Gathered: FSDP2's
+    `full_tensor`, ZeRO-3's `GatheredParameters`, which fetches offloaded parameters itself): the
     sharded setups it cannot gather from are refused when the trainer is built, not at the first push."""
     if fsdp_plugin is not None:
         if fsdp_plugin.fsdp_version != 2:
@@ -96,9 +97,6 @@ def sharding_refusal(fsdp_plugin, deepspeed_plugin) -> str | None:
         if type(fsdp_plugin.cpu_offload).__name__ == "CPUOffloadPolicy":
             return ("--vllm-mode server cannot gather parameters FSDP2 offloads to the CPU (the gather runs on the "
                     "device): set fsdp_offload_params: false in the accelerate config")
-    if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
-        return ("--vllm-mode server does not push from DeepSpeed ZeRO-3 yet: use FSDP2 (fsdp_version: 2), or "
-                "ZeRO-1/2 (whole parameters on every process)")
     return None
 
 

@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import ipaddress
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -76,7 +77,8 @@ def named_weights(weights: Weights, name_map: Callable[[str], str] | None = None
             pairs = list(weights)
         if name_map is not None:
             pairs = [(name_map(n), t) for n, t in pairs]
-        yield [(n, t.detach()) for n, t in pairs]
+        # A ZeRO-3 parameter stays itself: its gather (weights.Gathered) needs the Parameter.
+        yield [(n, t if hasattr(t, "ds_id") else t.detach()) for n, t in pairs]
     finally:
         if is_peft:
             weights.unmerge_adapter()
@@ -89,17 +91,22 @@ def _dtype_name(t: torch.Tensor) -> str:
     return name
 
 
+def full_shape(t: torch.Tensor) -> list[int]:
+    """The whole tensor's shape: a DTensor reports it, a ZeRO-3 placeholder (shape [0]) keeps it aside."""
+    return list(getattr(t, "ds_shape", t.shape))
+
+
 def plan_buckets(pairs: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> tuple[list[TensorSpec], list[int]]:
     """Greedy packing in order: a bucket closes when the next tensor would overflow it; a tensor
     bigger than `bucket_bytes` gets a bucket of its own."""
     specs, sizes, used = [], [], 0
     for name, t in pairs:
-        nbytes = t.numel() * t.element_size()
+        nbytes = math.prod(full_shape(t)) * t.element_size()
         offset = -(-used // _ALIGN) * _ALIGN
         if not sizes or (used > 0 and offset + nbytes > bucket_bytes):
             sizes.append(0)
             offset = 0
-        specs.append(TensorSpec(name=name, dtype=_dtype_name(t), shape=list(t.shape), bucket=len(sizes) - 1,
+        specs.append(TensorSpec(name=name, dtype=_dtype_name(t), shape=full_shape(t), bucket=len(sizes) - 1,
                                 offset=offset))
         used = offset + nbytes
         sizes[-1] = max(used, 1)
@@ -111,20 +118,30 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_sharded(pairs) -> bool:
-    """FSDP2 parameters are DTensors: each rank holds a shard, and the full tensor is a collective."""
-    from torch.distributed.tensor import DTensor
+    """FSDP2 parameters are DTensors, DeepSpeed ZeRO-3's are placeholders with a `ds_id`: each rank
+    holds a shard, and the full tensor is a collective."""
+    return any(hasattr(t, "full_tensor") or hasattr(t, "ds_id") for _, t in pairs)
 
-    return any(isinstance(t, DTensor) for _, t in pairs)
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    if hasattr(t, "full_tensor"):  # FSDP2
+        return t.full_tensor()
+    if hasattr(t, "ds_id"):  # ZeRO-3: whole inside the context only, so keep a copy
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.data.detach().clone()
+    return t
 
 
 class Gathered:
-    """The full tensors of `pairs`, in order, one at a time. A sharded (DTensor) one is all-gathered
+    """The full tensors of `pairs`, in order, one at a time. A sharded one (FSDP2, ZeRO-3) is gathered
     when it is reached, a collective every rank runs in this same order: so a rank holds its shard
     plus the tensor in hand, and the bucket being sent, never the whole model. `finish()` runs the
     gathers a failed send did not reach (the other ranks are waiting in them)."""
 
     def __init__(self, pairs):
-        self._tensors = (t.full_tensor() if hasattr(t, "full_tensor") else t for _, t in pairs)
+        self._tensors = (_full(t) for _, t in pairs)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self._tensors
@@ -276,7 +293,7 @@ def _send_engine(client, server: int, transport: str, session: WeightsSession, p
 
     class Source(WeightSource):
         def metadata(self):
-            return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in pairs]
+            return [ParamMeta(n, t.dtype, tuple(full_shape(t))) for n, t in pairs]
 
         def __iter__(self):
             return zip((n for n, _ in pairs), tensors, strict=True)
@@ -338,7 +355,7 @@ def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transpo
                          f"{', '.join(status.transports)}")
     if chosen in ("nccl", "ipc"):
         init = WeightsInit(transport=chosen, target_version=target_version, session_timeout_s=session_timeout_s,
-                           tensors=[TensorSpec(name=n, dtype=_dtype_name(t), shape=list(t.shape)) for n, t in pairs])
+                           tensors=[TensorSpec(name=n, dtype=_dtype_name(t), shape=full_shape(t)) for n, t in pairs])
     else:
         specs, sizes = plan_buckets(pairs, bucket_bytes)
         init = WeightsInit(transport=chosen, tensors=specs, buckets=sizes, target_version=target_version,
