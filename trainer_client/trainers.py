@@ -76,7 +76,8 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, Restores
         super().__init__(*args, **kwargs)
         self.use_vllm, self.vllm_mode = True, "server"
         self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction
-        problem = sharding_refusal(self.accelerator.state.fsdp_plugin, self.accelerator.state.deepspeed_plugin)
+        state = self.accelerator.state  # its plugins are attributes only when they are in use
+        problem = sharding_refusal(getattr(state, "fsdp_plugin", None), getattr(state, "deepspeed_plugin", None))
         if problem:
             raise SystemExit(f"align-train: {problem}")
         self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout, servers)
