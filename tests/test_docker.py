@@ -169,12 +169,26 @@ def test_dockerfile_installs_dependencies_before_source(dockerfile):
         return next(i for i, s in enumerate(steps) if pred(*s))
 
     manifest = first(lambda op, args: op == "COPY" and args.split() == ["pyproject.toml", "./"])
-    deps = first(lambda op, args: op == "RUN" and re.search(r"pip install [^&]*-r ", args))
+    deps = first(lambda op, args: op == "RUN" and re.search(r"install-deps\.sh [^&]*-r ", args))
     source = first(lambda op, args: op == "COPY" and args.split()[0] in SOURCE_DIRS)
     assert manifest < deps < source, (f"{dockerfile.name}: copy pyproject.toml, install dependencies, then copy "
                                       "the source, so a code change does not reinstall torch")
-    torch = [args for op, args in steps if op == "RUN" and "torch==" in args]
-    assert torch and "pip install" in torch[0] and "torch==2.13.0" in torch[0], "torch must be pinned, as in make install"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_takes_torch_as_make_install_does(dockerfile):
+    """One script picks torch's build and source for `make install` and every image (docs/install.md)."""
+    extra = "cpu" if dockerfile.name == "Dockerfile.cpu" else "gpu"
+    runs = [args for op, args in instructions(dockerfile) if op == "RUN"]
+    assert any(re.search(rf"scripts/install-deps\.sh python {extra} -r ", run) for run in runs), (
+        f"{dockerfile.name}: install the dependencies by scripts/install-deps.sh python {extra}")
+    assert not any("torch==" in run or "download.pytorch.org" in run for run in runs), (
+        f"{dockerfile.name}: torch's version and index live in scripts/install-deps.sh alone")
+    makefile = (ROOT / "Makefile").read_text()
+    assert "scripts/install-deps.sh" in makefile and "$(INSTALL_DEPS) $(PY) $(EXTRA) " in makefile
+    if extra == "cpu":  # the build arg's default is the script's
+        default = re.search(r"TORCH_INDEX:-([^}]+)\}", (ROOT / "scripts" / "install-deps.sh").read_text()).group(1)
+        assert ("ARG", f"TORCH_INDEX={default}") in instructions(dockerfile)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
