@@ -119,6 +119,7 @@ class Attr:
             return
         for klass in cls.__mro__:
             init = klass.__dict__.get("__init__")
+            # `self.name = ...` or an annotated `self.name: T = ...`
             if inspect.isfunction(init) and f"self.{self.name} =" in inspect.getsource(init).replace(":", " ="):
                 return
         raise AssertionError(f"no attribute {self.name}")
