@@ -122,7 +122,7 @@ step grpo-nccl grpo nccl
 step grpo-ipc grpo ipc
 step bench-sync $PY bench/weight_sync.py --engine vllm --device cuda --dtype bfloat16 --hidden 2048 --layers 16 \
     --transports nccl ipc http
-step bench-step $PY bench/train_step.py --engine vllm
+step bench-step $PY bench/train_step.py --engine vllm --colocate
 
 rm -rf "$WORK"
 echo "failed steps: ${FAILED[*]:-none}; logs in $OUT_DIR" | tee -a "$OUT_DIR/summary.txt"
