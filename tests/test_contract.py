@@ -269,7 +269,7 @@ def test_openai_client_chat_with_an_image(server):
 # The bounds the server enforces, written out by hand: /openapi.json must state exactly these.
 SAMPLING_BOUNDS = {"n": (1, 512), "temperature": (0, 2), "top_p": ("exclusive", 0, 1), "top_k": (-1, 2**31 - 1),
                    "min_p": (0, 1), "max_tokens": (1, 2**31 - 1), "repetition_penalty": (0.01, 100),
-                   "seed": (0, 2**53 - 1)}
+                   "seed": (0, 2**53 - 1), "top_logprobs": (0, 20)}
 CHAT_BOUNDS = {**SAMPLING_BOUNDS, "max_completion_tokens": (1, 2**31 - 1)}
 
 
