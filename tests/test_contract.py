@@ -228,6 +228,10 @@ def test_bad_input_gets_a_4xx_envelope_naming_the_field_and_the_server_keeps_ser
         ("remote image url", lambda: _post(server, "/v1/chat/completions", json={"messages": [{"role": "user",
          "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]}), 400,
          "invalid_image", "data:image"),
+        ("tools on Qwen2-VL's stock template", lambda: _post(server, "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "zoom", "parameters": {}}}]}), 400,
+         "invalid_request", "cannot render tools"),
     ]
     for name, call, status, code, mention in cases:
         r = call()
