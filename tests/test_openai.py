@@ -111,6 +111,12 @@ def test_top_logprobs_are_k_real_alternatives(server):
         assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
         assert tops[0]["token"] == step["token"]  # greedy: the sampled token is the most likely one
         assert tops[0]["logprob"] == pytest.approx(step["logprob"], abs=1e-5)
+    own = _post(server, "/v1/generate", {"prompts": [{"prompt_ids": r["prompt_token_ids"]}],
+                                         "sampling": {"temperature": 0, "max_tokens": 6, "top_logprobs": 3}})
+    completion = own.json()["results"][0]["completions"][0]
+    assert completion["token_ids"] == choice["token_ids"]
+    assert [[t for t, _ in step] for step in completion["top_logprobs"]] == \
+        [[int(t["token"].removeprefix("token_id:")) for t in step["top_logprobs"]] for step in steps]
 
 
 def test_completions_route_orders_choices_prompt_by_prompt(server, processor):
