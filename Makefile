@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/http_tax.py
 	$(PY) bench/train_step.py
 	$(PY) bench/weight_sync.py
+	$(PY) bench/openai_images.py --engine vllm
 
 lint: install
 	$(PY) -m ruff check protocol server trainer_client tests bench scripts torchvision_compat.py

@@ -4,12 +4,12 @@ Pydantic models only: both sides import this package and nothing of each other.
 """
 
 from protocol.errors import ErrorBody, ErrorCode, ErrorEnvelope
+from protocol.openai import IMAGE_REF_PREFIX, ChatCompletionRequest, CompletionRequest
 from protocol.schemas import (
     API_PREFIX,
     MAX_PROMPTS_PER_REQUEST,
     MAX_SEQUENCES_PER_REQUEST,
     PROTOCOL_VERSION,
-    ChatCompletionRequest,
     Completion,
     GeneratePrompt,
     GenerateRequest,
@@ -54,6 +54,8 @@ __all__ = [
     "WeightsStatus",
     "PROTOCOL_VERSION",
     "ChatCompletionRequest",
+    "CompletionRequest",
+    "IMAGE_REF_PREFIX",
     "Completion",
     "ErrorBody",
     "ErrorCode",

@@ -27,6 +27,7 @@ MAX_INT32 = 2**31 - 1  # vLLM keeps top_k and max_tokens in int32 buffers
 # number carries exactly everywhere, and what /openapi.json (float bounds) can state exactly.
 MAX_SEED = 2**53 - 1
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+MAX_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_MESSAGES = 1024
 MAX_TEXT_CHARS = 1 << 22
@@ -74,6 +75,8 @@ class SamplingParams(_Strict):
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     seed: Seed | None = None
     logprobs: bool = Field(True, description="return each sampled token's logprob")
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: also the k most likely tokens of each "
+                                                          "step, under the same (processed) distribution")
 
     _temperature = field_validator("temperature")(_sampling_temperature)
 
@@ -135,6 +138,7 @@ class GenerateRequest(_Strict):
 class Completion(BaseModel):
     token_ids: list[int]
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per step: (token id, logprob), most likely first
     text: str
     finish_reason: Literal["stop", "length"]
     weight_version: int
@@ -172,44 +176,3 @@ class ServerInfo(BaseModel):
     image_token_id: int | None
     eos_token_ids: list[int]
     limits: Limits
-
-
-# OpenAI-compatible subset: only what the server honours is accepted.
-
-
-class ImageURL(BaseModel):
-    url: str
-
-
-class OpenAITextPart(BaseModel):
-    type: Literal["text"]
-    text: Text
-
-
-class OpenAIImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class OpenAIMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text | list[OpenAITextPart | OpenAIImagePart]
-
-
-class ChatCompletionRequest(BaseModel):
-    model: str | None = None
-    messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    n: N = 1
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
-    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: Seed | None = None
-    logprobs: bool = False
-    # vLLM-style extras many clients send through `extra_body`
-    top_k: TopK = -1
-    min_p: MinP = 0.0
-    repetition_penalty: RepetitionPenalty = 1.0
-
-    _temperature = field_validator("temperature")(_sampling_temperature)

@@ -6,7 +6,6 @@ import binascii
 import logging
 import re
 import secrets
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from protocol import (
     API_PREFIX,
     ChatCompletionRequest,
     Completion,
+    CompletionRequest,
     ErrorCode,
     GeneratePrompt,
     GenerateRequest,
@@ -36,6 +36,7 @@ from server.errors import APIError, envelope
 from server.images import ImageCache, ImageError
 from server.metrics import Metrics
 from server.middleware import REQUEST_ID_HEADER, RequestLifecycle
+from server.openai_routes import add_openai_routes
 from server.weights import add_weight_routes
 
 log = logging.getLogger("align-serve")
@@ -51,6 +52,7 @@ class ServeConfig:
     image_cache_bytes: int = 2 * 1024**3
     body_timeout_s: float = 300.0
     generate_timeout_s: float = 600.0
+    chat_template: str | None = None  # --chat-template: replaces the model's own for every chat
 
 
 _FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -77,7 +79,7 @@ def _ranges(*models) -> dict[str, str]:
     return out
 
 
-_RANGES = _ranges(SamplingParams, ChatCompletionRequest)
+_RANGES = _ranges(SamplingParams, ChatCompletionRequest, CompletionRequest)
 # Errors about the value's type (from each member of a union) say less than the one about its bounds.
 _VAGUE = ("literal_error", "union_tag_invalid", "missing", "extra_forbidden")
 
@@ -278,7 +280,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 raise APIError(400, ErrorCode.invalid_request,
                                f"prompts[{i}].messages has {n_parts} image parts but {len(imgs)} images",
                                {"field": f"prompts[{i}].images"})
-            ids = engine.processing.chat_prompt_ids(msgs)
+            ids = engine.processing.chat_prompt_ids(msgs, chat_template=config.chat_template)
         else:
             ids = prompt.prompt_ids
             vocab = len(engine.processing.tokenizer)
@@ -306,9 +308,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                  "max_model_len": engine.max_model_len})
         return ep
 
-    async def run_generate(prompts: list[GeneratePrompt], sampling: SamplingParams):
+    async def prepare(prompts: list[GeneratePrompt], sampling: SamplingParams) -> list[EnginePrompt]:
+        """Everything that can refuse a request (a 4xx) before any generation starts."""
         inline = await asyncio.to_thread(decode_inline, prompts) if any(r.data for p in prompts for r in p.images) else {}
-        eprompts = [to_engine_prompt(p, i, sampling, inline) for i, p in enumerate(prompts)]
+        return [to_engine_prompt(p, i, sampling, inline) for i, p in enumerate(prompts)]
+
+    async def execute(eprompts: list[EnginePrompt], sampling: SamplingParams):
         try:
             outs = await asyncio.wait_for(engine.generate(eprompts, sampling), config.generate_timeout_s)
         except TimeoutError:
@@ -318,11 +323,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         metrics.prompts.inc(len(eprompts))
         metrics.prompt_tokens.inc(sum(engine.prompt_len(p) for p in eprompts))
         metrics.completion_tokens.inc(sum(len(c.token_ids) for cs in outs for c in cs))
-        return eprompts, outs
+        return outs
 
     @app.post(API_PREFIX + "/generate", dependencies=[Depends(auth), Depends(require_ready)])
     async def generate(req: GenerateRequest) -> GenerateResponse:
-        eprompts, outs = await run_generate(req.prompts, req.sampling)
+        eprompts = await prepare(req.prompts, req.sampling)
+        outs = await execute(eprompts, req.sampling)
         results = [
             PromptResult(prompt_ids=p.prompt_ids, completions=[Completion(**c.__dict__) for c in cs])
             for p, cs in zip(eprompts, outs, strict=True)
@@ -336,62 +342,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                               "owned_by": "align-serve"}]}
 
-    @app.post(API_PREFIX + "/chat/completions", dependencies=[Depends(auth), Depends(require_ready)])
-    async def chat(req: ChatCompletionRequest):
-        if req.model is not None and req.model != config.model_name:
-            raise APIError(404, ErrorCode.not_found, f"model {req.model!r} is not served here; "
-                           f"this server serves {config.model_name!r}", {"field": "model"})
-        messages, refs = [], []
-        for mi, m in enumerate(req.messages):
-            if isinstance(m.content, str):
-                messages.append({"role": m.role if m.role != "developer" else "system", "content": m.content})
-                continue
-            parts = []
-            for pi, part in enumerate(m.content):
-                if part.type == "text":
-                    parts.append({"type": "text", "text": part.text})
-                    continue
-                url = part.image_url.url
-                head, _, b64 = url.partition(",")
-                if not (head.startswith("data:image/") and head.endswith(";base64")):
-                    raise APIError(400, ErrorCode.invalid_image,
-                                   f"messages[{mi}].content[{pi}].image_url: only data:image/...;base64 URLs are "
-                                   "accepted (the server fetches nothing from the network)",
-                                   {"field": f"messages[{mi}].content[{pi}].image_url.url"})
-                refs.append({"data": b64})
-                parts.append({"type": "image"})
-            messages.append({"role": m.role if m.role != "developer" else "system", "content": parts})
-        max_tokens = req.max_completion_tokens or req.max_tokens or 256
-        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        try:
-            sampling = SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                      min_p=req.min_p, max_tokens=max_tokens, repetition_penalty=req.repetition_penalty,
-                                      stop=stop, seed=req.seed, logprobs=req.logprobs)
-            prompt = GeneratePrompt(messages=messages, images=refs)
-        except ValueError as exc:
-            raise APIError(422, ErrorCode.invalid_request, str(exc)) from None
-        eprompts, outs = await run_generate([prompt], sampling)
-        choices = []
-        for k, c in enumerate(outs[0]):
-            choice = {"index": k, "message": {"role": "assistant", "content": c.text},
-                      "finish_reason": c.finish_reason, "logprobs": None}
-            if req.logprobs and c.logprobs is not None:
-                toks = engine.processing.tokenizer.convert_ids_to_tokens(c.token_ids)
-                choice["logprobs"] = {"content": [
-                    {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                    for t, lp in zip(toks, c.logprobs, strict=True)]}
-            choices.append(choice)
-        completion_tokens = sum(len(c.token_ids) for c in outs[0])
-        prompt_tokens = engine.prompt_len(eprompts[0])
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": config.model_name,
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-            "system_fingerprint": f"weight_version-{outs[0][0].weight_version}",
-        }
+    add_openai_routes(app, engine, config, auth, require_ready, prepare, execute)  # chat, completions
 
     return app

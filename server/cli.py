@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--mm-processor-kwargs", type=_json_object, default=None,
                       help='JSON for the HF processor, e.g. \'{"max_pixels": 1003520}\' (the transformers '
                            "engine applies it too)")
+    p.add_argument("--chat-template", type=_text_file, default=None, metavar="FILE",
+                   help="a Jinja chat template used instead of the model's (as `vllm serve` takes it), e.g. a "
+                        "tool-capable one for a model whose own template cannot render tools")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Timeouts: no peer can hold the server by stalling.
     p.add_argument("--body-timeout", type=_positive(float), default=300.0,
@@ -89,6 +92,13 @@ def _size(text: str) -> int:
         return kv_cache.parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _text_file(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _json_object(text: str) -> dict:
@@ -122,7 +132,8 @@ async def serve(args: argparse.Namespace) -> int:
                                          max_image_bytes=args.max_image_bytes,
                                          max_images_per_prompt=args.max_images_per_prompt,
                                          image_cache_bytes=args.image_cache_bytes,
-                                         body_timeout_s=args.body_timeout, generate_timeout_s=args.generate_timeout))
+                                         body_timeout_s=args.body_timeout, generate_timeout_s=args.generate_timeout,
+                                         chat_template=args.chat_template))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     # Bind before loading (minutes on vLLM): a taken port fails at once, and /health answers

@@ -45,6 +45,52 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's chat template (its tool parts): tools in the system turn, calls as `<tool_call>{json}</tool_call>`,
+# tool results (text and images) as `<tool_response>` blocks in a user turn. Qwen2-VL's stock template
+# above cannot render tools, as the real one cannot: the qwen2 arches keep it, so both kinds get tested.
+_CONTENT = (
+    "{%- if CONTENT is string %}{{- CONTENT }}{%- elif CONTENT %}{%- for content in CONTENT %}"
+    "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}"
+    "{%- if add_vision_id %}{{- 'Picture ' ~ image_count.value ~ ': ' }}{%- endif %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}"
+)
+TOOLS_CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) %}"
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}" + _CONTENT.replace("CONTENT", "messages[0].content")
+    + "{{- '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' }}"
+    + _CONTENT.replace("CONTENT", "messages[0].content") + "{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}" + _CONTENT.replace("CONTENT", "message.content")
+    + "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    + _CONTENT.replace("CONTENT", "message.content")
+    + "{%- for tool_call in message.tool_calls or [] %}"
+    "{%- if (loop.first and message.content) or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}"
+    "{%- endif %}{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}" + _CONTENT.replace("CONTENT", "message.content")
+    + "{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHAT_TEMPLATES = {"qwen2_vl": CHAT_TEMPLATE, "qwen2_5_vl": CHAT_TEMPLATE, "qwen3_vl": TOOLS_CHAT_TEMPLATE}
+
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
 SHAPES = ["square", "circle", "triangle", "star"]
 
@@ -193,6 +239,7 @@ def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tok = TOKENIZERS[tokenizer]()
+    tok.chat_template = CHAT_TEMPLATES[arch]
     text = _text_config(arch, tok, max_len)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
@@ -227,7 +274,7 @@ def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, 
         if torchvision_importable():
             video_cls = T.Qwen3VLVideoProcessor if arch == "qwen3_vl" else T.Qwen2VLVideoProcessor
             video = video_cls(patch_size=vision["patch_size"], merge_size=2, temporal_patch_size=2)
-            processor_cls(image_processor, tok, video, chat_template=CHAT_TEMPLATE).save_pretrained(out)
+            processor_cls(image_processor, tok, video, chat_template=tok.chat_template).save_pretrained(out)
         else:  # transformers cannot save a processor without its video part: save the others
             image_processor.save_pretrained(out)
             tok.save_pretrained(out)

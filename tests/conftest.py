@@ -20,3 +20,11 @@ def tiny_text(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="session")
+def tool_vlm(tmp_path_factory) -> Path:
+    """Tiny Qwen3-VL (tool-capable chat template) taught to call its `zoom` tool (tests/tool_model.py)."""
+    from tests.tool_model import build_tool_model
+
+    return build_tool_model(tmp_path_factory.mktemp("tool_qwen3_vl"))

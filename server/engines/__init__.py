@@ -34,6 +34,8 @@ class EngineCompletion:
     text: str
     finish_reason: Literal["stop", "length"]
     weight_version: int
+    # with sampling.top_logprobs k: per step the k most likely (token id, logprob), most likely first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class Engine(ABC):

@@ -59,9 +59,13 @@ class ModelProcessing:
         patches = self.image_processor.get_number_of_image_patches(image.height, image.width, self.mm_kwargs)
         return patches // (self.merge_size**2)
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat (HF message format), one placeholder per image part."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None, chat_template: str | None = None,
+                        template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of a chat (HF message format), one placeholder per image part, rendered by the
+        model's chat template (or `chat_template`) exactly as transformers renders it."""
+        ids = self.tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template,
+                                                 add_generation_prompt=True, tokenize=True,
+                                                 **(template_kwargs or {}))
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def model_inputs(self, prompts: list[EnginePrompt], device: str) -> dict:

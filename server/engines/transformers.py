@@ -145,7 +145,7 @@ class TransformersEngine(Engine):
                 rows += self._generate(prompts[start : start + per_call], sampling, abandoned)
         n = sampling.n
         return [
-            [EngineCompletion(*row, weight_version=version) for row in rows[i * n : (i + 1) * n]]
+            [EngineCompletion(*row[:4], weight_version=version, top_logprobs=row[4]) for row in rows[i * n : (i + 1) * n]]
             for i in range(len(prompts))
         ]
 
@@ -181,10 +181,14 @@ class TransformersEngine(Engine):
         out = self.model.generate(**inputs, **kwargs)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
         # scores are the processed logits each token was sampled from (temperature, top-k/p, penalties)
-        logprobs = None
+        logprobs = top = None
         if sampling.logprobs:
             steps = torch.stack(out.scores, dim=1).float().log_softmax(-1)
             logprobs = steps.gather(-1, torch.tensor(new_tokens, device=steps.device).unsqueeze(-1)).squeeze(-1).tolist()
+            if sampling.top_logprobs:  # the k most likely tokens of the same processed distribution
+                values, ids = steps.topk(sampling.top_logprobs, dim=-1)
+                top = [[list(zip(i, v, strict=True)) for i, v in zip(row_i, row_v, strict=True)]
+                       for row_i, row_v in zip(ids.tolist(), values.tolist(), strict=True)]
         eos = set(self.eos_token_ids)
         rows = []
         for i, tokens in enumerate(new_tokens):
@@ -205,5 +209,6 @@ class TransformersEngine(Engine):
             cuts = [text.find(s) for s in sampling.stop if s in text]
             if cuts:
                 text = text[: min(cuts)]
-            rows.append((tokens, logprobs[i][:length] if logprobs else None, text, reason))
+            rows.append((tokens, logprobs[i][:length] if logprobs else None, text, reason,
+                         top[i][:length] if top else None))
         return rows

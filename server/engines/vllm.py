@@ -139,7 +139,7 @@ class VLLMEngine(Engine):
             repetition_penalty=s.repetition_penalty,
             stop=s.stop or None,
             seed=s.seed,
-            logprobs=0 if s.logprobs else None,
+            logprobs=s.top_logprobs if s.logprobs else None,
             stop_token_ids=self.eos_token_ids,
             logit_bias={t: float("-inf") for t in self.processing.suppressed_token_ids} or None,
             # one output holding all n completions (streamed outputs hold one child at a time)
@@ -157,13 +157,16 @@ class VLLMEngine(Engine):
         for c in final.outputs:
             if c.finish_reason not in ("stop", "length"):
                 raise EngineUnavailable(f"vLLM ended the request with finish_reason={c.finish_reason!r}")
-            logprobs = None
+            logprobs = top = None
             if c.logprobs is not None:
                 logprobs = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
+                if k := params.logprobs:  # each step holds the k best (rank 1..k) plus the sampled token
+                    top = [sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank <= k), key=lambda x: -x[1])
+                           for step in c.logprobs]
             completions.append(EngineCompletion(
                 token_ids=list(c.token_ids), logprobs=logprobs, text=c.text,
                 finish_reason=c.finish_reason,
-                weight_version=version,
+                weight_version=version, top_logprobs=top,
             ))
         # vLLM refuses n > 1 with greedy sampling; greedy completions are identical, so copy.
         return [c for c in completions for _ in range(n_copies)]
