@@ -5,6 +5,7 @@ Token ids in and out follow /v1/generate's rule: one image placeholder per image
 processor-expanded run, so a client continues a conversation from exactly the ids it trains on.
 """
 
+import asyncio
 import json
 import re
 import time
@@ -35,7 +36,7 @@ _TEMPLATE_ARGS = {"conversation", "messages", "tools", "documents", "chat_templa
 
 
 def add_openai_routes(app: FastAPI, engine: Engine, config, auth, require_ready, prepare, execute) -> None:
-    images = app.state.images
+    images, metrics = app.state.images, app.state.metrics
     deps = [Depends(auth), Depends(require_ready)]
 
     def check_model(model: str | None) -> None:
@@ -196,10 +197,13 @@ def add_openai_routes(app: FastAPI, engine: Engine, config, auth, require_ready,
         return out
 
     async def chat_events(req: ChatCompletionRequest, head: dict, ids: list[int], eprompts, params):
-        """OpenAI's SSE chunks. The engines hand back whole completions, so token chunks follow once a
-        completion is done; a client that hangs up before cancels the generation (Starlette cancels
-        this generator on disconnect, which cancels the engine request)."""
+        """OpenAI's SSE chunks, each as soon as the engine has its tokens: token by token on vLLM, each
+        whole completion at once on the transformers engine (Engine.stream). Tool calls are parsed from a
+        whole completion, so with tools (and tool_choice not none) a choice's content waits for its end.
+        A client that hangs up cancels the generation: Starlette cancels this generator, which cancels
+        the engine's stream (vLLM aborts the request)."""
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        parse_tools = bool(req.tools and req.tool_choice != "none")
 
         def event(choices: list[dict], **extra) -> str:
             body = {**head, "object": "chat.completion.chunk", "choices": choices, **extra}
@@ -207,34 +211,71 @@ def add_openai_routes(app: FastAPI, engine: Engine, config, auth, require_ready,
                 body.setdefault("usage", None)
             return f"data: {json.dumps(body)}\n\n"
 
+        def token_events(k: int, c: EngineCompletion):
+            entries = chat_logprobs(c, req.return_tokens_as_token_ids) if req.logprobs else None
+            for j, (t, piece) in enumerate(zip(c.token_ids, text_pieces(c), strict=True)):
+                choice = {"index": k, "delta": {"content": piece}, "finish_reason": None,
+                          "logprobs": {"content": [entries[j]]} if entries else None}
+                if req.return_token_ids:
+                    choice["token_ids"] = [t]
+                yield event([choice])
+
         first = {"prompt_token_ids": ids} if req.return_token_ids else {}
         yield event([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for k in range(params.n)], **first)
+        held: dict[int, list[EngineCompletion]] = {}
+        completion_tokens = 0
         try:
-            outs = await execute(eprompts, params)
-        except (APIError, EngineUnavailable) as exc:
-            status, code = (exc.status, exc.code) if isinstance(exc, APIError) else (503, ErrorCode.not_ready)
-            message = exc.message if isinstance(exc, APIError) else f"{exc}; retry"
+            async with asyncio.timeout(config.generate_timeout_s):
+                async for k, part in engine.stream(eprompts[0], params):
+                    completion_tokens += len(part.token_ids)
+                    reason = part.finish_reason
+                    if parse_tools:
+                        held.setdefault(k, []).append(part)
+                        if reason is None:
+                            continue
+                        whole = joined(held.pop(k))
+                        content, calls, reason = message_of(req, whole)
+                        if calls:
+                            yield event([{"index": k, "logprobs": None, "finish_reason": None, "delta": {
+                                "content": content, "tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]}}])
+                        else:
+                            for chunk in token_events(k, whole):
+                                yield chunk
+                    else:
+                        for chunk in token_events(k, part):
+                            yield chunk
+                    if reason is not None:
+                        yield event([{"index": k, "delta": {}, "logprobs": None, "finish_reason": reason,
+                                      "weight_version": part.weight_version}])
+        except (TimeoutError, APIError, EngineUnavailable) as exc:
+            if isinstance(exc, TimeoutError):
+                status, code = 504, ErrorCode.timeout
+                message = f"generation took longer than {config.generate_timeout_s:g} s (the server's --generate-timeout)"
+            elif isinstance(exc, APIError):
+                status, code, message = exc.status, exc.code, exc.message
+            else:
+                status, code, message = 503, ErrorCode.not_ready, f"{exc}; retry"
             yield f"data: {json.dumps({'error': {'code': code, 'message': message, 'status': status}})}\n\n"
             return
-        for k, c in enumerate(outs[0]):
-            content, calls, reason = message_of(req, c)
-            if calls:
-                yield event([{"index": k, "delta": {"content": content, "tool_calls": [
-                    {"index": j, **call} for j, call in enumerate(calls)]}, "logprobs": None, "finish_reason": None}])
-            else:
-                entries = chat_logprobs(c, req.return_tokens_as_token_ids) if req.logprobs else None
-                for j, (t, piece) in enumerate(zip(c.token_ids, text_pieces(c), strict=True)):
-                    choice = {"index": k, "delta": {"content": piece}, "finish_reason": None,
-                              "logprobs": {"content": [entries[j]]} if entries else None}
-                    if req.return_token_ids:
-                        choice["token_ids"] = [t]
-                    yield event([choice])
-            yield event([{"index": k, "delta": {}, "logprobs": None, "finish_reason": reason,
-                          "weight_version": c.weight_version}])
+        metrics.prompts.inc()
+        metrics.prompt_tokens.inc(engine.prompt_len(eprompts[0]))
+        metrics.completion_tokens.inc(completion_tokens)
         if include_usage:
-            yield event([], usage=usage(eprompts, outs))
+            prompt_tokens = engine.prompt_len(eprompts[0])
+            yield event([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                   "total_tokens": prompt_tokens + completion_tokens})
         yield "data: [DONE]\n\n"
+
+    def joined(parts: list[EngineCompletion]) -> EngineCompletion:
+        """A streamed completion's parts as one."""
+        def cat(field: str):
+            lists = [getattr(p, field) for p in parts]
+            return None if lists[0] is None else [x for xs in lists for x in xs]
+
+        return EngineCompletion(token_ids=cat("token_ids"), logprobs=cat("logprobs"), text="".join(p.text for p in parts),
+                                finish_reason=parts[-1].finish_reason, weight_version=parts[0].weight_version,
+                                top_logprobs=cat("top_logprobs"))
 
     def text_pieces(c: EngineCompletion) -> list[str]:
         """Each token's share of the completion's text (a token that ends mid-character gets "", the

@@ -1,6 +1,7 @@
 """The one small interface both engines implement; routes only ever talk to this."""
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -32,7 +33,7 @@ class EngineCompletion:
     token_ids: list[int]
     logprobs: list[float] | None
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length"] | None  # None: a streamed part with more to come
     weight_version: int
     # with sampling.top_logprobs k: per step the k most likely (token id, logprob), most likely first
     top_logprobs: list[list[tuple[int, float]]] | None = None
@@ -54,6 +55,14 @@ class Engine(ABC):
     @abstractmethod
     async def generate(self, prompts: list[EnginePrompt], sampling: SamplingParams) -> list[list[EngineCompletion]]:
         """`sampling.n` completions for each prompt, in order."""
+
+    async def stream(self, prompt: EnginePrompt, sampling: SamplingParams) -> AsyncIterator[tuple[int, EngineCompletion]]:
+        """One prompt's `sampling.n` completions as they grow: (choice index, its newest part), the last
+        part of each with its `finish_reason`. Here each completion comes whole, as one part, once
+        generated; an engine that can do better streams token by token."""
+        outs = await self.generate([prompt], sampling)
+        for k, c in enumerate(outs[0]):
+            yield k, c
 
     async def shutdown(self) -> None:
         return None

@@ -125,7 +125,7 @@ class VLLMEngine(Engine):
             self.llm.shutdown()
             self.llm = None
 
-    def _sampling_params(self, s: SamplingParams, n: int):
+    def _sampling_params(self, s: SamplingParams, n: int, stream: bool = False):
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -142,34 +142,52 @@ class VLLMEngine(Engine):
             logprobs=s.top_logprobs if s.logprobs else None,
             stop_token_ids=self.eos_token_ids,
             logit_bias={t: float("-inf") for t in self.processing.suppressed_token_ids} or None,
-            # one output holding all n completions (streamed outputs hold one child at a time)
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            # one output holding all n completions; a stream gets each child's new tokens as they come
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def _one(self, prompt: EnginePrompt, params, n_copies: int, version: int) -> list[EngineCompletion]:
+    @staticmethod
+    def _request(prompt: EnginePrompt) -> dict:
         request = {"prompt_token_ids": prompt.prompt_ids}
         if prompt.images:
             request["multi_modal_data"] = {"image": prompt.images}
+        return request
+
+    @staticmethod
+    def _completion(c, params, version: int) -> EngineCompletion:
+        """vLLM's CompletionOutput (whole, or a streamed delta) as ours."""
+        if c.finish_reason not in ("stop", "length", None):
+            raise EngineUnavailable(f"vLLM ended the request with finish_reason={c.finish_reason!r}")
+        logprobs = top = None
+        if c.logprobs is not None:
+            logprobs = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
+            if k := params.logprobs:  # each step holds the k best (rank 1..k) plus the sampled token
+                top = [sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank <= k), key=lambda x: -x[1])
+                       for step in c.logprobs]
+        return EngineCompletion(token_ids=list(c.token_ids), logprobs=logprobs, text=c.text,
+                                finish_reason=c.finish_reason, weight_version=version, top_logprobs=top)
+
+    async def _one(self, prompt: EnginePrompt, params, n_copies: int, version: int) -> list[EngineCompletion]:
         final = None
-        async for out in self.llm.generate(request, params, request_id=uuid.uuid4().hex):
+        async for out in self.llm.generate(self._request(prompt), params, request_id=uuid.uuid4().hex):
             final = out
-        completions = []
-        for c in final.outputs:
-            if c.finish_reason not in ("stop", "length"):
-                raise EngineUnavailable(f"vLLM ended the request with finish_reason={c.finish_reason!r}")
-            logprobs = top = None
-            if c.logprobs is not None:
-                logprobs = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
-                if k := params.logprobs:  # each step holds the k best (rank 1..k) plus the sampled token
-                    top = [sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank <= k), key=lambda x: -x[1])
-                           for step in c.logprobs]
-            completions.append(EngineCompletion(
-                token_ids=list(c.token_ids), logprobs=logprobs, text=c.text,
-                finish_reason=c.finish_reason,
-                weight_version=version, top_logprobs=top,
-            ))
+        completions = [self._completion(c, params, version) for c in final.outputs]
         # vLLM refuses n > 1 with greedy sampling; greedy completions are identical, so copy.
         return [c for c in completions for _ in range(n_copies)]
+
+    async def stream(self, prompt: EnginePrompt, sampling: SamplingParams):
+        """Token by token, as vLLM samples them (its DELTA outputs); cancelling the iteration aborts the
+        request in vLLM."""
+        greedy = sampling.temperature == 0.0
+        params = self._sampling_params(sampling, 1 if greedy else sampling.n, stream=True)
+        copies = sampling.n if greedy else 1
+        async with self._serving():
+            version = self.weight_version
+            async for out in self.llm.generate(self._request(prompt), params, request_id=uuid.uuid4().hex):
+                for c in out.outputs:
+                    part = self._completion(c, params, version)
+                    for copy in range(copies):
+                        yield c.index * copies + copy, part
 
     async def generate(self, prompts: list[EnginePrompt], sampling: SamplingParams) -> list[list[EngineCompletion]]:
         greedy = sampling.temperature == 0.0
