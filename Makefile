@@ -52,7 +52,7 @@ bench: install
 	$(PY) bench/weight_sync.py
 
 lint: install
-	$(PY) -m ruff check protocol server trainer_client tests bench torchvision_compat.py
+	$(PY) -m ruff check protocol server trainer_client tests bench torchvision_compat.py quiet_logs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
