@@ -21,6 +21,7 @@ from collections import Counter
 from accelerate.utils import broadcast_object_list, gather_object
 
 from trainer_client.client import AlignClient, AlignServerError
+from trainer_client.waiting import WaitReport
 from trainer_client.weights import named_weights, push_one
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,10 @@ class ServerGeneration:
     def _push_one(self, server: int, pairs) -> tuple[str, int]:
         """One full sync; a sync cut short by a server restart is made again on the new instance."""
         deadline = time.monotonic() + self.server_timeout
+        url = self.client.base_urls[server]
+        held = WaitReport(f"{url} to take this trainer's weights", self.server_timeout,
+                          "if another trainer pushes to this server, stop it or give each run its own server "
+                          "(this run waits up to --server_timeout)")
         while True:
             instance = self.client.info(refresh=True, server=server).instance_id
             try:
@@ -149,16 +154,15 @@ class ServerGeneration:
             except Exception as exc:
                 wait = _open_sync_expiry(exc)
                 if wait is not None and time.monotonic() + wait < deadline:
-                    # A sync left open by a trainer that died mid-push (this run's previous life):
-                    # the server drops it after its idle timeout.
-                    log.warning("%s holds another weight sync open; pushing again in %.0f s",
-                                self.client.base_urls[server], wait)
-                    time.sleep(wait + 0.5)
+                    # A sync left open by a trainer that died mid-push (this run's previous life) is
+                    # dropped after the server's idle timeout; one held by a live trainer is not.
+                    held.say(f"409: another weight sync is open there, dropped if idle for {wait:.0f} s more")
+                    time.sleep(min(wait + 0.5, held.every))
                     continue
                 self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
                 if self.client.info(refresh=True, server=server).instance_id == instance:
                     raise
-                log.warning("%s restarted during a weight push; pushing again", self.client.base_urls[server])
+                log.warning("%s restarted during a weight push; pushing again", url)
 
 
 def _open_sync_expiry(exc: Exception) -> float | None:
