@@ -4,6 +4,7 @@ carry no library notice that asks nothing of the user."""
 
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from tests.utils import ServerProcess, free_port
-from trainer_client import AlignClient
+from trainer_client import AlignClient, AlignConnectionError, AlignServerError
 from trainer_client.cli import run
 from trainer_client.demo import make_dataset
 from trainer_client.waiting import not_ready
@@ -87,6 +88,8 @@ def test_the_cli_path_imports_vllm_so_the_quiet_start_above_means_something():
     (["--vllm-mode", "server"], "--vllm-mode server needs at least one --server-url (an align-serve base URL)"),
     (["--vllm-mode", "server", "--server-url", "127.0.0.1:8000"],
      "--server-url 127.0.0.1:8000: give the base URL with its scheme, e.g. http://127.0.0.1:8000"),
+    (["--vllm-mode", "server", "--server-url", "http://127.0.0.1:8000/v1"],
+     "--server-url http://127.0.0.1:8000/v1: give the server's base URL, without a path: http://127.0.0.1:8000"),
     (["--num_generations", "3"], "align-train: generation_batch_size (4) must be divisible by num_generations (3)."),
     (["--config", "/nonexistent/run.yaml"], "align-train: --config /nonexistent/run.yaml: no such file"),
 ])
@@ -113,6 +116,14 @@ def test_a_server_that_wants_an_api_key_stops_the_run_at_once(tiny_vlm, data, tm
 
 # ---- waits say why and for how long -------------------------------------------------------------------
 
+def test_a_url_that_answers_404_to_ready_is_not_waited_on(server):
+    """Something answers there, but has no /ready (a path too many, another kind of server): waiting
+    would not change that."""
+    with AlignClient(f"{server.url}/v1", api_key=KEY) as client, pytest.raises(AlignServerError) as err:
+        client.wait_ready(timeout=600)
+    assert err.value.status == 404 and err.value.url == f"{server.url}/v1/ready"
+
+
 def test_waiting_for_a_server_that_is_not_there_says_so_then_gives_up_in_one_line(tiny_vlm, data, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     run_ = _train_cli(*_args(tiny_vlm, data["grpo"], tmp_path, "--vllm-mode", "server", "--server-url", url,
@@ -136,6 +147,17 @@ def test_wait_ready_reports_at_once_then_every_report_every_seconds(caplog):
     assert len(lines) >= 3
     assert all(line.startswith(f"waiting for {url} to be ready: connection refused") for line in lines)
     assert lines[0].endswith("(0 s of 2 s); start one with: align-serve")
+
+
+def test_a_call_retried_through_a_server_restart_says_so_after_a_second(caplog):
+    url = f"http://127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING, logger="trainer_client.waiting"):
+        with AlignClient(url, max_retries=0, backoff=0.1, retry_for=3) as client, pytest.raises(AlignConnectionError):
+            client.info()
+    lines = [r.getMessage() for r in caplog.records]
+    # The first line comes once the call has failed for a second (a blip passes unsaid).
+    assert lines and re.fullmatch(rf"waiting for {re.escape(url)}/v1/info: connection refused \(no server listens there yet\) "
+                                  r"\([12] s of 3 s\)", lines[0])
 
 
 def test_a_503_says_what_the_server_said():

@@ -144,7 +144,7 @@ class AlignClient:
     def wait_ready(self, timeout: float = 600.0, poll: float = 0.5, report_every: float = 10.0) -> ServerInfo:
         """Block until every server reports ready (model loaded, no commit under way). Says at once, then
         every `report_every` s, which server it waits for, why (refused, 503 loading...), how long out of
-        `timeout`, and `start_hint`. A 401 raises at once: waiting does not fix a wrong API key."""
+        `timeout`, and `start_hint`. A 4xx (a wrong API key, not an align-serve) raises `AlignServerError` at once."""
         deadline = time.monotonic() + timeout
         hint = f"; {self.start_hint}" if self.start_hint else ""
         for i, http in enumerate(self._http):
@@ -159,8 +159,8 @@ class AlignClient:
                 else:
                     if r.status_code == 200:
                         break
-                    if r.status_code == 401:
-                        raise self._error(r)
+                    if 400 <= r.status_code < 500:
+                        raise self._error(r)  # a wrong key or URL: waiting does not fix it
                     why = not_ready(r)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.base_urls[i]} not ready after {timeout:.0f} s: {why}{hint}")

@@ -6,6 +6,7 @@ TRL recipe carries over. Precedence: method preset < YAML (`--config`) < flags.
 
 import sys
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from trl import DPOConfig, GRPOConfig, ModelConfig, TrlParser
 
@@ -178,6 +179,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
     for url in align.server_url:
         if not url.startswith(("http://", "https://")):
             raise SystemExit(f"--server-url {url}: give the base URL with its scheme, e.g. http://{url}")
+        parts = urlsplit(url)
+        if parts.path.strip("/"):
+            raise SystemExit(f"--server-url {url}: give the server's base URL, without a path: "
+                             f"{parts.scheme}://{parts.netloc}")
     if not align.server_timeout > 0:
         raise SystemExit(f"--server_timeout must be above 0 seconds (got {align.server_timeout:g})")
     if method != "mpo":

@@ -142,7 +142,7 @@ def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient
         info = client.wait_ready(timeout=align.server_timeout)
     except AlignServerError as exc:
         if exc.status != 401:
-            raise
+            raise SystemExit(f"align-train: {exc} (is --server-url an align-serve base URL?)") from None
         given = "the key given is not the server's" if api_key else "none was given"
         raise SystemExit(f"align-train: {exc.url} wants an API key and {given}: pass the server's --api-key "
                          "to align-train as --api-key KEY (or set ALIGN_API_KEY)") from None
