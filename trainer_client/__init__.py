@@ -2,7 +2,11 @@
 
 import warnings
 
-from trainer_client.client import (
+import quiet_logs
+
+quiet_logs.install()  # before anything imports vLLM (TRL does, in every mode)
+
+from trainer_client.client import (  # noqa: E402
     AlignClient,
     AlignConnectionError,
     AlignServerError,

@@ -6,6 +6,7 @@ import sys
 from model_hub import ModelNotFound, resolve_model
 from trainer_client.config import parse_args
 from trainer_client.data import DatasetError
+from trainer_client.rewards import RewardSetupError
 
 
 def run(argv: list[str] | None = None):
@@ -27,6 +28,8 @@ def run(argv: list[str] | None = None):
         trainer = build_trainer(method, align, config, peft_config=get_peft_config(model_args))
     except DatasetError as exc:
         sys.exit(f"align-train: bad dataset, nothing trained: {exc}")
+    except RewardSetupError as exc:
+        sys.exit(f"align-train: --reward_funcs: {exc}")
     trainer.train(resume_from_checkpoint=resume_arg(config))
     trainer.save_model(config.output_dir)
     trainer.save_state()  # trainer_state.json: the metrics history (reward curve) beside the model

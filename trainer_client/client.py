@@ -23,6 +23,7 @@ from protocol import (
     ServerInfo,
     image_sha256,
 )
+from trainer_client.waiting import WaitReport, not_ready, unreachable
 from trainer_client.weights import DEFAULT_BUCKET_BYTES, push_weights
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class AlignServerError(RuntimeError):
 
     def __init__(self, status: int, code: str, message: str, detail=None, url: str = ""):
         super().__init__(f"{url} answered {status} {code}: {message}")
-        self.status, self.code, self.message, self.detail = status, code, message, detail
+        self.status, self.code, self.message, self.detail, self.url = status, code, message, detail, url
 
 
 class AlignConnectionError(ConnectionError):
@@ -66,7 +67,7 @@ def encode_image(image: Image.Image | bytes) -> bytes:
 class AlignClient:
     def __init__(self, base_urls: str | Sequence[str], api_key: str | None = None, timeout: float = 600.0,
                  max_retries: int = 5, backoff: float = 0.5, connect_timeout: float = 10.0,
-                 retry_for: float = 0.0, inline_image_bytes: int = 8 * 1024 * 1024):
+                 retry_for: float = 0.0, inline_image_bytes: int = 8 * 1024 * 1024, start_hint: str = ""):
         """`timeout`: seconds to wait for a server's answer (a big generate takes minutes; the server's own
         --generate-timeout answers 504 first by default). `connect_timeout`: seconds to open a
         connection; a timed-out connect is retried like a refused one, a timed-out answer is not
@@ -74,7 +75,8 @@ class AlignClient:
         retrying connection errors and 503s (at least `max_retries` tries), so a restarting server is waited out.
         `inline_image_bytes`: encoded bytes of new images a generate request carries inline (the server
         keeps them by hash, so later requests name them by hash); new images beyond it are uploaded first,
-        one PUT each. Inline saves two round trips per new image, which a GRPO step pays for every image."""
+        one PUT each. Inline saves two round trips per new image, which a GRPO step pays for every image.
+        `start_hint`: what starts a server for this run (`align-serve --model ...`), said while a wait lasts."""
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
             raise ValueError("AlignClient needs at least one base URL")
@@ -85,6 +87,7 @@ class AlignClient:
         self._http = [httpx.Client(base_url=u, headers=headers, timeout=timeouts) for u in self.base_urls]
         self._uploaded: list[set[str]] = [set() for _ in self.base_urls]
         self.inline_image_bytes = inline_image_bytes
+        self.start_hint = start_hint
         self._info: ServerInfo | None = None
         self._next = 0
 
@@ -103,6 +106,8 @@ class AlignClient:
         """One call with retries on connection errors and 503; other errors raise at once."""
         http = self._http[server]
         deadline = time.monotonic() + self.retry_for
+        # A blip (a 503 while a commit lands) passes unsaid; a server gone for a second is reported.
+        report = WaitReport(f"{http.base_url}{path}", self.retry_for, self.start_hint, first_after=1.0)
         attempt = 0
         while True:
             last = attempt >= self.max_retries and time.monotonic() >= deadline
@@ -112,6 +117,7 @@ class AlignClient:
                 if last:
                     raise AlignConnectionError(f"{http.base_url}{path}: {exc or type(exc).__name__} (gave up after "
                                                f"{attempt + 1} tries; a restarting server needs a longer retry_for)") from exc
+                why = unreachable(exc)
             except httpx.TimeoutException as exc:
                 raise AlignTimeoutError(f"{http.base_url}{path}: no answer within {http.timeout.read:g} s "
                                         "(AlignClient's `timeout`)") from exc
@@ -120,6 +126,9 @@ class AlignClient:
                     if r.status_code >= 400 and method != "HEAD":
                         raise self._error(r)
                     return r
+                why = not_ready(r)
+            if self.retry_for:
+                report.say(why)
             time.sleep(min(self.backoff * 2**attempt, 5.0))
             attempt += 1
 
@@ -132,21 +141,30 @@ class AlignClient:
             return AlignServerError(r.status_code, "unknown", r.text[:500], None, str(r.request.url))
 
     # ---- status ---------------------------------------------------------------------------------
-    def wait_ready(self, timeout: float = 600.0, poll: float = 0.5) -> ServerInfo:
-        """Block until every server reports ready (model loaded, no commit under way)."""
+    def wait_ready(self, timeout: float = 600.0, poll: float = 0.5, report_every: float = 10.0) -> ServerInfo:
+        """Block until every server reports ready (model loaded, no commit under way). Says at once, then
+        every `report_every` s, which server it waits for, why (refused, 503 loading...), how long out of
+        `timeout`, and `start_hint`. A 4xx (a wrong API key, not an align-serve) raises `AlignServerError` at once."""
         deadline = time.monotonic() + timeout
+        hint = f"; {self.start_hint}" if self.start_hint else ""
         for i, http in enumerate(self._http):
+            report = WaitReport(f"{self.base_urls[i]} to be ready", timeout, self.start_hint, report_every)
             while True:
                 try:
                     r = http.get("/ready")
+                except httpx.UnsupportedProtocol as exc:
+                    raise AlignConnectionError(f"{self.base_urls[i]}: {exc}") from None
+                except httpx.TransportError as exc:
+                    why = unreachable(exc)
+                else:
                     if r.status_code == 200:
                         break
-                    if r.status_code == 401:
-                        raise self._error(r)
-                except httpx.TransportError:
-                    pass
+                    if 400 <= r.status_code < 500:
+                        raise self._error(r)  # a wrong key or URL: waiting does not fix it
+                    why = not_ready(r)
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.base_urls[i]} not ready after {timeout:.0f} s")
+                    raise TimeoutError(f"{self.base_urls[i]} not ready after {timeout:.0f} s: {why}{hint}")
+                report.say(why)
                 time.sleep(poll)
         return self.info(refresh=True)
 

@@ -6,6 +6,7 @@ TRL recipe carries over. Precedence: method preset < YAML (`--config`) < flags.
 
 import sys
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from trl import DPOConfig, GRPOConfig, ModelConfig, TrlParser
 
@@ -101,6 +102,12 @@ def _bf16_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def _accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.is_available()
+
+
 def _given(name: str, argv: list[str], yaml_keys: set[str]) -> bool:
     flags = {f"--{name}", f"--{name.replace('_', '-')}"}
     return name in yaml_keys or any(a.split("=", 1)[0] in flags for a in argv)
@@ -139,6 +146,16 @@ def _check_rollout_flags(config: GRPORunConfig) -> None:
                          f"gradient_accumulation_steps {config.gradient_accumulation_steps}): raise it to {spans}")
 
 
+def _parse(parser: TrlParser, argv: list[str]):
+    """TRL's parse, with its refusals of bad values (TRL configs' checks, a missing --config) as one line."""
+    try:
+        return parser.parse_args_and_config(argv)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"align-train: --config {exc.filename}: no such file") from None
+    except ValueError as exc:
+        raise SystemExit(f"align-train: {exc}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPORunConfig | MPORunConfig, ModelConfig]:
     """`[method, ...flags]` -> (method, our arguments, the TRL config, TRL's model arguments).
 
@@ -155,12 +172,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
     # TRL defaults to bf16, which fails on machines without a bf16 GPU: default to what this machine has.
     # Evaluation is greedy (trainers.py): one completion per prompt says all there is to say.
     greedy_eval = {} if method == "mpo" else {"num_generations_eval": 1}
+    # Pinned memory needs an accelerator; without one torch warns at every epoch that it ignores it.
     parser.set_defaults(output_dir=f"runs/{method}", report_to="none", logging_steps=1, bf16=_bf16_gpu(),
+                        dataloader_pin_memory=_accelerator(),
                         **greedy_eval, **PRESETS[method])
-    align, config, model_args = parser.parse_args_and_config(argv)
+    align, config, model_args = _parse(parser, argv)
     if method == "gspo" and not _given("steps_per_generation", argv, _yaml_keys(argv)):
         parser.set_defaults(steps_per_generation=4 * config.gradient_accumulation_steps)
-        align, config, model_args = parser.parse_args_and_config(argv)
+        align, config, model_args = _parse(parser, argv)
     align.model = align.model or model_args.model_name_or_path
     if not align.model:
         raise SystemExit("align-train: give the policy with --model PATH (or TRL's --model_name_or_path)")
@@ -168,6 +187,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
         raise SystemExit("align-train: give the data with --dataset FILE or --dataset_name ID_OR_FOLDER (one of them)")
     if config.vllm_mode == "server" and not align.server_url:
         raise SystemExit("--vllm-mode server needs at least one --server-url (an align-serve base URL)")
+    for url in align.server_url:
+        if not url.startswith(("http://", "https://")):
+            raise SystemExit(f"--server-url {url}: give the base URL with its scheme, e.g. http://{url}")
+        parts = urlsplit(url)
+        if parts.path.strip("/"):
+            raise SystemExit(f"--server-url {url}: give the server's base URL, without a path: "
+                             f"{parts.scheme}://{parts.netloc}")
     if not align.server_timeout > 0:
         raise SystemExit(f"--server_timeout must be above 0 seconds (got {align.server_timeout:g})")
     if method != "mpo":

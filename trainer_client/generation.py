@@ -22,6 +22,7 @@ import torch.distributed
 from accelerate.utils import broadcast_object_list, gather_object
 
 from trainer_client.client import AlignClient, AlignServerError
+from trainer_client.waiting import WaitReport
 from trainer_client.weights import is_sharded, named_weights, push_gathered, push_one
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,9 @@ class ServerGeneration:
         sharded `pairs` every process runs this, and follows the main one's decision to push again."""
         sharded, main = is_sharded(pairs), self.client is not None
         deadline = time.monotonic() + self.server_timeout
+        held = WaitReport(f"{self.client.base_urls[server]} to take this trainer's weights", self.server_timeout,
+                          "if another trainer pushes to this server, stop it or give each run its own server "
+                          "(this run waits up to --server_timeout)") if main else None
         while True:
             instance = self.client.info(refresh=True, server=server).instance_id if main else ""
             try:
@@ -164,21 +168,20 @@ class ServerGeneration:
                     return instance, push_gathered(self.client, server, pairs, self.weight_transport).weight_version
                 return instance, push_one(self.client, server, pairs, self.weight_transport).weight_version
             except Exception as exc:
-                again = [self._again(exc, server, instance, deadline) if main else None]
+                again = [self._again(exc, server, instance, deadline, held) if main else None]
                 if sharded:
                     torch.distributed.broadcast_object_list(again, src=0)
                 if not again[0]:
                     raise
 
-    def _again(self, exc: Exception, server: int, instance: str, deadline: float) -> bool:
+    def _again(self, exc: Exception, server: int, instance: str, deadline: float, held: WaitReport) -> bool:
         """Whether a failed push is worth making again, after waiting for what made it fail."""
         wait = _open_sync_expiry(exc)
         if wait is not None and time.monotonic() + wait < deadline:
-            # A sync left open by a trainer that died mid-push (this run's previous life):
-            # the server drops it after its idle timeout.
-            log.warning("%s holds another weight sync open; pushing again in %.0f s",
-                        self.client.base_urls[server], wait)
-            time.sleep(wait + 0.5)
+            # A sync left open by a trainer that died mid-push (this run's previous life) is
+            # dropped after the server's idle timeout; one held by a live trainer is not.
+            held.say(f"409: another weight sync is open there, dropped if idle for {wait:.0f} s more")
+            time.sleep(min(wait + 0.5, held.every))
             return True
         self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
         if self.client.info(refresh=True, server=server).instance_id == instance:

@@ -7,6 +7,7 @@ maths, such as a colour, compare as normalised text). Anything else is `module:f
 
 import functools
 import importlib
+import inspect
 import re
 
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
@@ -16,6 +17,10 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 class RewardError(RuntimeError):
     """A reward function raised; says which function and which dataset row."""
+
+
+class RewardSetupError(ValueError):
+    """A reward that cannot run on this dataset: it does not load, or it needs a column the data lacks."""
 
 
 def _text(completion) -> str:
@@ -68,13 +73,13 @@ def _resolve(spec: str):
         return BUILTIN[spec]
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"unknown reward {spec!r}: use one of {', '.join(BUILTIN)} or module:function")
+        raise RewardSetupError(f"unknown reward {spec!r}: use one of {', '.join(BUILTIN)} or module:function")
     try:
         func = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"reward {spec!r} cannot be loaded: {exc}") from exc
+        raise RewardSetupError(f"reward {spec!r} cannot be loaded: {exc}") from exc
     if not callable(func):
-        raise ValueError(f"reward {spec!r} is not callable")
+        raise RewardSetupError(f"reward {spec!r} is not callable")
     return func
 
 
@@ -109,5 +114,27 @@ def _failing_row(func, args, kwargs) -> int | None:
 def load_rewards(specs: list[str]) -> list:
     """Names or `module:function` specs -> callables for TRL's `reward_funcs` (metric names kept)."""
     if not specs:
-        raise ValueError("GRPO/GSPO need at least one reward: --reward_funcs accuracy format ...")
+        raise RewardSetupError("GRPO/GSPO need at least one reward: --reward_funcs accuracy format ...")
     return [_guarded(spec, _resolve(spec)) for spec in specs]
+
+
+# What TRL's GRPOTrainer passes every reward besides the dataset's columns (`_calculate_rewards`);
+# the dataset's `prompt` column arrives as `prompts`.
+TRL_REWARD_KWARGS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
+                     "environments"}
+
+
+def check_reward_columns(specs: list[str], rewards: list, columns: list[str], source: str) -> None:
+    """Refuse, before any model loads, a reward whose required arguments neither TRL nor the dataset give
+    (`accuracy` on data without a solution would otherwise fail at the first step)."""
+    given = TRL_REWARD_KWARGS | (set(columns) - {"prompt"})
+    for spec, reward in zip(specs, rewards, strict=True):
+        params = inspect.signature(reward).parameters.values()
+        missing = [p.name for p in params if p.default is p.empty and p.name not in given
+                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if missing:
+            aliases = " (or `answer`)" if "solution" in missing else ""
+            raise RewardSetupError(
+                f"reward {spec!r} needs the dataset column(s) {', '.join(f'`{m}`' for m in missing)}{aliases}, "
+                f"which {source} lacks (its columns: {', '.join(sorted(set(columns) - {'dataset_row'}))}): add "
+                "them to the data or pick other --reward_funcs")

@@ -11,6 +11,7 @@ import copy
 import functools
 import logging
 import os
+from urllib.parse import urlsplit
 
 import torch
 from transformers import TrainerCallback
@@ -20,13 +21,13 @@ from trl import DPOTrainer, GRPOTrainer
 import kv_cache
 from torchvision_compat import load_processor
 from trainer_client.async_rollouts import AsyncRollouts
-from trainer_client.client import AlignClient
+from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError
 from trainer_client.config import AlignArguments, GRPORunConfig, MPORunConfig
 from trainer_client.data import load_datasets
 from trainer_client.dynamic_sampling import DynamicSampling
 from trainer_client.generation import ServerGeneration
 from trainer_client.importance_sampling import LossForwardImportanceSampling
-from trainer_client.rewards import load_rewards
+from trainer_client.rewards import check_reward_columns, load_rewards
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,19 @@ def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient
     if not main_process:
         return None
     # Calls wait out a server that restarts (refused connections, then 503 while it loads).
-    client = AlignClient(align.server_url, api_key=align.api_key or os.environ.get("ALIGN_API_KEY"),
-                         retry_for=align.server_timeout)
-    info = client.wait_ready(timeout=align.server_timeout)
+    api_key = align.api_key or os.environ.get("ALIGN_API_KEY")
+    client = AlignClient(align.server_url, api_key=api_key, retry_for=align.server_timeout,
+                         start_hint=start_hint(align.model, align.server_url[0]))
+    try:
+        info = client.wait_ready(timeout=align.server_timeout)
+    except AlignServerError as exc:
+        if exc.status != 401:
+            raise SystemExit(f"align-train: {exc} (is --server-url an align-serve base URL?)") from None
+        given = "the key given is not the server's" if api_key else "none was given"
+        raise SystemExit(f"align-train: {exc.url} wants an API key and {given}: pass the server's --api-key "
+                         "to align-train as --api-key KEY (or set ALIGN_API_KEY)") from None
+    except (TimeoutError, AlignConnectionError) as exc:
+        raise SystemExit(f"align-train: {exc} (--server_timeout {align.server_timeout:g})") from None
     ours = getattr(processor, "image_token_id", None)
     if ours is not None and info.image_token_id != ours:
         raise SystemExit(f"{align.server_url[0]} serves {info.model} whose image token id is {info.image_token_id}, "
@@ -190,16 +201,28 @@ def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient
     return client
 
 
+def start_hint(model: str, url: str) -> str:
+    """The command that starts a server this trainer can use at `url`."""
+    parts = urlsplit(url)
+    where = "" if parts.hostname in ("127.0.0.1", "localhost", "::1") else f" (on {parts.hostname}, with --host)"
+    port = f" --port {parts.port}" if parts.port and parts.port != 8000 else ""
+    return f"start one with: align-serve --model {model}{port}{where}, or allow more time with --server_timeout"
+
+
 def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MPORunConfig, peft_config=None):
     """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it. With a
     `peft_config` TRL trains an adapter; server mode pushes the merged weights under base names."""
+    rewards = load_rewards(align.reward_funcs) if method != "mpo" else []  # fails in a second, not after loading
     processor = load_processor(align.model, trust_remote_code=config.trust_remote_code)
     dataset, eval_dataset = load_datasets(align, method)
     if method == "mpo":
         return MPOTrainer(model=align.model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
                           processing_class=processor, peft_config=peft_config)
 
-    rewards = load_rewards(align.reward_funcs)
+    check_reward_columns(align.reward_funcs, rewards, dataset.column_names, align.dataset or align.dataset_name)
+    if eval_dataset is not None:
+        check_reward_columns(align.reward_funcs, rewards, eval_dataset.column_names,
+                             align.eval_dataset or f"{align.dataset_name} [{align.dataset_test_split}]")
     mode = config.vllm_mode
     # A copy, not dataclasses.replace: re-running __post_init__ rejects the batch sizes it derived itself.
     trl_config = copy.copy(config)
