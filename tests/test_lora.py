@@ -243,3 +243,57 @@ def check_killed_adapter_sender_leaves_the_old_adapter_serving(server, client, t
 @pytest.mark.fault
 def test_killed_adapter_sender_leaves_the_old_adapter_serving(server, client, trainer, tiny_vlm):
     check_killed_adapter_sender_leaves_the_old_adapter_serving(server, client, trainer, tiny_vlm)
+
+
+# ---- align-train: a GRPO run that pushes its adapter ------------------------------------------------
+
+def run_grpo_with_adapter_sync(server, client, model_dir, data, out, *flags):
+    """Two GRPO steps with `--use_peft --lora_sync adapter`: the base weights and the adapter at
+    the start, then one adapter per step; the server ends up answering as the trained PEFT model."""
+    from tests.test_train import REWARDS, check_servers_answer_as_the_merged_adapter, train
+
+    v = version(client)
+    trainer = train("grpo", model_dir, data / "grpo.jsonl", out, "--max_steps", "2", "--learning_rate", "0.5",
+                    "--vllm-mode", "server", "--server-url", server.url, "--api_key", KEY,
+                    "--steps_per_generation", "1", "--use_peft", "--lora_r", "4", "--lora_target_modules", *TARGETS,
+                    "--lora_sync", "adapter", *flags, *REWARDS)
+    assert trainer.state.global_step == 2
+    assert version(client) == v + 4  # base, adapter, then one adapter per step (merged would be v + 3)
+    check_servers_answer_as_the_merged_adapter(trainer, server, api_key=KEY)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from trainer_client.demo import make_dataset
+
+    root = tmp_path_factory.mktemp("colour-data")
+    make_dataset(root, 16, seed=0, method="grpo")
+    return root
+
+
+@pytest.mark.parametrize("flags", [[], ["--async_rollouts"]], ids=["sync", "async"])
+def test_grpo_run_pushes_its_adapter(flags, server, client, tiny_vlm, data, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="trainer_client.generation")
+    run_grpo_with_adapter_sync(server, client, tiny_vlm, data, tmp_path / "out", *flags)
+    # TRL's default lora_dropout is 0.05: said once, since the server applies none.
+    assert sum("the server applies none" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_lora_sync_adapter_needs_a_server_with_enable_lora(tiny_vlm, data, tmp_path, log_dir):
+    from tests.test_train import REWARDS, train
+
+    plain = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
+    try:
+        with pytest.raises(SystemExit, match="--enable-lora"):
+            train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "1", "--vllm-mode",
+                  "server", "--server-url", plain.url, "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+                  "--lora_sync", "adapter", *REWARDS)
+        # and the adapter init itself is refused, naming the flag
+        r = httpx.post(f"{plain.url}/v1/weights/init", json={
+            "transport": "http", "buckets": [64], "adapter": {"r": 4, "lora_alpha": 8, "target_modules": "q_proj"},
+            "tensors": [{"name": "base_model.model.x.lora_A.weight", "dtype": "float32", "shape": [4, 4],
+                         "bucket": 0, "offset": 0}]})
+        refused(r, 400, "adapter", "--enable-lora")
+    finally:
+        plain.stop()

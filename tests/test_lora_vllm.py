@@ -10,6 +10,8 @@ from tests.test_lora import (
     check_adapter_pushes_serve_the_peft_output,
     check_full_sync_drops_the_adapter,
     check_killed_adapter_sender_leaves_the_old_adapter_serving,
+    data,  # noqa: F401 (a fixture)
+    run_grpo_with_adapter_sync,
 )
 from tests.test_weights import KEY
 from tests.utils import ServerProcess
@@ -43,3 +45,9 @@ def test_full_sync_drops_the_adapter(setup):
 def test_killed_adapter_sender_leaves_the_old_adapter_serving(setup, tiny_vlm):
     server, client, trainer = setup
     check_killed_adapter_sender_leaves_the_old_adapter_serving(server, client, trainer, tiny_vlm)
+
+
+@pytest.mark.parametrize("flags", [[], ["--async_rollouts"]], ids=["sync", "async"])
+def test_grpo_run_pushes_its_adapter(flags, setup, tiny_vlm, data, tmp_path):  # noqa: F811
+    server, client, _ = setup
+    run_grpo_with_adapter_sync(server, client, tiny_vlm, data, tmp_path / "out", *flags)

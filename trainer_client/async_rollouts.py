@@ -27,7 +27,6 @@ from trl.data_utils import prepare_multimodal_messages
 
 from trainer_client.client import collapse_image_runs
 from trainer_client.generation import ServerGeneration
-from trainer_client.weights import named_weights
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +182,15 @@ class AsyncRollouts:
         if self._push is not None:
             self._push.result()  # a failed push surfaces here, one step late, not never
         # A snapshot: the optimizer changes the parameters in place while the worker streams them.
-        with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
+        with self.sync.weights(self.accelerator.unwrap_model(self.trainer.model)) as (pairs, adapter):
             snapshot = [(name, t.clone()) for name, t in pairs]
         self.policy_version += 1
-        self._push = self._worker.submit(self._push_snapshot, snapshot, step, self.policy_version)
+        self._push = self._worker.submit(self._push_snapshot, snapshot, adapter, step, self.policy_version)
 
-    def _push_snapshot(self, pairs, step: int, expected: int) -> None:
+    def _push_snapshot(self, pairs, adapter, step: int, expected: int) -> None:
         for server in range(len(self.sync.pushed)):
             # ServerGeneration's record too: its greedy eval then finds the weights it expects.
-            self.sync.pushed[server] = self.sync._push_one(server, pairs)
+            self.sync.pushed[server] = self.sync._push_one(server, pairs, adapter)
             version = self.sync.pushed[server][1]
             if version != expected:
                 raise RuntimeError(f"{self.client.base_urls[server]} committed weight_version {version} for step "

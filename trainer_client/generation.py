@@ -12,8 +12,14 @@ what the server holds) and after every optimizer step, and remembers per server 
 pushed to and which version that push made. An answer from another instance (the server restarted
 from its start checkpoint) or another version is dropped: the weights are pushed again and the
 batch is generated again.
+
+A LoRA run (`--use_peft`) pushes its adapter alone when every server takes adapters
+(`--lora_sync adapter`, the default then): the base weights once per server instance, as a full
+sync, then one adapter sync per step. `--lora_sync merged` pushes the whole model, adapter folded
+in, every step.
 """
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -21,7 +27,7 @@ from collections import Counter
 from accelerate.utils import broadcast_object_list, gather_object
 
 from trainer_client.client import AlignClient, AlignServerError
-from trainer_client.weights import named_weights, push_one
+from trainer_client.weights import adapter_weights, is_peft_model, named_weights, push_one
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +43,7 @@ class StaleAnswer(RuntimeError):
 
 class ServerGeneration:
     def __init__(self, trainer, client: AlignClient | None, weight_transport: str = "auto",
-                 server_timeout: float = 600.0):
+                 server_timeout: float = 600.0, lora_sync: str = "auto"):
         self.trainer = trainer
         self.client = client  # None on every process but the main one
         self.weight_transport = weight_transport
@@ -45,12 +51,44 @@ class ServerGeneration:
         self.pushed_step: int | None = None  # None: nothing pushed by this train() yet
         # per server: (instance_id, weight_version) our last push made there; None: push before using it
         self.pushed: list[tuple[str, int] | None] = [None] * (len(client.base_urls) if client else 0)
+        # adapter sync: per server, the instance our base weights went to (None: push them first)
+        self.base_pushed: list[str | None] = [None] * len(self.pushed)
+        self.adapter_sync = client is not None and self._adapter_sync(lora_sync)
         self.weight_versions: Counter[int] = Counter()  # completions per weight_version, whole run
         self.restarts = 0  # answers refused since the run started (server restarts, foreign pushes)
 
     @property
     def accelerator(self):
         return self.trainer.accelerator
+
+    def _adapter_sync(self, lora_sync: str) -> bool:
+        """Whether each push carries the LoRA adapter alone (docs/lora.md)."""
+        model = self.accelerator.unwrap_model(self.trainer.model)
+        if lora_sync == "merged" or not is_peft_model(model):
+            return False
+        ranks = [self.client.info(refresh=True, server=i).limits.max_lora_rank for i in range(len(self.pushed))]
+        if lora_sync == "auto" and None in ranks:
+            log.info("LoRA run: pushing merged weights (not every server runs with --enable-lora)")
+            return False
+        without = [url for url, rank in zip(self.client.base_urls, ranks, strict=True) if rank is None]
+        if without:
+            raise SystemExit(f"--lora_sync adapter: {', '.join(without)} takes no adapter sync; start align-serve "
+                             "with --enable-lora, or use --lora_sync merged")
+        config = model.peft_config[model.active_adapter]
+        if config.lora_dropout:
+            log.warning("LoRA run: lora_dropout=%g trains with dropout, the server applies none (as vLLM never "
+                        "does); the rollouts are the model without dropout", config.lora_dropout)
+        log.info("LoRA run: pushing the adapter alone after each step (the base weights once per server)")
+        return True
+
+    @contextlib.contextmanager
+    def weights(self, model):
+        """(pairs, adapter) one push carries: the adapter alone, or the whole (merged) model and None."""
+        if self.adapter_sync:
+            yield adapter_weights(model)
+        else:
+            with named_weights(model) as pairs:
+                yield pairs, None
 
     def sampling(self, num_generations: int) -> dict:
         t = self.trainer
@@ -133,19 +171,28 @@ class ServerGeneration:
         if not servers:
             return
         model = self.accelerator.unwrap_model(self.trainer.model)
-        with named_weights(model) as pairs:
+        with self.weights(model) as (pairs, adapter):
             for server in servers:
-                self.pushed[server] = self._push_one(server, pairs)
-                log.info("step %d: pushed weights, %s weight_version %d", self.trainer.state.global_step,
-                         self.client.base_urls[server], self.pushed[server][1])
+                self.pushed[server] = self._push_one(server, pairs, adapter)
+                log.info("step %d: pushed %s, %s weight_version %d", self.trainer.state.global_step,
+                         "the adapter" if adapter else "weights", self.client.base_urls[server],
+                         self.pushed[server][1])
 
-    def _push_one(self, server: int, pairs) -> tuple[str, int]:
-        """One full sync; a sync cut short by a server restart is made again on the new instance."""
+    def _push_one(self, server: int, pairs, adapter=None) -> tuple[str, int]:
+        """One sync (after the base weights, for an adapter the instance has not had them); a sync
+        cut short by a server restart is made again on the new instance."""
         deadline = time.monotonic() + self.server_timeout
         while True:
             instance = self.client.info(refresh=True, server=server).instance_id
             try:
-                return instance, push_one(self.client, server, pairs, self.weight_transport).weight_version
+                if adapter is not None and self.base_pushed[server] != instance:
+                    # LoRA never trains the base: reading it while the optimizer steps is safe.
+                    model = self.accelerator.unwrap_model(self.trainer.model)
+                    with named_weights(model, merge=False) as base:
+                        push_one(self.client, server, base, self.weight_transport)
+                    self.base_pushed[server] = instance
+                return instance, push_one(self.client, server, pairs, self.weight_transport,
+                                          adapter=adapter).weight_version
             except Exception as exc:
                 wait = _open_sync_expiry(exc)
                 if wait is not None and time.monotonic() + wait < deadline:

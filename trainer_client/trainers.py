@@ -70,11 +70,11 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, Restores
     (`ServerGeneration.sampling`)."""
 
     def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto",
-                 server_timeout: float = 600.0, **kwargs):
+                 server_timeout: float = 600.0, lora_sync: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.use_vllm, self.vllm_mode = True, "server"
         self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction
-        self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout)
+        self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout, lora_sync)
         if self.args.async_rollouts:
             self.vllm_generation = AsyncRollouts(self.vllm_generation, self.args.max_staleness)
         self._last_loaded_step = -1
@@ -148,7 +148,8 @@ def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient
 
 def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MPORunConfig, peft_config=None):
     """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it. With a
-    `peft_config` TRL trains an adapter; server mode pushes the merged weights under base names."""
+    `peft_config` TRL trains an adapter; server mode pushes the adapter alone or the merged weights
+    (`--lora_sync`, see ServerGeneration)."""
     processor = load_processor(align.model, trust_remote_code=config.trust_remote_code)
     dataset, eval_dataset = load_datasets(align, method)
     if method == "mpo":
@@ -169,7 +170,7 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
         return LocalGRPOTrainer(**common)
     main = trl_config.process_index == 0
     return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport,
-                             server_timeout=align.server_timeout)
+                             server_timeout=align.server_timeout, lora_sync=align.lora_sync)
 
 
 def resume_arg(config) -> str | bool | None:

@@ -5,6 +5,7 @@ batches them with everything else in flight; nothing here blocks the event loop.
 """
 
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
@@ -113,11 +114,11 @@ class VLLMEngine(Engine):
         self.eos_token_ids = self.processing.eos_token_ids
 
     async def shutdown(self) -> None:
+        if self._lora_root is not None:
+            shutil.rmtree(self._lora_root, ignore_errors=True)
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
-        if self._lora_root is not None:
-            shutil.rmtree(self._lora_root, ignore_errors=True)
 
     def _sampling_params(self, s: SamplingParams, n: int):
         from vllm import SamplingParams as VLLMSamplingParams
@@ -240,8 +241,11 @@ class VLLMEngine(Engine):
         from safetensors.torch import save_file
 
         if self._lora_root is None:
-            root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self._lora_root = Path(tempfile.mkdtemp(prefix="align-lora-", dir=root))
+            root = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+            _remove_dead_servers_adapters(root)
+            self._lora_root = root / f"align-lora-{os.getpid()}"
+            self._lora_root.mkdir(mode=0o700)
+            atexit.register(shutil.rmtree, self._lora_root, ignore_errors=True)
         path = self._lora_root / f"v{version}"
         path.mkdir()
         save_file({name: t.contiguous() for name, t in staged.tensors()}, str(path / "adapter_model.safetensors"))
@@ -286,3 +290,18 @@ class VLLMEngine(Engine):
             with contextlib.suppress(Exception):
                 await self.llm.finish_weight_update()
             await self._release_traffic()
+
+
+def _remove_dead_servers_adapters(root: Path) -> None:
+    """/dev/shm is memory: the adapter directories of a server that was killed before it could
+    clean up (SIGKILL, OOM) go when the next server on this host writes its first adapter."""
+    for path in root.glob("align-lora-*"):
+        pid = path.name.removeprefix("align-lora-")
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
