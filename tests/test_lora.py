@@ -12,9 +12,10 @@ import httpx
 import pytest
 import torch
 
+from server.engines import EnginePrompt
 from server.lora import AdapterRefused, check_adapter, lora_targets
 from server.tiny_model import build
-from tests.test_weights import KEY, Trainer, served, version
+from tests.test_weights import KEY, MAX_TOKENS, Trainer, served, version
 from tests.utils import ServerProcess, wait_for
 from trainer_client import AlignClient, AlignServerError
 from trainer_client.weights import adapter_weights, named_weights, plan_buckets
@@ -96,15 +97,36 @@ def check_adapter_pushes_serve_the_peft_output(client, trainer) -> None:
         assert served(client, trainer) == (expected, new), f"{transport}: served output is not the PEFT model's"
 
 
+def logprob_gap(client, trainer) -> float:
+    """Largest |server logprob - trainer's PEFT model logprob| over one sampled completion's tokens
+    (what importance sampling compares)."""
+    out = client.generate(prompt_ids=[trainer.prompt_ids], images=[trainer.images], temperature=1.0,
+                          max_tokens=MAX_TOKENS, logprobs=True, seed=0)
+    c = out.results[0].completions[0]
+    inputs = trainer.processing.model_inputs([EnginePrompt(trainer.prompt_ids + c.token_ids, trainer.images)], "cpu")
+    with torch.no_grad():
+        logits = trainer.model(**inputs).logits[0, -len(c.token_ids) - 1 : -1].float()
+    suppressed = trainer.processing.suppressed_token_ids  # never sampled by the server (image placeholders)
+    if suppressed:
+        logits[:, suppressed] = float("-inf")
+    mine = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+    return (mine - torch.tensor(c.logprobs)).abs().max().item()
+
+
 def check_full_sync_drops_the_adapter(client, trainer) -> None:
     """A merged push serves the same answer as the adapter; a base push after it serves the base
-    alone: a full sync replaces the model and the adapter with it (never applied twice)."""
-    tokens, v = served(client, trainer)
-    assert client.push_weights(trainer.model, transport="shm") == v + 1  # merged
-    assert served(client, trainer) == (tokens, v + 1)
+    alone: a full sync replaces the model and the adapter with it (never applied twice). The
+    adapter's logprobs are as close to the trainer's as the merged model's."""
     with trainer.model.disable_adapter():
         base = trainer.greedy()
-    assert base != tokens, "the adapter must change the answer for this check to mean anything"
+    tokens = trainer.perturb_until_changed(41, base)  # an adapter that changes the answer
+    v = client.push_adapter(trainer.model)
+    assert served(client, trainer) == (tokens, v)
+    adapter_gap = logprob_gap(client, trainer)
+    assert client.push_weights(trainer.model, transport="shm") == v + 1  # merged
+    assert served(client, trainer) == (tokens, v + 1)
+    merged_gap = logprob_gap(client, trainer)
+    assert adapter_gap <= max(2 * merged_gap, 1e-4), (adapter_gap, merged_gap)
     with named_weights(trainer.model, merge=False) as pairs:
         assert client.push_weights(pairs, transport="shm") == v + 2
     assert served(client, trainer) == (base, v + 2)

@@ -191,8 +191,11 @@ class ServerGeneration:
                     with named_weights(model, merge=False) as base:
                         push_one(self.client, server, base, self.weight_transport)
                     self.base_pushed[server] = instance
-                return instance, push_one(self.client, server, pairs, self.weight_transport,
-                                          adapter=adapter).weight_version
+                # An adapter travels over a byte transport (http, tcp, shm): auto picks one when
+                # the base goes over nccl/ipc.
+                transport = "auto" if adapter is not None and self.weight_transport in ("nccl", "ipc") \
+                    else self.weight_transport
+                return instance, push_one(self.client, server, pairs, transport, adapter=adapter).weight_version
             except Exception as exc:
                 wait = _open_sync_expiry(exc)
                 if wait is not None and time.monotonic() + wait < deadline:

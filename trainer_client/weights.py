@@ -318,8 +318,8 @@ def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transpo
     `adapter`, that LoRA adapter's tensors (PEFT names, see `adapter_weights`)."""
     status = WeightsStatus.model_validate(client._request(server, "GET", f"{PREFIX}/version").json())
     chosen = _pick_transport(client, server, pairs, status) if transport == "auto" else transport
-    if adapter is not None and chosen in ("nccl", "ipc"):
-        chosen = "shm" if transport == "auto" and "shm" in status.transports and _is_loopback(
+    if adapter is not None and transport == "auto" and chosen in ("nccl", "ipc"):  # byte transports only
+        chosen = "shm" if "shm" in status.transports and _is_loopback(
             urlparse(client.base_urls[server]).hostname or "") else "http"
     if chosen not in status.transports:
         raise ValueError(f"{client.base_urls[server]} does not take the {chosen} transport; it takes "
