@@ -88,7 +88,7 @@ def lora_rows(client: AlignClient, model, repeats: int, batch: int, tokens: int)
     """Adapter vs merged: sync seconds and bytes, then generate seconds per batch with each served."""
     from peft import LoraConfig, get_peft_model
 
-    from trainer_client.weights import adapter_weights
+    from trainer_client.weights import adapter_weights, named_weights
 
     peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS,
                                             init_lora_weights=False))  # B != 0: the adapter changes the model
@@ -105,6 +105,8 @@ def lora_rows(client: AlignClient, model, repeats: int, batch: int, tokens: int)
     generate()  # warm-up on the merged weights
     merged_tokens = generate()
     merged_gen = timed(generate, repeats)
+    with named_weights(peft, merge=False) as base:  # as align-train does: the base, then adapters on it
+        client.push_weights(base, transport="shm")
     adapter_sync = timed(lambda: client.push_adapter(peft, transport="shm"), repeats)
     generate()
     adapter_tokens = generate()
