@@ -319,3 +319,13 @@ def test_lora_sync_adapter_needs_a_server_with_enable_lora(tiny_vlm, data, tmp_p
         refused(r, 400, "adapter", "--enable-lora")
     finally:
         plain.stop()
+
+
+def test_lora_sync_flag_takes_auto_adapter_or_merged():
+    from trainer_client.config import parse_args
+
+    base = ["grpo", "--model", "m", "--dataset", "d.jsonl", "--use_peft"]
+    assert parse_args(base)[1].lora_sync == "auto"
+    assert parse_args([*base, "--lora_sync", "merged"])[1].lora_sync == "merged"
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--lora_sync", "adaptor"])
