@@ -7,7 +7,10 @@ by `align-serve`; the trainer side here pushes the same weights through each tra
   server's swap into the live model included);
 - per-tensor: http with one request per tensor (what TRL <= 1.10 did), same server, same commit;
 - copy bound: one in-process memory copy of the same bytes, the floor for any transfer between two
-  processes on one host.
+  processes on one host;
+- LoRA (r=16 on q, k, v, o, gate, up, down, docs/lora.md): the adapter alone vs the merged model
+  (shm), bytes and seconds per sync, and the server's seconds per generate batch serving the
+  adapter vs serving the merged weights. The server runs with --enable-lora for the whole run.
 
     python bench/weight_sync.py                    # transformers engine (light on memory)
     python bench/weight_sync.py --engine vllm      # the vLLM engine (needs ~8 GB)
@@ -76,6 +79,50 @@ def timed_push(client: AlignClient, model, transport: str, bucket_bytes: int, la
     return best
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def lora_rows(client: AlignClient, model, repeats: int, batch: int, tokens: int) -> dict:
+    """Adapter vs merged: sync seconds and bytes, then generate seconds per batch with each served."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainer_client.weights import adapter_weights, named_weights
+
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS,
+                                            init_lora_weights=False))  # B != 0: the adapter changes the model
+    pairs, _ = adapter_weights(peft)
+    adapter_bytes = sum(t.numel() * t.element_size() for _, t in pairs)
+    merged_bytes = sum(p.numel() * p.element_size() for p in peft.get_base_model().parameters()) - adapter_bytes
+    prompts = [[(7 * i + j) % 200 + 10 for j in range(32)] for i in range(batch)]
+
+    def generate() -> int:
+        out = client.generate(prompt_ids=prompts, temperature=0.0, max_tokens=tokens)
+        return sum(len(c.token_ids) for r in out.results for c in r.completions)
+
+    merged_sync = timed(lambda: client.push_weights(peft, transport="shm"), repeats)
+    generate()  # warm-up on the merged weights
+    merged_tokens = generate()
+    merged_gen = timed(generate, repeats)
+    with named_weights(peft, merge=False) as base:  # as align-train does: the base, then adapters on it
+        client.push_weights(base, transport="shm")
+    adapter_sync = timed(lambda: client.push_adapter(peft, transport="shm"), repeats)
+    generate()
+    adapter_tokens = generate()
+    adapter_gen = timed(generate, repeats)
+    return dict(adapter_bytes=adapter_bytes, merged_bytes=merged_bytes, adapter_sync=adapter_sync,
+                merged_sync=merged_sync, adapter_gen=adapter_gen, merged_gen=merged_gen,
+                adapter_tokens=adapter_tokens, merged_tokens=merged_tokens)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
@@ -87,6 +134,8 @@ def main() -> None:
                    choices=["http", "tcp", "shm", "nccl", "ipc"])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the trainer's weights live")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="trainer's and server's")
+    p.add_argument("--gen-batch", type=int, default=8, help="LoRA rows: prompts per generate batch")
+    p.add_argument("--gen-tokens", type=int, default=32, help="LoRA rows: tokens generated per prompt")
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -99,7 +148,7 @@ def main() -> None:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         print(f"model: {nbytes / 1e9:.2f} GB in {len(tensors)} tensors; starting align-serve "
               f"({args.engine}) ...", flush=True)
-        extra = ["--dtype", args.dtype]
+        extra = ["--dtype", args.dtype, "--enable-lora", "--max-lora-rank", "16"]
         if args.device == "cuda" and args.engine == "vllm":
             extra += ["--gpu-memory-utilization", "0.3"]  # the trainer's copy shares the device
         # ipc: the CUDA IPC handles cross our HTTP route pickled, which vLLM accepts only with this set
@@ -116,6 +165,7 @@ def main() -> None:
                 results[f"{transport} ({how})"] = timed_push(client, model, transport, bucket, transport, args.repeats)
             results["per-tensor http (1 request per tensor)"] = timed_push(
                 client, model, "http", 1, "per-tensor", max(1, args.repeats - 1))
+            lora = lora_rows(client, model, args.repeats, args.gen_batch, args.gen_tokens)
             version = client.info(refresh=True).weight_version
         finally:
             server.stop()
@@ -135,6 +185,16 @@ def main() -> None:
         s = results[f"{t} ({args.bucket_mb} MB buckets)"]
         print(f"  {t}: {per_tensor / s:.1f}x faster than per-tensor ({'met' if per_tensor / s >= 5 else 'NOT met'}), "
               f"{s / copy:.1f}x the copy bound ({'met' if s / copy <= 3 else 'NOT met'})")
+
+    print(f"\nLoRA r=16 on {', '.join(LORA_TARGETS)} (shm, best of {args.repeats}); generate: {args.gen_batch} "
+          f"prompts x {args.gen_tokens} tokens, greedy")
+    print(f"{'':<10}{'MB per sync':>13}{'s per sync':>12}{'s per generate':>16}{'tokens':>8}")
+    for kind in ("adapter", "merged"):
+        print(f"{kind:<10}{lora[kind + '_bytes'] / 1e6:>13.1f}{lora[kind + '_sync']:>12.3f}"
+              f"{lora[kind + '_gen']:>16.3f}{lora[kind + '_tokens']:>8}")
+    print(f"ratio adapter / merged bytes: {lora['adapter_bytes'] / lora['merged_bytes']:.4f}")
+    print(f"ratio adapter / merged sync: {lora['adapter_sync'] / lora['merged_sync']:.2f}")
+    print(f"ratio adapter / merged generate: {lora['adapter_gen'] / lora['merged_gen']:.2f}")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,7 @@ class Limits(BaseModel):
     max_n: int = MAX_N
     max_prompts_per_request: int = MAX_PROMPTS_PER_REQUEST
     max_sequences_per_request: int = MAX_SEQUENCES_PER_REQUEST
+    max_lora_rank: int | None = None  # `--enable-lora`: the largest adapter rank a sync may carry; None: no adapters
 
 
 class ServerInfo(BaseModel):

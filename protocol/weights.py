@@ -4,6 +4,12 @@ The manifest names every tensor (the training model's HF parameter names), its d
 for the byte transports (http, tcp, shm), where its bytes sit: bucket `bucket`, byte `offset`. A
 bucket is a packed run of tensors, hundreds of MB, never one call per tensor. The GPU transports
 (nccl, ipc) carry no layout: vLLM's own weight-transfer engines pack the bytes themselves.
+
+A sync carries either the whole model or, with `adapter`, one LoRA adapter: its PEFT config and
+its `lora_A` / `lora_B` tensors under PEFT's saved names (`get_peft_model_state_dict`:
+`base_model.model.<module>.lora_A.weight`), raw, with alpha/r not folded in. The server applies
+the adapter on top of the base weights it serves; a later full sync replaces the base and drops
+the adapter.
 """
 
 from typing import Any, Literal
@@ -41,6 +47,22 @@ class TensorSpec(_Strict):
         return n
 
 
+class LoraAdapter(_Strict):
+    """PEFT's `LoraConfig` fields that decide what the adapter computes. The last three describe
+    features no engine here applies; they are part of the contract so the server can refuse them
+    by name instead of serving something else than the trainer trains."""
+
+    r: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    target_modules: list[str] | str = Field(description="PEFT's: module names, or one regex")
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    use_dora: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+
+
 class WeightsInit(_Strict):
     transport: Transport
     tensors: list[TensorSpec] = Field(min_length=1)
@@ -50,6 +72,7 @@ class WeightsInit(_Strict):
                                      description="idle seconds after which the server drops this sync")
     engine_init_info: dict[str, Any] | None = Field(
         None, description="nccl/ipc: vLLM's `init_weight_transfer_engine` payload, to (re)open the transfer group")
+    adapter: LoraAdapter | None = Field(None, description="a LoRA adapter sync (PEFT names), not the whole model")
 
     @model_validator(mode="after")
     def _layout(self) -> "WeightsInit":
@@ -122,5 +145,6 @@ class WeightsStatus(BaseModel):
     syncing: bool  # a sync session is open
     transports: list[Transport]  # what this server's engine accepts
     workers: int = 1  # inference workers that join an nccl group (tensor x pipeline parallel)
+    max_lora_rank: int | None = None  # the largest adapter rank it serves; None: it takes no adapter sync
     received_buckets: int | None = None
     total_buckets: int | None = None

@@ -178,7 +178,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             eos_token_ids=engine.eos_token_ids,
             limits=Limits(max_model_len=engine.max_model_len, max_pixels=config.max_pixels,
                           max_image_bytes=config.max_image_bytes,
-                          max_images_per_prompt=config.max_images_per_prompt),
+                          max_images_per_prompt=config.max_images_per_prompt,
+                          max_lora_rank=engine.max_lora_rank),
         )
 
     @app.get(f"{API_PREFIX}/info", dependencies=[Depends(auth), Depends(require_ready)])

@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture / compilation (faster start)")
     p.add_argument("--seed", type=int, default=0)
+    lora = p.add_argument_group("LoRA", "adapter-only weight sync (docs/lora.md); vLLM's names")
+    lora.add_argument("--enable-lora", action="store_true",
+                      help="accept adapter syncs: a LoRA trainer then pushes its adapter, not the whole model")
+    lora.add_argument("--max-lora-rank", type=int, default=16,
+                      help="largest adapter rank accepted (vLLM takes 1, 8, 16, 32, 64, 128, 256, 320, 512)")
+    lora.add_argument("--max-loras", type=_positive(int), default=1,
+                      help="vLLM: adapters in one batch (the served version, plus the previous one while its "
+                           "requests finish after a sync; 2 lets them share batches)")
     # `vllm serve`'s own flags for RL serving, handed to vLLM's engine args unchanged (vLLM checks them).
     vllm = p.add_argument_group("vLLM engine", "as `vllm serve` takes them; default: vLLM's")
     vllm.add_argument("--model-impl", choices=["auto", "vllm", "transformers", "terratorch"], default=None,
@@ -166,6 +174,7 @@ async def serve(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager, max_images_per_prompt=args.max_images_per_prompt,
         mm_processor_kwargs=args.mm_processor_kwargs, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
         vllm_args={k: getattr(args, k) for k in VLLM_ONLY if getattr(args, k) is not None},
     )
     app = create_app(engine, ServeConfig(model_name=model_name, api_key=args.api_key, max_pixels=args.max_pixels,

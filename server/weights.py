@@ -10,6 +10,10 @@ The GPU transports (nccl, ipc) are vLLM's own weight-transfer engines: the train
 through `/v1/weights/engine/{init,start,update}` and commit. They write into the live model, so
 the server reports not ready from `start` until the commit lands (or until a later full sync
 does, if the sender dies half way).
+
+An adapter sync (`adapter` in the init, `--enable-lora`) is staged and committed the same way; at
+commit the engine starts serving the new adapter on top of its base weights. A full sync drops
+the adapter: it carries the whole model, and a merged model must not get the adapter twice.
 """
 
 import asyncio
@@ -44,6 +48,7 @@ from protocol import (
     WeightsStatus,
 )
 from server.errors import APIError
+from server.lora import AdapterRefused, check_adapter, lora_targets
 
 log = logging.getLogger("align-serve.weights")
 PREFIX = f"{API_PREFIX}/weights"
@@ -150,6 +155,7 @@ class WeightReceiver:
         self._spare: StagedWeights | None = None
         self.lock = asyncio.Lock()
         self._manifest: tuple[dict, set] | None = None
+        self._lora_targets: tuple[dict, set] | None = None
 
     # ---- init ------------------------------------------------------------------------------------
     async def init(self, spec: WeightsInit, local_host: str) -> WeightsSession:
@@ -159,9 +165,12 @@ class WeightReceiver:
             raise WeightSyncError(400, ErrorCode.invalid_request,
                                   f"the {self.engine.name} engine does not take the {spec.transport} transport; it "
                                   f"takes {', '.join(self.engine.weight_transports)}", "transport")
-        if self._manifest is None:
-            self._manifest = await asyncio.to_thread(served_manifest, self.engine.model_path)
-        self._check_manifest(spec)
+        if spec.adapter is not None:
+            await self._check_adapter(spec)
+        else:
+            if self._manifest is None:
+                self._manifest = await asyncio.to_thread(served_manifest, self.engine.model_path)
+            self._check_manifest(spec)
         async with self.lock:
             current = self.session
             if current is not None:
@@ -209,6 +218,21 @@ class WeightReceiver:
         if spare is not None:
             spare.close()
         return StagedWeights(spec.tensors, spec.buckets)
+
+    async def _check_adapter(self, spec: WeightsInit) -> None:
+        if self.engine.max_lora_rank is None:
+            raise WeightSyncError(400, ErrorCode.invalid_request, "this server takes no adapter sync: start "
+                                  "align-serve with --enable-lora (and --max-lora-rank), or sync merged weights",
+                                  "adapter")
+        if spec.transport not in BYTE_TRANSPORTS:
+            raise WeightSyncError(400, ErrorCode.invalid_request, f"an adapter sync travels over http, tcp or "
+                                  f"shm, not {spec.transport} (an adapter is small)", "transport")
+        if self._lora_targets is None:
+            self._lora_targets = await asyncio.to_thread(lora_targets, self.engine.model_path)
+        try:
+            check_adapter(spec.adapter, spec.tensors, *self._lora_targets, self.engine.max_lora_rank)
+        except AdapterRefused as exc:
+            raise WeightSyncError(422, ErrorCode.invalid_request, str(exc), exc.field) from None
 
     def _check_manifest(self, spec: WeightsInit) -> None:
         accepted, required = self._manifest
@@ -355,13 +379,24 @@ class WeightReceiver:
         previous = self.engine.weight_version
         self.app.state.committing = True
         try:
-            if session.staged is not None:
+            if session.spec.adapter is not None:
+                await self.engine.commit_adapter(session.staged, session.spec.adapter, session.target_version)
+            elif session.staged is not None:
                 await self.engine.commit_weights(session.staged, session.target_version)
             else:
                 await self.engine.transfer_weights("finish", {"weight_version": session.target_version})
         except Exception:
-            # The engine may have touched the live model: refuse traffic until a full sync lands.
-            self.app.state.ready, self.app.state.committing = False, False
+            # An adapter commit is all or nothing in both engines: the old adapter still serves. A
+            # full one may have touched the live model: refuse traffic until a full sync lands.
+            self.app.state.committing = False
+            if session.spec.adapter is not None:
+                self.metrics.weight_syncs.labels("failed").inc()
+                async with self.lock:
+                    self._close(session, None)
+                log.exception("weight sync %s: adapter commit failed; the previous version still serves",
+                              session.id[:8])
+                raise
+            self.app.state.ready = False
             self.metrics.weight_syncs.labels("failed").inc()
             async with self.lock:
                 self._close(session, None)
@@ -392,7 +427,7 @@ class WeightReceiver:
         live = s is not None and not s.expired()
         return WeightsStatus(weight_version=self.engine.weight_version, syncing=live,
                              transports=list(self.engine.weight_transports),
-                             workers=self.engine.weight_workers,
+                             workers=self.engine.weight_workers, max_lora_rank=self.engine.max_lora_rank,
                              received_buckets=len(s.received) if live else None,
                              total_buckets=len(s.spec.buckets) if live else None)
 

@@ -181,7 +181,7 @@ def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
 
 
-def check_servers_answer_as_the_merged_adapter(trainer, *servers) -> None:
+def check_servers_answer_as_the_merged_adapter(trainer, *servers, api_key: str | None = None) -> None:
     """The trained adapter changes the model's greedy answer, and every server gives the answer of
     the model with the adapter merged."""
     model, processor = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
@@ -197,7 +197,7 @@ def check_servers_answer_as_the_merged_adapter(trainer, *servers) -> None:
             base = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
     assert lora != base, "the adapter must change the answer for this check to mean anything"
     for server in servers:
-        with AlignClient(server.url) as client:
+        with AlignClient(server.url, api_key=api_key) as client:
             got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
                                   max_tokens=8).results[0].completions[0].token_ids
         assert got == lora[: len(got)] and got, server.url

@@ -36,7 +36,7 @@ from trl.data_utils import prepare_multimodal_messages
 
 from trainer_client.client import collapse_image_runs
 from trainer_client.generation import MAX_REFUSALS, ServerGeneration
-from trainer_client.weights import host_copy, named_weights
+from trainer_client.weights import host_copy
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class AsyncRollouts:
         # per server: policy_version - the server's own weight_version, as its last push recorded
         self._offset = [0] * len(self.sync.pushed)
         self._push: Future | None = None
-        self._last_snapshot: list | None = None
+        self._last_snapshot: tuple[list, object] | None = None  # (pairs, adapter)
         self.restarts = 0
 
     @property
@@ -151,19 +151,20 @@ class AsyncRollouts:
             for c in result.completions:
                 c.weight_version += self._offset[server]
 
-    def _push_at_start(self, snapshot: list | None = None) -> None:
-        """Every server gets `snapshot`, or the trainer's weights (the training loop waits meanwhile)."""
-        def push_all(pairs) -> None:
+    def _push_at_start(self, snapshot: list | None = None, adapter=None) -> None:
+        """Every server gets `snapshot` (with its adapter), or what the trainer's weights push now (the
+        training loop waits meanwhile)."""
+        def push_all(pairs, adapter) -> None:
             for server in range(len(self.sync.pushed)):
-                self.sync.pushed[server] = self.sync._push_one(server, pairs)
-                log.info("train() starts: pushed weights, %s weight_version %d", self.client.base_urls[server],
-                         self.sync.pushed[server][1])
+                self.sync.pushed[server] = self.sync._push_one(server, pairs, adapter)
+                log.info("train() starts: pushed %s, %s weight_version %d", "the adapter" if adapter else "weights",
+                         self.client.base_urls[server], self.sync.pushed[server][1])
 
         if snapshot is not None:
-            self._worker.submit(push_all, snapshot).result()
+            self._worker.submit(push_all, snapshot, adapter).result()
         else:
-            with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
-                self._worker.submit(push_all, pairs).result()
+            with self.sync.weights(self.accelerator.unwrap_model(self.trainer.model)) as (pairs, adapter):
+                self._worker.submit(push_all, pairs, adapter).result()
         versions = {version for _, version in self.sync.pushed}
         if len(versions) > 1:
             raise RuntimeError(f"the servers hold different weight versions after the start push ({sorted(versions)}): "
@@ -192,10 +193,10 @@ class AsyncRollouts:
 
     def _push_live(self, server: int) -> None:
         if self._last_snapshot is not None:  # sharded: the other processes are not here to gather
-            self._record(server, self.sync._push_one(server, self._last_snapshot), self.policy_version)
+            self._record(server, self.sync._push_one(server, *self._last_snapshot), self.policy_version)
         else:
-            with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
-                self._record(server, self.sync._push_one(server, pairs), self.policy_version)
+            with self.sync.weights(self.accelerator.unwrap_model(self.trainer.model)) as (pairs, adapter):
+                self._record(server, self.sync._push_one(server, pairs, adapter), self.policy_version)
         log.warning("%s restarted: pushed this trainer's weights (version %d) to it again",
                     self.client.base_urls[server], self.policy_version)
 
@@ -257,34 +258,35 @@ class AsyncRollouts:
             return
         if self._push is not None:
             self._push.result()  # a failed push surfaces here, one step late, not never
-        snapshot = self._snapshot()
+        snapshot, adapter = self._snapshot()
         if snapshot is None:  # a sharded model's other processes: their part was the gather
             return
         if self.policy_version is None:
-            self._push_at_start(snapshot)
+            self._push_at_start(snapshot, adapter)
             return
         self.policy_version += 1
-        self._push = self._worker.submit(self._push_snapshot, snapshot, step, self.policy_version)
+        self._push = self._worker.submit(self._push_snapshot, snapshot, adapter, step, self.policy_version)
 
-    def _snapshot(self) -> list | None:
-        """The trainer's weights as they are now, for the worker to stream while training goes on (the
-        optimizer changes the parameters in place). A sharded model's full tensors are gathered by every
-        process together, into host memory on the main one, which keeps the newest snapshot to push
-        again to a server that restarts (the other processes are not there to gather then)."""
-        with named_weights(self.accelerator.unwrap_model(self.trainer.model)) as pairs:
+    def _snapshot(self) -> tuple[list | None, object]:
+        """What the step's push carries (ServerGeneration.weights: the model or its LoRA adapter), as it
+        is now, for the worker to stream while training goes on (the optimizer changes the parameters
+        in place). A sharded model's full tensors are gathered by every process together, into host
+        memory on the main one, which keeps the newest snapshot to push again to a server that restarts
+        (the other processes are not there to gather then)."""
+        with self.sync.weights(self.accelerator.unwrap_model(self.trainer.model)) as (pairs, adapter):
             if not self.sync.sharded:
-                return [(name, t.clone()) for name, t in pairs]
+                return [(name, t.clone()) for name, t in pairs], adapter
             full = host_copy(pairs, keep=self.accelerator.is_main_process)
         if full is not None:
-            self._last_snapshot = full
-        return full
+            self._last_snapshot = (full, adapter)
+        return full, adapter
 
-    def _push_snapshot(self, pairs, step: int, expected: int) -> None:
+    def _push_snapshot(self, pairs, adapter, step: int, expected: int) -> None:
         for server in range(len(self.sync.pushed)):
             # A server that restarted before or during this push gets the snapshot on its new instance.
-            self._record(server, self.sync._push_one(server, pairs), expected)
-            log.info("step %d: pushed weights, %s weight_version %d", step, self.client.base_urls[server],
-                     self.sync.pushed[server][1])
+            self._record(server, self.sync._push_one(server, pairs, adapter), expected)
+            log.info("step %d: pushed %s, %s weight_version %d", step, "the adapter" if adapter else "weights",
+                     self.client.base_urls[server], self.sync.pushed[server][1])
 
     def _drain(self) -> None:
         """Wait for everything queued (prefetches are discarded, whoever answered them; the last push

@@ -24,7 +24,7 @@ from protocol import (
     image_sha256,
 )
 from trainer_client.waiting import WaitReport, not_ready, unreachable
-from trainer_client.weights import DEFAULT_BUCKET_BYTES, push_weights
+from trainer_client.weights import DEFAULT_BUCKET_BYTES, push_adapter, push_weights
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,12 @@ class AlignClient:
         """Sync new weights (an `nn.Module`, PEFT merged on the fly, a state dict or (name, tensor)
         pairs) to every server; returns the new `weight_version`. See `trainer_client.weights`."""
         return push_weights(self, weights, transport=transport, bucket_bytes=bucket_bytes, **kwargs)
+
+    def push_adapter(self, model, transport: str = "auto", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                     **kwargs) -> int:
+        """Sync a PEFT model's active LoRA adapter alone to every server (`align-serve --enable-lora`);
+        returns the new `weight_version`. See `trainer_client.weights.push_adapter`."""
+        return push_adapter(self, model, transport=transport, bucket_bytes=bucket_bytes, **kwargs)
 
     def chat(self, messages: list[dict], **params) -> dict:
         """OpenAI-style chat completion (`/v1/chat/completions`); image parts as data URLs."""

@@ -52,6 +52,11 @@ class AlignArguments:
     api_key: str | None = field(default=None, metadata={"help": "Bearer token of align-serve (or ALIGN_API_KEY)."})
     weight_transport: str = field(default="auto", metadata={
         "help": "How weights reach the server after each optimizer step: auto, nccl, ipc, tcp, shm or http."})
+    lora_sync: str = field(default="auto", metadata={
+        "help": "With --use_peft in server mode, what each push carries: adapter (the LoRA tensors alone, after "
+                "one push of the base weights; needs align-serve --enable-lora), merged (the whole model with "
+                "the adapter folded in) or auto (adapter when every server takes adapters). docs/lora.md",
+        "choices": ["auto", "adapter", "merged"]})
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"], metadata={
         "help": "Rewards for GRPO/GSPO: built-in format, think_format, accuracy, or any module:function."})
     server_timeout: float = field(default=600.0, metadata={

@@ -12,8 +12,14 @@ what the server holds) and after every optimizer step, and remembers per server 
 pushed to and which version that push made. An answer from another instance (the server restarted
 from its start checkpoint) or another version is dropped: the weights are pushed again and the
 batch is generated again.
+
+A LoRA run (`--use_peft`) pushes its adapter alone when every server takes adapters
+(`--lora_sync adapter`, the default then): the base weights once per server instance, as a full
+sync, then one adapter sync per step. `--lora_sync merged` pushes the whole model, adapter folded
+in, every step.
 """
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -23,7 +29,14 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from trainer_client.client import AlignClient, AlignServerError
 from trainer_client.waiting import WaitReport
-from trainer_client.weights import is_sharded, named_weights, push_gathered, push_one
+from trainer_client.weights import (
+    adapter_weights,
+    is_peft_model,
+    is_sharded,
+    named_weights,
+    push_gathered,
+    push_one,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +52,7 @@ class StaleAnswer(RuntimeError):
 
 class ServerGeneration:
     def __init__(self, trainer, client: AlignClient | None, weight_transport: str = "auto",
-                 server_timeout: float = 600.0, servers: int = 1):
+                 server_timeout: float = 600.0, servers: int = 1, lora_sync: str = "auto"):
         self.trainer = trainer
         self.client = client  # None on every process but the main one
         self.weight_transport = weight_transport
@@ -48,6 +61,12 @@ class ServerGeneration:
         # per server: (instance_id, weight_version) our last push made there (on the main process; the
         # others keep ("", -1)); None: push before using it
         self.pushed: list[tuple[str, int] | None] = [None] * servers
+        # adapter sync: per server, the instance our base weights went to (None: push them first)
+        self.base_pushed: list[str | None] = [None] * servers
+        # decided by the main process (it asks the servers), known to all: a sharded model's processes
+        # all take part in each push, and must push the same tensors
+        self.adapter_sync = broadcast_object_list([client is not None and self._adapter_sync(lora_sync)],
+                                                  from_process=0)[0]
         self.weight_versions: Counter[int] = Counter()  # completions per weight_version, whole run
         self.restarts = 0  # answers refused since the run started (server restarts, foreign pushes)
 
@@ -60,6 +79,35 @@ class ServerGeneration:
         """FSDP2 or ZeRO-3 (known once the Trainer has prepared the model): the parameters are shards,
         and every process takes part in each push (weights.Gathered)."""
         return is_sharded(self.trainer.model.named_parameters())
+
+    def _adapter_sync(self, lora_sync: str) -> bool:
+        """Whether each push carries the LoRA adapter alone (docs/lora.md)."""
+        model = self.accelerator.unwrap_model(self.trainer.model)
+        if lora_sync == "merged" or not is_peft_model(model):
+            return False
+        ranks = [self.client.info(refresh=True, server=i).limits.max_lora_rank for i in range(len(self.pushed))]
+        if lora_sync == "auto" and None in ranks:
+            log.info("LoRA run: pushing merged weights (not every server runs with --enable-lora)")
+            return False
+        without = [url for url, rank in zip(self.client.base_urls, ranks, strict=True) if rank is None]
+        if without:
+            raise SystemExit(f"--lora_sync adapter: {', '.join(without)} takes no adapter sync; start align-serve "
+                             "with --enable-lora, or use --lora_sync merged")
+        config = model.peft_config[model.active_adapter]
+        if config.lora_dropout:
+            log.warning("LoRA run: lora_dropout=%g trains with dropout, the server applies none (as vLLM never "
+                        "does); the rollouts are the model without dropout", config.lora_dropout)
+        log.info("LoRA run: pushing the adapter alone after each step (the base weights once per server)")
+        return True
+
+    @contextlib.contextmanager
+    def weights(self, model):
+        """(pairs, adapter) one push carries: the adapter alone, or the whole (merged) model and None."""
+        if self.adapter_sync:
+            yield adapter_weights(model)
+        else:
+            with named_weights(model) as pairs:
+                yield pairs, None
 
     def sampling(self, num_generations: int) -> dict:
         t = self.trainer
@@ -146,16 +194,18 @@ class ServerGeneration:
                 self.pushed[server] = ("", -1)
             return
         model = self.accelerator.unwrap_model(self.trainer.model)
-        with named_weights(model) as pairs:
+        with self.weights(model) as (pairs, adapter):
             for server in servers:
-                self.pushed[server] = self._push_one(server, pairs)
+                self.pushed[server] = self._push_one(server, pairs, adapter)
                 if main:
-                    log.info("step %d: pushed weights, %s weight_version %d", self.trainer.state.global_step,
-                             self.client.base_urls[server], self.pushed[server][1])
+                    log.info("step %d: pushed %s, %s weight_version %d", self.trainer.state.global_step,
+                             "the adapter" if adapter else "weights", self.client.base_urls[server],
+                             self.pushed[server][1])
 
-    def _push_one(self, server: int, pairs) -> tuple[str, int]:
-        """One full sync; a sync cut short by a server restart is made again on the new instance. With
-        sharded `pairs` every process runs this, and follows the main one's decision to push again."""
+    def _push_one(self, server: int, pairs, adapter=None) -> tuple[str, int]:
+        """One sync (after the base weights, for an adapter the instance has not had them); a sync cut
+        short by a server restart is made again on the new instance. With sharded `pairs` every process
+        runs this, and follows the main one's decisions (push the base? push again?)."""
         sharded, main = is_sharded(pairs), self.client is not None
         deadline = time.monotonic() + self.server_timeout
         held = WaitReport(f"{self.client.base_urls[server]} to take this trainer's weights", self.server_timeout,
@@ -164,15 +214,33 @@ class ServerGeneration:
         while True:
             instance = self.client.info(refresh=True, server=server).instance_id if main else ""
             try:
-                if sharded:
-                    return instance, push_gathered(self.client, server, pairs, self.weight_transport).weight_version
-                return instance, push_one(self.client, server, pairs, self.weight_transport).weight_version
+                if adapter is not None:
+                    base_needed = [self.base_pushed[server] != instance if main else None]
+                    if sharded:
+                        torch.distributed.broadcast_object_list(base_needed, src=0)
+                    if base_needed[0]:
+                        # LoRA never trains the base: reading it while the optimizer steps is safe.
+                        model = self.accelerator.unwrap_model(self.trainer.model)
+                        with named_weights(model, merge=False) as base:
+                            self._send(server, base, self.weight_transport)
+                        self.base_pushed[server] = instance
+                # An adapter travels over a byte transport (http, tcp, shm): auto picks one when
+                # the base goes over nccl/ipc.
+                transport = "auto" if adapter is not None and self.weight_transport in ("nccl", "ipc") \
+                    else self.weight_transport
+                return instance, self._send(server, pairs, transport, adapter).weight_version
             except Exception as exc:
                 again = [self._again(exc, server, instance, deadline, held) if main else None]
                 if sharded:
                     torch.distributed.broadcast_object_list(again, src=0)
                 if not again[0]:
                     raise
+
+    def _send(self, server: int, pairs, transport: str, adapter=None):
+        """One sync of `pairs`: from every process when they are shards, else from the main one."""
+        if is_sharded(pairs):
+            return push_gathered(self.client, server, pairs, transport, adapter=adapter)
+        return push_one(self.client, server, pairs, transport, adapter=adapter)
 
     def _again(self, exc: Exception, server: int, instance: str, deadline: float, held: WaitReport) -> bool:
         """Whether a failed push is worth making again, after waiting for what made it fail."""

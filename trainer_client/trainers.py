@@ -73,7 +73,7 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, Restores
     (`ServerGeneration.sampling`)."""
 
     def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto",
-                 server_timeout: float = 600.0, servers: int = 1, **kwargs):
+                 server_timeout: float = 600.0, servers: int = 1, lora_sync: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.use_vllm, self.vllm_mode = True, "server"
         self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction
@@ -81,7 +81,7 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, Restores
         problem = sharding_refusal(getattr(state, "fsdp_plugin", None), getattr(state, "deepspeed_plugin", None))
         if problem:
             raise SystemExit(f"align-train: {problem}")
-        self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout, servers)
+        self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout, servers, lora_sync)
         if self.args.async_rollouts:
             self.vllm_generation = AsyncRollouts(self.vllm_generation, self.args.max_staleness)
         self._last_loaded_step = -1
@@ -211,7 +211,8 @@ def start_hint(model: str, url: str) -> str:
 
 def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MPORunConfig, peft_config=None):
     """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it. With a
-    `peft_config` TRL trains an adapter; server mode pushes the merged weights under base names."""
+    `peft_config` TRL trains an adapter; server mode pushes the adapter alone or the merged weights
+    (`--lora_sync`, see ServerGeneration)."""
     rewards = load_rewards(align.reward_funcs) if method != "mpo" else []  # fails in a second, not after loading
     processor = load_processor(align.model, trust_remote_code=config.trust_remote_code)
     dataset, eval_dataset = load_datasets(align, method)
@@ -236,7 +237,8 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
         return LocalGRPOTrainer(**common)
     main = trl_config.process_index == 0
     return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport,
-                             server_timeout=align.server_timeout, servers=len(align.server_url))
+                             server_timeout=align.server_timeout, servers=len(align.server_url),
+                             lora_sync=align.lora_sync)
 
 
 def resume_arg(config) -> str | bool | None:

@@ -32,6 +32,7 @@ from protocol import (
     API_PREFIX,
     DTYPE_BYTES,
     SESSION_HEADER,
+    LoraAdapter,
     TensorSpec,
     WeightsCommitted,
     WeightsInit,
@@ -59,12 +60,18 @@ def _peft_base_name(name: str) -> str | None:
     return name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
 
 
+def is_peft_model(weights) -> bool:
+    return isinstance(weights, torch.nn.Module) and hasattr(weights, "merge_adapter") and hasattr(weights, "peft_config")
+
+
 @contextlib.contextmanager
-def named_weights(weights: Weights, name_map: Callable[[str], str] | None = None):
+def named_weights(weights: Weights, name_map: Callable[[str], str] | None = None, merge: bool = True):
     """The (name, tensor) pairs to send. A PEFT model is merged for the duration (base names,
-    adapters folded in) and unmerged after, so training continues on the unmerged adapters."""
-    is_peft = isinstance(weights, torch.nn.Module) and hasattr(weights, "merge_adapter") and hasattr(weights, "peft_config")
-    if is_peft:
+    adapters folded in) and unmerged after, so training continues on the unmerged adapters; with
+    `merge=False` it gives the base weights alone (what an adapter sync goes on top of)."""
+    is_peft = is_peft_model(weights)
+    merge = merge and is_peft
+    if merge:
         weights.merge_adapter()
     try:
         if isinstance(weights, torch.nn.Module):
@@ -80,8 +87,26 @@ def named_weights(weights: Weights, name_map: Callable[[str], str] | None = None
         # A ZeRO-3 parameter stays itself: its gather (weights.Gathered) needs the Parameter.
         yield [(n, t if hasattr(t, "ds_id") else t.detach()) for n, t in pairs]
     finally:
-        if is_peft:
+        if merge:
             weights.unmerge_adapter()
+
+
+def adapter_weights(model) -> tuple[list[tuple[str, torch.Tensor]], LoraAdapter]:
+    """A PEFT model's active LoRA adapter as an adapter sync carries it: the tensors under PEFT's
+    saved names (`get_peft_model_state_dict`, raw A and B) and the config fields that shape them."""
+    from peft import get_peft_model_state_dict
+
+    name = model.active_adapter
+    config = model.peft_config[name]
+    targets = config.target_modules
+    adapter = LoraAdapter(
+        r=config.r, lora_alpha=config.lora_alpha,
+        target_modules=targets if isinstance(targets, str) else sorted(targets),
+        use_rslora=config.use_rslora, rank_pattern=dict(config.rank_pattern or {}),
+        alpha_pattern=dict(config.alpha_pattern or {}), use_dora=bool(config.use_dora), bias=config.bias,
+        modules_to_save=sorted(config.modules_to_save) if config.modules_to_save else None)
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    return [(n, t.detach()) for n, t in state.items()], adapter
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -344,12 +369,16 @@ def _pick_transport(client, server: int, pairs, status: WeightsStatus) -> str:
 def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transport: str = "auto",
              bucket_bytes: int = DEFAULT_BUCKET_BYTES, target_version: int | None = None,
              session_timeout_s: float = 60.0, progress: Progress | None = None,
-             tensors: Gathered | None = None) -> WeightsCommitted:
-    """One full sync of `pairs` to server number `server` of `client`. The bytes come from `tensors`
-    (default: `Gathered(pairs)`), read once, in order."""
+             adapter: LoraAdapter | None = None, tensors: Gathered | None = None) -> WeightsCommitted:
+    """One sync of `pairs` to server number `server` of `client`: the whole model or, with
+    `adapter`, that LoRA adapter's tensors (PEFT names, see `adapter_weights`). The bytes come from
+    `tensors` (default: `Gathered(pairs)`), read once, in order."""
     tensors = iter(tensors if tensors is not None else Gathered(pairs))
     status = WeightsStatus.model_validate(client._request(server, "GET", f"{PREFIX}/version").json())
     chosen = _pick_transport(client, server, pairs, status) if transport == "auto" else transport
+    if adapter is not None and transport == "auto" and chosen in ("nccl", "ipc"):  # byte transports only
+        chosen = "shm" if "shm" in status.transports and _is_loopback(
+            urlparse(client.base_urls[server]).hostname or "") else "http"
     if chosen not in status.transports:
         raise ValueError(f"{client.base_urls[server]} does not take the {chosen} transport; it takes "
                          f"{', '.join(status.transports)}")
@@ -359,7 +388,7 @@ def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transpo
     else:
         specs, sizes = plan_buckets(pairs, bucket_bytes)
         init = WeightsInit(transport=chosen, tensors=specs, buckets=sizes, target_version=target_version,
-                           session_timeout_s=session_timeout_s)
+                           session_timeout_s=session_timeout_s, adapter=adapter)
     r = client._request(server, "POST", f"{PREFIX}/init", json=init.model_dump(mode="json", exclude_none=True))
     session = WeightsSession.model_validate(r.json())
     try:
@@ -375,7 +404,7 @@ def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transpo
                 log.info("shm staging file not reachable from here (%s); using http", exc)
                 client._request(server, "POST", f"{PREFIX}/abort", json={"session_id": session.session_id})
                 return push_one(client, server, pairs, "http", bucket_bytes, target_version, session_timeout_s,
-                                progress, tensors)
+                                progress, adapter, tensors)
         elif chosen == "tcp":
             _send_tcp(client, server, session, tensors, init.tensors, init.buckets, progress)
         else:
@@ -423,6 +452,19 @@ def push_weights(client, weights: Weights, transport: str = "auto", bucket_bytes
     with named_weights(weights, name_map) as pairs:
         versions = [push_one(client, i, pairs, transport, bucket_bytes, target_version, session_timeout_s,
                              progress).weight_version for i in range(len(client.base_urls))]
+    if len(set(versions)) > 1:
+        log.warning("servers now serve different weight versions: %s", versions)
+    return max(versions)
+
+
+def push_adapter(client, model, transport: str = "auto", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 target_version: int | None = None, session_timeout_s: float = 60.0,
+                 progress: Progress | None = None) -> int:
+    """Sync a PEFT model's active adapter (not its base weights) to every server of `client`, which
+    must run with `--enable-lora`; returns the new `weight_version`."""
+    pairs, adapter = adapter_weights(model)
+    versions = [push_one(client, i, pairs, transport, bucket_bytes, target_version, session_timeout_s, progress,
+                         adapter).weight_version for i in range(len(client.base_urls))]
     if len(set(versions)) > 1:
         log.warning("servers now serve different weight versions: %s", versions)
     return max(versions)

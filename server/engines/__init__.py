@@ -10,6 +10,7 @@ from PIL import Image
 from protocol import SamplingParams
 
 if TYPE_CHECKING:
+    from protocol import LoraAdapter
     from server.engines.processing import ModelProcessing
     from server.weights import StagedWeights
 
@@ -71,11 +72,18 @@ class Engine(ABC):
     weight_transports: tuple[str, ...] = ("http", "tcp", "shm")
     weight_sync_refused: str | None = None  # why this engine takes no weight sync at all, if it takes none
     weight_workers: int = 1  # processes an nccl weight group spans on this side
+    max_lora_rank: int | None = None  # `--enable-lora`: adapters up to this rank; None: no adapter sync
 
     async def commit_weights(self, staged: "StagedWeights", version: int) -> None:
         """Swap the staged tensors in at once: batches in flight finish on the old weights (and
         carry the old version); every request after runs on the new ones, tagged `version`."""
         raise NotImplementedError(f"the {self.name} engine cannot load weights")
+
+    async def commit_adapter(self, staged: "StagedWeights", adapter: "LoraAdapter", version: int) -> None:
+        """Serve the staged LoRA adapter (PEFT names) on top of the base weights from now on, all or
+        nothing: if this raises, the previous version still serves. Batches in flight finish on the
+        previous adapter and carry the previous version."""
+        raise NotImplementedError(f"the {self.name} engine cannot serve adapters")
 
     async def transfer_weights(self, step: str, info) -> None:
         """nccl/ipc: one step (init, start, update, finish, abort) of vLLM's weight transfer."""

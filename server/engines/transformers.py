@@ -40,7 +40,8 @@ class TransformersEngine(Engine):
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None,
                  device: str | None = None, seed: int = 0, trust_remote_code: bool = False,
-                 mm_processor_kwargs: dict | None = None, **_ignored):
+                 mm_processor_kwargs: dict | None = None, enable_lora: bool = False, max_lora_rank: int = 16,
+                 **_ignored):
         self.model_path = model
         self.trust_remote_code = trust_remote_code
         self.dtype = dtype
@@ -48,6 +49,9 @@ class TransformersEngine(Engine):
         self.seed = seed
         self.mm_processor_kwargs = mm_processor_kwargs
         self._max_model_len = max_model_len
+        self.max_lora_rank = max_lora_rank if enable_lora else None
+        self.peft = None  # the PeftModel wrapping self.model while an adapter is served
+        self._adapter: dict | None = None  # the LoraConfig fields self.peft was built with
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
         # Held while the model runs or while weights are swapped: a sync never lands mid-batch.
@@ -126,11 +130,43 @@ class TransformersEngine(Engine):
     def _swap_weights(self, staged, version: int) -> None:
         # The batch loop holds model_lock for a whole generate: a running batch finishes on the old
         # weights with the old version, the next one starts on the new weights with the new version.
-        params = self.model.state_dict(keep_vars=True)
         with self.model_lock, torch.no_grad():
+            self._drop_adapter()  # a full sync is the whole model: no adapter on top of it
+            params = self.model.state_dict(keep_vars=True)
             for name, tensor in staged.tensors():
                 params[name].copy_(tensor)
             self.weight_version = version
+
+    async def commit_adapter(self, staged, adapter, version: int) -> None:
+        await asyncio.to_thread(self._swap_adapter, staged, adapter, version)
+
+    def _swap_adapter(self, staged, adapter, version: int) -> None:
+        """Through PEFT, as the trainer computes it: the LoRA layers are injected into self.model
+        (so its `generate` applies them) once per config, then each version copies its tensors in."""
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        tensors = {name: t.to(self.device) for name, t in staged.tensors()}
+        modules = sorted({name.removeprefix("base_model.model.").rsplit(".", 2)[0] for name in tensors})
+        fields = dict(r=adapter.r, lora_alpha=adapter.lora_alpha, target_modules=modules,
+                      use_rslora=adapter.use_rslora, rank_pattern=adapter.rank_pattern,
+                      alpha_pattern=adapter.alpha_pattern)
+        with self.model_lock, torch.no_grad():
+            if fields != self._adapter:
+                self._drop_adapter()
+                dtype = next(self.model.parameters()).dtype
+                self.peft = get_peft_model(self.model, LoraConfig(**fields, lora_dropout=0.0))
+                self.peft.to(dtype)  # PEFT makes the new layers float32; serve them as the base is served
+                self._adapter = fields
+            result = set_peft_model_state_dict(self.peft, tensors)
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if missing:  # the init checks make this unreachable; never serve half an adapter silently
+                raise RuntimeError(f"the adapter left {len(missing)} LoRA weights unset (first: {missing[0]})")
+            self.weight_version = version
+
+    def _drop_adapter(self) -> None:
+        if self.peft is not None:
+            self.model = self.peft.unload()  # the base modules back, unmerged
+            self.peft, self._adapter = None, None
 
     def _generate_locked(self, prompts: list[EnginePrompt], sampling: SamplingParams,
                          abandoned=lambda: False) -> list[list[EngineCompletion]]:

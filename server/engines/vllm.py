@@ -5,9 +5,16 @@ batches them with everything else in flight; nothing here blocks the event loop.
 """
 
 import asyncio
+import atexit
 import contextlib
+import json
 import logging
+import os
+import shutil
+import tempfile
 import uuid
+from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -26,7 +33,8 @@ class VLLMEngine(Engine):
                  gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
                  enforce_eager: bool = False, max_images_per_prompt: int = 8, trust_remote_code: bool = False,
                  mm_processor_kwargs: dict | None = None, vllm_args: dict | None = None,
-                 kv_cache_memory_bytes: int | None = None, **_ignored):
+                 kv_cache_memory_bytes: int | None = None, enable_lora: bool = False, max_lora_rank: int = 16,
+                 max_loras: int = 1, **_ignored):
         self.model_path = model
         self.trust_remote_code = trust_remote_code
         on_gpu = torch.cuda.is_available()
@@ -49,6 +57,7 @@ class VLLMEngine(Engine):
             worker_extension_cls="server.engines.vllm_weights.AlignWorkerExtension",
             weight_transfer_config={"backend": "align"},
             mm_processor_kwargs=mm_processor_kwargs,
+            **(dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras) if enable_lora else {}),
             # align-serve's `vllm serve` flags (--max-num-seqs, --model-impl, ...), unchanged
             **(vllm_args or {}),
         )
@@ -64,6 +73,15 @@ class VLLMEngine(Engine):
         self._serving_count = 0
         self._drained = asyncio.Event()
         self._drained.set()
+        # Adapter sync: every committed version is its own vLLM LoRA (id = version, a new name and
+        # directory), because vLLM serves a stale copy under a reused id and its prefix cache hashes
+        # the name. Requests name the adapter current when they were admitted; an old one is removed
+        # once none of them is left.
+        self.max_lora_rank = max_lora_rank if enable_lora else None
+        self._lora = None  # the LoRARequest of the served version; None: the base weights alone
+        self._lora_users: Counter[int] = Counter()  # lora id -> generate calls using it
+        self._loaded_loras: set[int] = set()
+        self._lora_root: Path | None = None
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -121,6 +139,8 @@ class VLLMEngine(Engine):
         return size
 
     async def shutdown(self) -> None:
+        if self._lora_root is not None:
+            shutil.rmtree(self._lora_root, ignore_errors=True)
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
@@ -167,13 +187,30 @@ class VLLMEngine(Engine):
         return EngineCompletion(token_ids=list(c.token_ids), logprobs=logprobs, text=c.text,
                                 finish_reason=c.finish_reason, weight_version=version, top_logprobs=top)
 
-    async def _one(self, prompt: EnginePrompt, params, n_copies: int, version: int) -> list[EngineCompletion]:
+    async def _one(self, prompt: EnginePrompt, params, n_copies: int, version: int,
+                   lora_request=None) -> list[EngineCompletion]:
         final = None
-        async for out in self.llm.generate(self._request(prompt), params, request_id=uuid.uuid4().hex):
+        async for out in self.llm.generate(self._request(prompt), params, request_id=uuid.uuid4().hex,
+                                           lora_request=lora_request):
             final = out
         completions = [self._completion(c, params, version) for c in final.outputs]
         # vLLM refuses n > 1 with greedy sampling; greedy completions are identical, so copy.
         return [c for c in completions for _ in range(n_copies)]
+
+    @contextlib.asynccontextmanager
+    async def _current(self):
+        """(weight_version, LoRARequest or None) to generate with; the adapter version stays loaded
+        until the last request using it is done."""
+        async with self._serving():
+            version, lora = self.weight_version, self._lora
+            if lora is not None:
+                self._lora_users[lora.lora_int_id] += 1
+            try:
+                yield version, lora
+            finally:
+                if lora is not None:
+                    self._lora_users[lora.lora_int_id] -= 1
+                    await self._remove_unused_loras()
 
     async def stream(self, prompt: EnginePrompt, sampling: SamplingParams):
         """Token by token, as vLLM samples them (its DELTA outputs); cancelling the iteration aborts the
@@ -181,9 +218,9 @@ class VLLMEngine(Engine):
         greedy = sampling.temperature == 0.0
         params = self._sampling_params(sampling, 1 if greedy else sampling.n, stream=True)
         copies = sampling.n if greedy else 1
-        async with self._serving():
-            version = self.weight_version
-            async for out in self.llm.generate(self._request(prompt), params, request_id=uuid.uuid4().hex):
+        async with self._current() as (version, lora):
+            async for out in self.llm.generate(self._request(prompt), params, request_id=uuid.uuid4().hex,
+                                               lora_request=lora):
                 for c in out.outputs:
                     part = self._completion(c, params, version)
                     for copy in range(copies):
@@ -193,9 +230,8 @@ class VLLMEngine(Engine):
         greedy = sampling.temperature == 0.0
         params = self._sampling_params(sampling, 1 if greedy else sampling.n)
         copies = sampling.n if greedy else 1
-        async with self._serving():
-            version = self.weight_version
-            return list(await asyncio.gather(*(self._one(p, params, copies, version) for p in prompts)))
+        async with self._current() as (version, lora):
+            return list(await asyncio.gather(*(self._one(p, params, copies, version, lora) for p in prompts)))
 
     # ---- weight sync (server/weights.py drives these; the worker side is vllm_weights.py) --------
     @contextlib.asynccontextmanager
@@ -234,6 +270,53 @@ class VLLMEngine(Engine):
         await self.llm.finish_weight_update(weight_version=str(version))
         await self.llm.reset_prefix_cache()
         self.weight_version = version
+        self._lora = None  # a full sync is the whole model: no adapter on top of it
+        await self._remove_unused_loras()
+
+    async def commit_adapter(self, staged, adapter, version: int) -> None:
+        """Load the adapter as a new vLLM LoRA beside the one serving, then switch: no pause, and
+        requests already admitted finish on the adapter they started with (and its version)."""
+        from vllm.lora.request import LoRARequest
+
+        path = await asyncio.to_thread(self._write_adapter, staged, adapter, version)
+        request = LoRARequest(lora_name=f"align-v{version}", lora_int_id=version, lora_path=str(path))
+        try:
+            if not await self.llm.add_lora(request):
+                raise RuntimeError(f"vLLM did not load the adapter of version {version}")
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        self._loaded_loras.add(version)
+        self._lora, self.weight_version = request, version
+        await self._remove_unused_loras()
+
+    def _write_adapter(self, staged, adapter, version: int) -> Path:
+        """The adapter as PEFT saves it (what vLLM loads by path), in /dev/shm when there is one."""
+        from safetensors.torch import save_file
+
+        if self._lora_root is None:
+            root = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+            _remove_dead_servers_adapters(root)
+            self._lora_root = root / f"align-lora-{os.getpid()}"
+            self._lora_root.mkdir(mode=0o700)
+            atexit.register(shutil.rmtree, self._lora_root, ignore_errors=True)
+        path = self._lora_root / f"v{version}"
+        path.mkdir()
+        save_file({name: t.contiguous() for name, t in staged.tensors()}, str(path / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "r": adapter.r, "lora_alpha": adapter.lora_alpha,
+                  "target_modules": adapter.target_modules, "use_rslora": adapter.use_rslora,
+                  "rank_pattern": adapter.rank_pattern, "alpha_pattern": adapter.alpha_pattern,
+                  "use_dora": False, "bias": "none", "lora_dropout": 0.0}
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        return path
+
+    async def _remove_unused_loras(self) -> None:
+        current = self._lora.lora_int_id if self._lora is not None else None
+        for lora_id in [i for i in self._loaded_loras if i != current and self._lora_users[i] == 0]:
+            self._loaded_loras.discard(lora_id)
+            self._lora_users.pop(lora_id, None)
+            await self.llm.remove_lora(lora_id)
+            shutil.rmtree(self._lora_root / f"v{lora_id}", ignore_errors=True)
 
     async def transfer_weights(self, step: str, info) -> None:
         """nccl/ipc: vLLM's own engines receive straight into the live model between `start` and
@@ -261,3 +344,18 @@ class VLLMEngine(Engine):
             with contextlib.suppress(Exception):
                 await self.llm.finish_weight_update()
             await self._release_traffic()
+
+
+def _remove_dead_servers_adapters(root: Path) -> None:
+    """/dev/shm is memory: the adapter directories of a server that was killed before it could
+    clean up (SIGKILL, OOM) go when the next server on this host writes its first adapter."""
+    for path in root.glob("align-lora-*"):
+        pid = path.name.removeprefix("align-lora-")
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
