@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import threading
@@ -77,6 +78,31 @@ def served_manifest(model_path: str) -> tuple[dict[str, tuple[torch.dtype, tuple
     return accepted, required
 
 
+STAGING_PREFIX = "align-weights-"
+
+
+def staging_root() -> Path:
+    return Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+
+
+def remove_dead_servers_files(root: Path, prefix: str) -> None:
+    """/dev/shm is memory: what a server killed before it could clean up (SIGKILL, OOM) left there
+    (`<prefix><pid>...`) goes when the next server on this host starts."""
+    for path in root.glob(f"{prefix}*"):
+        pid = path.name.removeprefix(prefix).split("-", 1)[0].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 class StagedWeights:
     """Every bucket of one sync, back to back in one file-backed buffer (bucket i at sum(sizes[:i]))."""
 
@@ -84,8 +110,8 @@ class StagedWeights:
         self.specs, self.bucket_sizes = specs, bucket_sizes
         self.bucket_offsets = [sum(bucket_sizes[:i]) for i in range(len(bucket_sizes))]
         self.nbytes = sum(bucket_sizes)
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        fd, path = tempfile.mkstemp(prefix="align-weights-", suffix=".bin", dir=root)
+        # The pid in the name: a server killed before it could clean up is known by it (below).
+        fd, path = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", suffix=".bin", dir=staging_root())
         self.path = Path(path)
         try:
             os.ftruncate(fd, self.nbytes)
@@ -153,6 +179,7 @@ class WeightReceiver:
         # which cut streaming from ~1.4 to ~0.33 GB/s here. Only a committed sync's file is kept:
         # no writer of an aborted or failed sync can still be filling it.
         self._spare: StagedWeights | None = None
+        remove_dead_servers_files(staging_root(), STAGING_PREFIX)
         self.lock = asyncio.Lock()
         self._manifest: tuple[dict, set] | None = None
         self._lora_targets: tuple[dict, set] | None = None
@@ -462,9 +489,17 @@ class WeightReceiver:
             self.session = None
 
 
+def _close_all(receiver: "WeightReceiver") -> None:
+    """Server shutdown (SIGTERM included: uvicorn runs this before it exits): no staging file stays."""
+    for staged in (receiver._spare, receiver.session.staged if receiver.session else None):
+        if staged is not None:
+            staged.close()
+
+
 def add_weight_routes(app: FastAPI, engine, auth) -> WeightReceiver:
     """Mount the weight-sync routes; all of them require the API key when one is set."""
     receiver = WeightReceiver(app, engine)
+    app.router.on_shutdown.append(lambda: _close_all(receiver))
     app.state.weights = receiver
     guarded = [Depends(auth)]
 

@@ -375,3 +375,32 @@ def test_metrics_count_syncs(server, client):
     text = httpx.get(f"{server.url}/metrics", headers=server.headers()).text
     assert 'align_weight_syncs_total{outcome="committed"}' in text
     assert f"align_weight_version {float(version(client))}" in text
+
+
+def test_no_staging_file_outlives_its_server(tiny_vlm, trainer, log_dir):
+    """/dev/shm is memory. A server stopped with SIGTERM removes the staging file it keeps between
+    syncs as it shuts down; one killed with SIGKILL leaves it, and the next server on this host
+    removes it when it starts."""
+    from server.weights import STAGING_PREFIX, staging_root
+
+    def files(server: ServerProcess) -> list:
+        return sorted(staging_root().glob(f"{STAGING_PREFIX}{server.proc.pid}-*"))
+
+    def started_and_pushed() -> ServerProcess:
+        server = ServerProcess(tiny_vlm, "transformers", api_key=KEY, log_dir=log_dir).wait_ready()
+        with AlignClient(server.url, api_key=KEY) as c:
+            c.push_weights(trainer.model, transport="http", bucket_bytes=SMALL_BUCKET)
+        assert len(files(server)) == 1  # the committed sync's file, kept for the next sync
+        return server
+
+    stopped = started_and_pushed()
+    stopped.stop()
+    assert files(stopped) == []
+    killed = started_and_pushed()
+    killed.kill()
+    assert len(files(killed)) == 1
+    successor = ServerProcess(tiny_vlm, "transformers", api_key=KEY, log_dir=log_dir).wait_ready()
+    try:
+        assert files(killed) == []
+    finally:
+        successor.stop()

@@ -22,6 +22,7 @@ import kv_cache
 from protocol import SamplingParams
 from server.engines import Engine, EngineCompletion, EnginePrompt, EngineStartError, EngineUnavailable
 from server.engines.processing import ModelProcessing
+from server.weights import remove_dead_servers_files
 
 log = logging.getLogger("align-serve.vllm")
 
@@ -296,7 +297,7 @@ class VLLMEngine(Engine):
 
         if self._lora_root is None:
             root = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-            _remove_dead_servers_adapters(root)
+            remove_dead_servers_files(root, "align-lora-")
             self._lora_root = root / f"align-lora-{os.getpid()}"
             self._lora_root.mkdir(mode=0o700)
             atexit.register(shutil.rmtree, self._lora_root, ignore_errors=True)
@@ -344,18 +345,3 @@ class VLLMEngine(Engine):
             with contextlib.suppress(Exception):
                 await self.llm.finish_weight_update()
             await self._release_traffic()
-
-
-def _remove_dead_servers_adapters(root: Path) -> None:
-    """/dev/shm is memory: the adapter directories of a server that was killed before it could
-    clean up (SIGKILL, OOM) go when the next server on this host writes its first adapter."""
-    for path in root.glob("align-lora-*"):
-        pid = path.name.removeprefix("align-lora-")
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
