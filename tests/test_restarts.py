@@ -74,26 +74,32 @@ def step_logs(history: list[dict]) -> list[dict]:
     return [e for e in history if "loss" in e]
 
 
-@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
-def test_server_killed_mid_run_and_restarted(engine, tiny_vlm, data, tmp_path, log_dir):  # noqa: F811
-    server = ServerProcess(tiny_vlm, engine, log_dir=log_dir).wait_ready(600)
+def run_through_a_restart(engine, model, data_dir, tmp_path, log_dir, *flags) -> tuple[list[dict], str, int | None]:
+    """An 8-step server-mode run whose server is SIGKILLed once step 2's push landed and started again
+    on the same port: (the steps' logs, the trainer's output, the new server's final version)."""
+    server = ServerProcess(model, engine, log_dir=log_dir).wait_ready(600)
     out = tmp_path / "out"
-    trainer = Trainer(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "8"),
+    trainer = Trainer(grpo_args(model, data_dir / "grpo.jsonl", out, server.url, "--max_steps", "8", *flags),
                       tmp_path / "train.log")
     try:
         # Version 3 = the start push and those after steps 1 and 2: the run is under way.
         wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 3, "step 2's push", timeout=600)
         server.kill()
-        server = ServerProcess(tiny_vlm, engine, log_dir=log_dir, port=server.port)
+        server = ServerProcess(model, engine, log_dir=log_dir, port=server.port)
         output = trainer.wait()
         final = served_version(server.url)
     finally:
         if trainer.proc.poll() is None:
             trainer.kill()
         server.stop()
-
     steps = step_logs(json.loads((out / "trainer_state.json").read_text())["log_history"])
     assert [e["step"] for e in steps] == list(range(1, 9))  # every step ran
+    return steps, output, final
+
+
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_server_killed_mid_run_and_restarted(engine, tiny_vlm, data, tmp_path, log_dir):  # noqa: F811
+    steps, output, final = run_through_a_restart(engine, tiny_vlm, data, tmp_path, log_dir)
     served = [e["weight_version"] for e in steps]
     assert served == [e["weight_version_pushed"] for e in steps]  # each on the weights pushed for it
     # The restarted server counts from 0 again: the versions went back once, mid-run...
@@ -134,23 +140,8 @@ def test_server_killed_mid_async_run_and_restarted(tiny_vlm, data, tmp_path, log
     """--async_rollouts waits a restart out as synchronous server mode does: the new instance gets the
     trainer's weights again, what it served before that is refused, and every step trains on
     completions from weights this trainer pushed, counted in its own version sequence."""
-    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready(600)
-    out = tmp_path / "out"
-    trainer = Trainer(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "8",
-                                "--async_rollouts", "--max_staleness", "1"), tmp_path / "train.log")
-    try:
-        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 3, "step 2's push", timeout=600)
-        server.kill()
-        server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir, port=server.port)
-        output = trainer.wait()
-        final = served_version(server.url)
-    finally:
-        if trainer.proc.poll() is None:
-            trainer.kill()
-        server.stop()
-
-    steps = step_logs(json.loads((out / "trainer_state.json").read_text())["log_history"])
-    assert [e["step"] for e in steps] == list(range(1, 9))  # every step ran
+    steps, output, final = run_through_a_restart("transformers", tiny_vlm, data, tmp_path, log_dir,
+                                                 "--async_rollouts", "--max_staleness", "1")
     assert "restarted" in output
     used, pushed = [e["weight_version"] for e in steps], [e["weight_version_pushed"] for e in steps]
     # The trainer's own sequence: one version per push, never back at the restart...
