@@ -1,16 +1,20 @@
 """`align-train grpo --tools`: TRL's tool loop with a tool that returns an image, on a tiny Qwen3-VL
 taught to call it twice and then answer (tests/tool_model.py). Locally (`--vllm-mode none`) and
-through a real align-serve (transformers engine), where every trained sample is checked token for
+through a real align-serve (each engine), where every trained sample is checked token for
 token against what the server sampled plus the tool suffixes, recorded as the run went."""
 
+import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from trl import GRPOTrainer
 
-from tests.tool_model import ANSWER, IMAGE_SEED, QUESTION
+from tests.tool_model import ANSWER, IMAGE_SEED, QUESTION, zoom
 from tests.utils import ServerProcess, random_image
+from torchvision_compat import load_processor
 from trainer_client.cli import run
 from trainer_client.client import AlignClient, collapse_image_runs
 from trainer_client.generation import ServerGeneration
@@ -20,7 +24,7 @@ TOOLS = ["--tools", "tests.tool_model:zoom"]
 # (3 model turns: 64 + 64 + 2 tokens, 2 tool turns of 59 tokens each, an image in each).
 FLAGS = ["--per_device_train_batch_size", "2", "--num_generations", "2", "--max_steps", "2",
          "--max_completion_length", "260", "--learning_rate", "1e-7", "--temperature", "0.1",
-         "--reward_funcs", "accuracy", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+         "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
          "--logging_steps", "1"]
 PROMPT_TOKENS = 546  # the question with its image expanded and the tool's schema
 MAX_MODEL_LEN = 800  # the server's: the third turn's prompt (792 tokens) leaves 8 tokens
@@ -45,7 +49,7 @@ def data(tmp_path_factory) -> Path:
 
 def train(model, dataset, out, *flags):
     return run(["grpo", "--model", str(model), "--dataset", str(dataset), "--output_dir", str(out), *FLAGS, *TOOLS,
-                *flags])
+                "--reward_funcs", "accuracy", *flags])
 
 
 def undocumented(x):
@@ -140,10 +144,10 @@ def test_two_tool_turns_with_images_train_locally(two_call_vlm, data, tmp_path, 
     assert metric(trainer, "tools/failure_frequency") == [0.0, 0.0]
 
 
-@pytest.fixture(scope="module")
-def server(two_call_vlm, log_dir):
-    proc = ServerProcess(two_call_vlm, "transformers", extra=["--max-model-len", str(MAX_MODEL_LEN)],
-                         log_dir=log_dir).wait_ready()
+@pytest.fixture(scope="module", params=["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def server(request, two_call_vlm, log_dir):
+    proc = ServerProcess(two_call_vlm, request.param, extra=["--max-model-len", str(MAX_MODEL_LEN)],
+                         log_dir=log_dir).wait_ready(600)
     yield proc
     proc.stop()
 
@@ -206,3 +210,52 @@ def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, dat
     assert versions == [[2, 2, 2], [2, 2, 2]]  # the last batch: every turn from the weights pushed for step 1
     assert metric(trainer, "weight_version_oldest_turn") == [1.0, 2.0]
     assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
+
+
+def turns_as_planned(completions, tool_turns, **kwargs) -> list[float]:
+    """1 where a trajectory has the tool turns its row plans: a sample handed another prompt's
+    completion (a process taking another's slice) scores 0."""
+    return [float(sum(m["role"] == "tool" for m in c) == t) for c, t in zip(completions, tool_turns, strict=True)]
+
+
+def long_question(processor, length: int) -> str:
+    """The question padded to a prompt of about `length` tokens (with its image and the tool schema)."""
+    def tokens(n: int) -> int:
+        messages = [{"role": "user", "content": [{"type": "image", "image": random_image(3)},
+                                                 {"type": "text", "text": "so " * n + QUESTION}]}]
+        return len(processor.apply_chat_template(messages, tools=[zoom], add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"][0])
+    lo, hi = 0, length
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if tokens(mid) < length else (lo, mid)
+    return "so " * lo + QUESTION
+
+
+def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
+    """Under `accelerate launch` one process's prompt runs two tool turns, the other's none (its first
+    tool answer would pass the model's 2048 positions, so TRL drops it): the second joins the first's
+    turns instead of leaving it waiting, and each trains on its own samples."""
+    root = tmp_path / "data"
+    root.mkdir()
+    random_image(IMAGE_SEED).save(root / "q.png")
+    random_image(3).save(root / "long.png")
+    text = long_question(load_processor(two_call_vlm), 1960)
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+             "image": image, "tool_turns": turns}
+            for q, image, turns in ((QUESTION, "q.png", 2), (text, "long.png", 0))]
+    (root / "grpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = ServerProcess(two_call_vlm, "transformers", log_dir=log_dir).wait_ready()
+    try:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer_client.cli",
+               "grpo", "--model", str(two_call_vlm), "--dataset", str(root / "grpo.jsonl"),
+               "--output_dir", str(tmp_path / "out"), *FLAGS, *TOOLS, "--reward_funcs",
+               "tests.test_tools:turns_as_planned", "--vllm-mode", "server", "--server-url", server.url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert AlignClient(server.url).info(refresh=True).weight_version == 3  # the start push, one per step
+    finally:
+        server.stop()
+    logged = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{'loss'")]
+    assert [float(log["reward"]) for log in logged] == [1.0, 1.0]

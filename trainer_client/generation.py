@@ -74,14 +74,19 @@ class ServerGeneration:
                     top_k=t.top_k if t.top_k is not None else -1, min_p=t.min_p or 0.0,
                     repetition_penalty=t.repetition_penalty, max_tokens=max_tokens, logprobs=True)
 
-    def generate(self, prompts, images, num_generations, profiler=None):
+    def generate(self, prompts, images, num_generations, profiler=None, done: bool = False):
         """TRL's `VLLMGeneration.generate` contract: per local prompt (already repeated
         `num_generations` times) its prompt ids, completion ids, per-token [logprob], and None.
 
         TRL's tool loop calls it again per tool turn with `num_generations=1` and, per sample that
         called a tool, its prompt + sampled ids + tool suffix ids (expanded image runs, which the
-        client collapses) and all its images so far; each process then holds its own count."""
-        counts = gather_object([len(prompts)])
+        client collapses) and all its images so far; each process then holds its own count.
+        `done`: this process has left the tool loop and only joins the others' turns (see
+        `join_tool_turns`); None once every process has."""
+        states = gather_object([(len(prompts), done)])
+        if all(d for _, d in states):
+            return None
+        counts = [n for n, _ in states]
         used = self.turns.used(prompts) if self.turns is not None else [0] * len(prompts)
         all_prompts = gather_object(prompts)
         all_used = gather_object(used)
@@ -150,6 +155,15 @@ class ServerGeneration:
     def start_tool_turns(self, prompt_ids, completion_ids) -> None:
         """TRL's tool loop starts: later calls are tool turns of these (local) trajectories."""
         self.turns = Trajectories(prompt_ids, completion_ids, self.first_turn_versions)
+
+    def join_tool_turns(self) -> None:
+        """Generation is collective (every process gathers its prompts to the main one), but each
+        process runs its own number of tool turns: one whose samples stopped calling tools joins the
+        others' turns with no prompts until every process has left the loop, instead of hanging them."""
+        if self.accelerator.num_processes == 1:
+            return
+        while self.generate([], [], 1, done=True) is not None:
+            pass
 
     def end_tool_turns(self) -> None:
         turns, self.turns = self.turns, None

@@ -86,6 +86,8 @@ class LogsToolTurns:
         try:
             out = super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, logprobs, images,
                                           multimodal_fields)
+            if start is not None:
+                generation.join_tool_turns()
         finally:
             if start is not None:
                 generation.end_tool_turns()
