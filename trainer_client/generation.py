@@ -133,10 +133,12 @@ class ServerGeneration:
     def _sample(self, prompts, images, used, n) -> list[Completion]:
         """n completions per prompt, each asked for no more tokens than its trajectory has left of
         max_completion_length and than fit in the server's max_model_len (later tool turns would
-        otherwise be refused for length). A prompt with nothing left gets an empty completion."""
+        otherwise be refused for length). A tool turn with nothing left gets an empty completion; a
+        first turn whose prompt alone fills max_model_len is asked as it is, for the server's 400."""
         max_model_len = self.client.info().limits.max_model_len
-        budgets = [max(0, min(self.trainer.max_completion_length - u, max_model_len - len(p)))
-                   for p, u in zip(prompts, used, strict=True)]
+        limit = self.trainer.max_completion_length
+        budgets = [max(0, min(limit - u, max_model_len - len(p))) for p, u in zip(prompts, used, strict=True)]
+        budgets = [limit if b == 0 and u == 0 else b for b, u in zip(budgets, used, strict=True)]
         out: list[list[Completion] | None] = [None] * len(prompts)
         for budget in sorted(set(budgets)):
             rows = [i for i, b in enumerate(budgets) if b == budget]
