@@ -65,8 +65,10 @@ class ServerGeneration:
         and every process takes part in each push (weights.Gathered)."""
         return is_sharded(self.trainer.model.named_parameters())
 
-    def sampling(self, num_generations: int, max_tokens: int) -> dict:
+    def sampling(self, num_generations: int, max_tokens: int | None = None) -> dict:
+        """`max_tokens`: what this turn may sample (default max_completion_length, a whole first turn)."""
         t = self.trainer
+        max_tokens = t.max_completion_length if max_tokens is None else max_tokens
         if not t.model.training:
             # Evaluation is greedy (TRL samples there too): two evals of the same weights score the same.
             return dict(n=num_generations, temperature=0.0, max_tokens=max_tokens, logprobs=True)
