@@ -89,6 +89,19 @@ TOOLS_CHAT_TEMPLATE = (
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+# How a completion of TOOLS_CHAT_TEMPLATE's model is parsed back into a message (transformers'
+# `response_template`, saved in tokenizer_config.json as model repos ship it): Hermes-style
+# `<tool_call>` JSON blocks, as Qwen3's own. TRL's tool loop parses completions with it.
+TOOLS_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|im_start|>assistant\n",
+    "fields": {
+        "reasoning_content": {"open": "<think>", "close_pattern": r"</think>\s*", "content": "text"},
+        "tool_calls": {"open": "<tool_call>", "close_pattern": r"</tool_call>\s*", "repeats": True, "content": "json",
+                       "transform": {"type": "function", "function": "{content}"}},
+        "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
+    },
+}
 CHAT_TEMPLATES = {"qwen2_vl": CHAT_TEMPLATE, "qwen2_5_vl": CHAT_TEMPLATE, "qwen3_vl": TOOLS_CHAT_TEMPLATE}
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
@@ -240,6 +253,8 @@ def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, 
     torch.manual_seed(seed)
     tok = TOKENIZERS[tokenizer]()
     tok.chat_template = CHAT_TEMPLATES[arch]
+    if arch == "qwen3_vl":
+        tok.response_template = TOOLS_RESPONSE_TEMPLATE
     text = _text_config(arch, tok, max_len)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 

@@ -49,3 +49,61 @@ def build_tool_model(out: Path, max_steps: int = 400) -> Path:
     assert text == CALL, f"the tiny model did not learn its tool call (loss {loss.item():.4f}): {text!r}"
     model.save_pretrained(out)
     return out
+
+
+# ---- a model that calls its tool twice, seeing the tool's image in between ------------------------
+ZOOMED_SEED = 7  # the image `zoom` returns
+ANSWER = "red"
+
+
+def zoom(factor: int) -> list:
+    """Zoom into the image
+
+    Args:
+        factor: how many times to enlarge
+    """
+    return [{"type": "image", "image": random_image(ZOOMED_SEED)}, {"type": "text", "text": f"zoomed x{factor}"}]
+
+
+def two_call_trajectory() -> list[dict]:
+    """The conversation the model learns: call, look at the tool's image, call again, answer."""
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "zoom", "arguments": {"factor": 2}}}]}
+    tool = {"role": "tool", "name": "zoom", "content": zoom(2)}
+    question_msgs = [{"role": "user", "content": [{"type": "image", "image": random_image(IMAGE_SEED)},
+                                                  {"type": "text", "text": QUESTION}]}]
+    return [*question_msgs, call, tool, call, tool, {"role": "assistant", "content": ANSWER}]
+
+
+def build_two_call_model(out: Path, max_steps: int = 600) -> Path:
+    """A tiny Qwen3-VL taught the whole of `two_call_trajectory()` with `zoom` as its tool, rendered as
+    TRL renders it (the tool's schema from its docstring), loss on the assistant turns only."""
+    build(out, "qwen3_vl", seed=0)
+    processor = load_processor(out)
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    conversation = two_call_trajectory()
+
+    def ids(messages, generation_prompt: bool) -> dict:
+        return processor.apply_chat_template(messages, tools=[zoom], add_generation_prompt=generation_prompt,
+                                             tokenize=True, return_dict=True, return_tensors="pt")
+
+    inputs = ids(conversation, False)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for i, m in enumerate(conversation):
+        if m["role"] == "assistant":
+            start = ids(conversation[:i], True)["input_ids"].shape[1]
+            stop = start + inputs["input_ids"][0, start:].tolist().index(end) + 1
+            labels[0, start:stop] = inputs["input_ids"][0, start:stop]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(max_steps):
+        loss = model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.005:
+            break
+    assert loss.item() < 0.05, f"the tiny model did not learn its two tool calls (loss {loss.item():.4f})"
+    model.save_pretrained(out)
+    return out

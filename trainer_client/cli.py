@@ -7,6 +7,7 @@ from model_hub import ModelNotFound, resolve_model
 from trainer_client.config import parse_args
 from trainer_client.data import DatasetError
 from trainer_client.rewards import RewardSetupError
+from trainer_client.tools import ToolSetupError
 
 
 def run(argv: list[str] | None = None):
@@ -30,6 +31,8 @@ def run(argv: list[str] | None = None):
         sys.exit(f"align-train: bad dataset, nothing trained: {exc}")
     except RewardSetupError as exc:
         sys.exit(f"align-train: --reward_funcs: {exc}")
+    except ToolSetupError as exc:
+        sys.exit(f"align-train: {exc}")
     trainer.train(resume_from_checkpoint=resume_arg(config))
     trainer.save_model(config.output_dir)
     trainer.save_state()  # trainer_state.json: the metrics history (reward curve) beside the model

@@ -61,6 +61,12 @@ class AlignArguments:
         "help": "Rewards for GRPO/GSPO: built-in format, think_format, accuracy, or any module:function."})
     server_timeout: float = field(default=600.0, metadata={
         "help": "Seconds to wait for the server to be ready, at start and whenever it restarts mid-run."})
+    tools: list[str] = field(default_factory=list, metadata={
+        "help": "GRPO/GSPO: tools the model may call, as module:function (type hints and a docstring describe "
+                "each one to the model); TRL runs the tool loop. Repeat or list several.", "action": "extend"})
+    environment: str | None = field(default=None, metadata={
+        "help": "GRPO/GSPO: TRL's environment_factory as module:Factory; one instance per rollout, its public "
+                "methods (but reset) are tools, reset(**row) starts a rollout."})
     eval_dataset: str | None = field(default=None, metadata={
         "help": "A second dataset file (same formats as --dataset) for --eval_strategy steps: greedy completions "
                 "scored by the reward functions (eval_reward, eval_rewards/<name>/mean)."})
@@ -151,6 +157,17 @@ def _check_rollout_flags(config: GRPORunConfig) -> None:
                          f"gradient_accumulation_steps {config.gradient_accumulation_steps}): raise it to {spans}")
 
 
+def _check_tool_flags(align: AlignArguments, config: GRPORunConfig) -> None:
+    tools = bool(align.tools or align.environment)
+    if config.max_tool_calling_iterations is not None and config.max_tool_calling_iterations < 1:
+        raise SystemExit(f"--max_tool_calling_iterations must be >= 1 (got {config.max_tool_calling_iterations})")
+    if config.max_tool_calling_iterations is not None and not tools:
+        raise SystemExit("--max_tool_calling_iterations needs --tools or --environment: without them nothing calls a tool")
+    if tools and config.async_rollouts:
+        raise SystemExit("--tools/--environment with --async_rollouts is not supported yet: use synchronous server mode "
+                         "(drop --async_rollouts) or --vllm-mode none")
+
+
 def _parse(parser: TrlParser, argv: list[str]):
     """TRL's parse, with its refusals of bad values (TRL configs' checks, a missing --config) as one line."""
     try:
@@ -203,6 +220,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
         raise SystemExit(f"--server_timeout must be above 0 seconds (got {align.server_timeout:g})")
     if method != "mpo":
         _check_rollout_flags(config)
+        _check_tool_flags(align, config)
+    elif align.tools or align.environment:
+        raise SystemExit("align-train mpo: --tools and --environment are for grpo and gspo, which generate")
     init = {k: v for k, v in (("dtype", model_args.dtype), ("attn_implementation", model_args.attn_implementation))
             if v is not None}
     if init:

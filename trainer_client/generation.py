@@ -27,6 +27,7 @@ from collections import Counter
 import torch.distributed
 from accelerate.utils import broadcast_object_list, gather_object
 
+from protocol.schemas import Completion
 from trainer_client.client import AlignClient, AlignServerError
 from trainer_client.waiting import WaitReport
 from trainer_client.weights import (
@@ -69,6 +70,9 @@ class ServerGeneration:
                                                   from_process=0)[0]
         self.weight_versions: Counter[int] = Counter()  # completions per weight_version, whole run
         self.restarts = 0  # answers refused since the run started (server restarts, foreign pushes)
+        self.first_turn_versions: list[int] = []  # per local sample, of the last first-turn generate
+        self.turns: Trajectories | None = None  # while TRL's tool loop runs
+        self.turn_versions: list[list[int]] = []  # per local sample of the last batch with tools: each turn's version
 
     @property
     def accelerator(self):
@@ -109,23 +113,37 @@ class ServerGeneration:
             with named_weights(model) as pairs:
                 yield pairs, None
 
-    def sampling(self, num_generations: int) -> dict:
+    def sampling(self, num_generations: int, max_tokens: int | None = None) -> dict:
+        """`max_tokens`: what this turn may sample (default max_completion_length, a whole first turn)."""
         t = self.trainer
+        max_tokens = t.max_completion_length if max_tokens is None else max_tokens
         if not t.model.training:
             # Evaluation is greedy (TRL samples there too): two evals of the same weights score the same.
-            return dict(n=num_generations, temperature=0.0, max_tokens=t.max_completion_length, logprobs=True)
+            return dict(n=num_generations, temperature=0.0, max_tokens=max_tokens, logprobs=True)
         return dict(n=num_generations, temperature=t.temperature, top_p=t.top_p,
                     top_k=t.top_k if t.top_k is not None else -1, min_p=t.min_p or 0.0,
-                    repetition_penalty=t.repetition_penalty, max_tokens=t.max_completion_length,
-                    logprobs=True)
+                    repetition_penalty=t.repetition_penalty, max_tokens=max_tokens, logprobs=True)
 
-    def generate(self, prompts, images, num_generations, profiler=None):
+    def generate(self, prompts, images, num_generations, profiler=None, done: bool = False):
         """TRL's `VLLMGeneration.generate` contract: per local prompt (already repeated
-        `num_generations` times) its prompt ids, completion ids, per-token [logprob], and None."""
+        `num_generations` times) its prompt ids, completion ids, per-token [logprob], and None.
+
+        TRL's tool loop calls it again per tool turn with `num_generations=1` and, per sample that
+        called a tool, its prompt + sampled ids + tool suffix ids (expanded image runs, which the
+        client collapses) and all its images so far; each process then holds its own count.
+        `done`: this process has left the tool loop and only joins the others' turns (see
+        `join_tool_turns`); None once every process has."""
+        states = gather_object([(len(prompts), done)])
+        if all(d for _, d in states):
+            return None
+        counts = [n for n, _ in states]
+        used = self.turns.used(prompts) if self.turns is not None else [0] * len(prompts)
         all_prompts = gather_object(prompts)
+        all_used = gather_object(used)
         all_images = gather_object(images if images is not None else [None] * len(prompts))
         # The sampler repeats each prompt num_generations times in a row: ask once with n.
         unique = all_prompts[::num_generations]
+        unique_used = all_used[::num_generations]
         unique_images = [imgs or [] for imgs in all_images[::num_generations]]
         for refusals in range(MAX_REFUSALS + 1):
             self._push([i for i, p in enumerate(self.pushed) if p is None])
@@ -133,9 +151,7 @@ class ServerGeneration:
             if self.accelerator.is_main_process:
                 try:
                     with profiler if profiler is not None else _null():
-                        out = self.client.generate(prompt_ids=unique, images=unique_images, check=self._check,
-                                                   **self.sampling(num_generations))
-                    completions = [c for r in out.results for c in r.completions]
+                        completions = self._sample(unique, unique_images, unique_used, num_generations)
                     # The server never samples image/video placeholders (as TRL's local generation
                     # suppresses them), so every completion can be trained on as it is.
                     pushed = [p[1] for p in self.pushed if p is not None]
@@ -154,9 +170,59 @@ class ServerGeneration:
                 break
             self.pushed[payload] = None
         completion_ids, logprobs, versions, pushed_version = payload
-        mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
-        self._log_versions(versions[mine], pushed_version)
+        # Ranks may hold different counts (tool turns run per sample): each takes its own slice.
+        start = sum(counts[: self.accelerator.process_index])
+        mine = slice(start, start + len(prompts))
+        if self.turns is not None:
+            self.turns.sampled(prompts, completion_ids[mine], versions[mine])
+        else:
+            self.first_turn_versions = versions[mine]
+            self._log_versions(versions[mine], pushed_version)
         return prompts, completion_ids[mine], logprobs[mine], None
+
+    def _sample(self, prompts, images, used, n) -> list[Completion]:
+        """n completions per prompt, each asked for no more tokens than its trajectory has left of
+        max_completion_length and than fit in the server's max_model_len (later tool turns would
+        otherwise be refused for length). A tool turn with nothing left gets an empty completion; a
+        first turn whose prompt alone fills max_model_len is asked as it is, for the server's 400."""
+        max_model_len = self.client.info().limits.max_model_len
+        limit = self.trainer.max_completion_length
+        budgets = [max(0, min(limit - u, max_model_len - len(p))) for p, u in zip(prompts, used, strict=True)]
+        budgets = [limit if b == 0 and u == 0 else b for b, u in zip(budgets, used, strict=True)]
+        out: list[list[Completion] | None] = [None] * len(prompts)
+        for budget in sorted(set(budgets)):
+            rows = [i for i, b in enumerate(budgets) if b == budget]
+            if budget == 0:
+                empty = Completion(token_ids=[], logprobs=[], text="", finish_reason="length",
+                                   weight_version=self.pushed[0][1])
+                for i in rows:
+                    out[i] = [empty] * n
+                continue
+            answer = self.client.generate(prompt_ids=[prompts[i] for i in rows], images=[images[i] for i in rows],
+                                          check=self._check, **self.sampling(n, budget))
+            for i, result in zip(rows, answer.results, strict=True):
+                out[i] = result.completions
+        return [c for cs in out for c in cs]
+
+    def start_tool_turns(self, prompt_ids, completion_ids) -> None:
+        """TRL's tool loop starts: later calls are tool turns of these (local) trajectories."""
+        self.turns = Trajectories(prompt_ids, completion_ids, self.first_turn_versions)
+
+    def join_tool_turns(self) -> None:
+        """Generation is collective (every process gathers its prompts to the main one), but each
+        process runs its own number of tool turns: one whose samples stopped calling tools joins the
+        others' turns with no prompts until every process has left the loop, instead of hanging them."""
+        if self.accelerator.num_processes == 1:
+            return
+        while self.generate([], [], 1, done=True) is not None:
+            pass
+
+    def end_tool_turns(self) -> None:
+        turns, self.turns = self.turns, None
+        self.turn_versions = turns.versions
+        # A trajectory is as stale as its oldest turn.
+        oldest = [min(v) for v in turns.versions]
+        self.trainer._log_metric("weight_version_oldest_turn", sum(oldest) / max(1, len(oldest)))
 
     def _check(self, server: int, answer) -> None:
         instance, version = self.pushed[server]
@@ -256,6 +322,38 @@ class ServerGeneration:
             return False
         log.warning("%s restarted during a weight push; pushing again", self.client.base_urls[server])
         return True
+
+
+class Trajectories:
+    """The local samples of one batch across TRL's tool turns. A tool turn's prompt is a trajectory's
+    ids so far (prompt + every turn as sampled) followed by the tool suffix: that prefix says which
+    trajectory it continues, hence how much of max_completion_length it has used."""
+
+    def __init__(self, prompt_ids, completion_ids, first_versions: list[int]):
+        self.ids = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        self.prompt_lens = [len(p) for p in prompt_ids]
+        self.versions = [[v] for v in first_versions]
+        self._current: list[int] = []
+
+    def used(self, prompts) -> list[int]:
+        """Completion tokens (sampled and from tools) each of these turn prompts already holds."""
+        self._current, taken = [], set()
+        for prompt in prompts:
+            # The longest: a trajectory identical so far to a shorter one's continuation is the one continued.
+            matches = [i for i, ids in enumerate(self.ids)
+                       if i not in taken and len(ids) <= len(prompt) and prompt[: len(ids)] == ids]
+            match = max(matches, key=lambda i: len(self.ids[i]), default=None)
+            if match is None:
+                raise RuntimeError("a tool turn's prompt does not continue any trajectory of this batch as sampled: "
+                                   "the earlier turns were re-rendered")
+            taken.add(match)
+            self._current.append(match)
+        return [len(p) - self.prompt_lens[i] for p, i in zip(prompts, self._current, strict=True)]
+
+    def sampled(self, prompts, completion_ids, versions) -> None:
+        for i, prompt, ids, version in zip(self._current, prompts, completion_ids, versions, strict=True):
+            self.ids[i] = list(prompt) + list(ids)
+            self.versions[i].append(version)
 
 
 def _open_sync_expiry(exc: Exception) -> float | None:

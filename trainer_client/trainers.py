@@ -28,6 +28,7 @@ from trainer_client.dynamic_sampling import DynamicSampling
 from trainer_client.generation import ServerGeneration
 from trainer_client.importance_sampling import LossForwardImportanceSampling
 from trainer_client.rewards import check_reward_columns, load_rewards
+from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class MPOTrainer(RestoresCheckpointWeights, DPOTrainer):
     """TRL's DPOTrainer, resuming with the checkpoint's weights."""
 
 
-class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, RestoresCheckpointWeights, GRPOTrainer):
+class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, LogsToolTurns, RestoresCheckpointWeights,
+                        GRPOTrainer):
     """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
     does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam
     (`AsyncRollouts` around it with --async_rollouts). Evaluation goes through the same seam, greedy
@@ -102,7 +104,7 @@ def sharding_refusal(fsdp_plugin, deepspeed_plugin) -> str | None:
     return None
 
 
-class GreedyEvalGRPOTrainer(RestoresCheckpointWeights, GRPOTrainer):
+class GreedyEvalGRPOTrainer(LogsToolTurns, RestoresCheckpointWeights, GRPOTrainer):
     """TRL samples evaluation completions as it samples training ones; ours are greedy, so an eval
     score moves only when the weights do. `none` mode: transformers' generate; colocate: TRL's vLLM."""
 
@@ -214,7 +216,10 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     `peft_config` TRL trains an adapter; server mode pushes the adapter alone or the merged weights
     (`--lora_sync`, see ServerGeneration)."""
     rewards = load_rewards(align.reward_funcs) if method != "mpo" else []  # fails in a second, not after loading
+    tools, environment = (load_tools(align.tools), load_environment(align.environment)) if method != "mpo" else ([], None)
     processor = load_processor(align.model, trust_remote_code=config.trust_remote_code)
+    if tools or environment:
+        check_template(processor, align.model)
     dataset, eval_dataset = load_datasets(align, method)
     if method == "mpo":
         return MPOTrainer(model=align.model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
@@ -230,7 +235,8 @@ def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MP
     trl_config.use_vllm = mode == "colocate"
     trl_config.vllm_mode = "colocate" if mode == "colocate" else "server"
     common = dict(model=align.model, reward_funcs=rewards, args=trl_config, train_dataset=dataset,
-                  eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config)
+                  eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config,
+                  tools=tools or None, environment_factory=environment)
     if mode == "colocate":
         return ColocateGRPOTrainer(**common)
     if mode == "none":

@@ -1,0 +1,261 @@
+"""`align-train grpo --tools`: TRL's tool loop with a tool that returns an image, on a tiny Qwen3-VL
+taught to call it twice and then answer (tests/tool_model.py). Locally (`--vllm-mode none`) and
+through a real align-serve (each engine), where every trained sample is checked token for
+token against what the server sampled plus the tool suffixes, recorded as the run went."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from trl import GRPOTrainer
+
+from tests.tool_model import ANSWER, IMAGE_SEED, QUESTION, zoom
+from tests.utils import ServerProcess, random_image
+from torchvision_compat import load_processor
+from trainer_client.cli import run
+from trainer_client.client import AlignClient, collapse_image_runs
+from trainer_client.generation import ServerGeneration
+
+TOOLS = ["--tools", "tests.tool_model:zoom"]
+# One prompt, two samples, two steps; a low temperature keeps the tiny model on its trajectory
+# (3 model turns: 64 + 64 + 2 tokens, 2 tool turns of 59 tokens each, an image in each).
+FLAGS = ["--per_device_train_batch_size", "2", "--num_generations", "2", "--max_steps", "2",
+         "--max_completion_length", "260", "--learning_rate", "1e-7", "--temperature", "0.1",
+         "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+         "--logging_steps", "1"]
+PROMPT_TOKENS = 546  # the question with its image expanded and the tool's schema
+MAX_MODEL_LEN = 800  # the server's: the third turn's prompt (792 tokens) leaves 8 tokens
+
+
+@pytest.fixture(scope="module")
+def two_call_vlm(tmp_path_factory) -> Path:
+    from tests.tool_model import build_two_call_model
+
+    return build_two_call_model(tmp_path_factory.mktemp("two_call_qwen3_vl"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tool-data")
+    random_image(IMAGE_SEED).save(root / "q.png")
+    row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+           "image": "q.png", "solution": ANSWER}
+    (root / "grpo.jsonl").write_text(json.dumps(row) + "\n")
+    return root / "grpo.jsonl"
+
+
+def train(model, dataset, out, *flags):
+    return run(["grpo", "--model", str(model), "--dataset", str(dataset), "--output_dir", str(out), *FLAGS, *TOOLS,
+                "--reward_funcs", "accuracy", *flags])
+
+
+def undocumented(x):
+    return x
+
+
+class NoReset:
+    def look(self, x: int) -> int:
+        """Look.
+
+        Args:
+            x: where
+        """
+        return x
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tools", "nowhere"], r"--tools 'nowhere': give it as module:name"),
+    (["--tools", "tests.test_tools:missing"], r"--tools 'tests.test_tools:missing' cannot be loaded"),
+    (["--tools", "tests.test_tools:undocumented"], r"--tools 'tests.test_tools:undocumented': .*type hints"),
+    (["--environment", "tests.test_tools:NoReset"], r"--environment .*needs a reset\(self, \*\*row\) method"),
+])
+def test_bad_tools_fail_at_start_in_one_line(flags, message, tmp_path):
+    with pytest.raises(SystemExit, match=message) as exc:
+        run(["grpo", "--model", str(tmp_path), "--dataset", str(tmp_path / "d.jsonl"), *flags])
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_tool_calling_iterations", "0", *TOOLS], r"--max_tool_calling_iterations must be >= 1 \(got 0\)"),
+    (["--max_tool_calling_iterations", "2"], r"needs --tools or --environment"),
+    ([*TOOLS, "--vllm-mode", "server", "--server-url", "http://127.0.0.1:1", "--async_rollouts"],
+     r"--async_rollouts is not supported yet"),
+])
+def test_tool_flag_values_refused(flags, message):
+    from trainer_client.config import parse_args
+
+    with pytest.raises(SystemExit, match=message):
+        parse_args(["grpo", "--model", "m", "--dataset", "d", *flags])
+
+
+def test_a_template_without_tools_is_refused_before_loading(tiny_vlm, data, tmp_path):
+    with pytest.raises(SystemExit, match=r"chat template of .* cannot render tool calls"):
+        train(tiny_vlm, data, tmp_path / "out")
+
+
+@pytest.fixture()
+def trained_batches(monkeypatch) -> list[dict]:
+    """What TRL's `_generate` hands the loss, per batch: the ids, tool masks, logprobs and images."""
+    batches = []
+    generate = GRPOTrainer._generate
+
+    def recorded(self, prompts):
+        out = generate(self, prompts)
+        prompt_ids, completion_ids, tool_mask, completions, logprobs, _, images, _ = out
+        batches.append(dict(prompt_ids=prompt_ids, completion_ids=completion_ids, tool_mask=tool_mask,
+                            completions=completions, logprobs=logprobs, images=images,
+                            image_token_id=self.processing_class.image_token_id))
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_generate", recorded)
+    return batches
+
+
+def check_trajectories(batch: dict) -> None:
+    """Three model turns, two tool turns with an image each, the answer last; as many image runs
+    in each trained sequence as images reach its forward."""
+    for i, completion in enumerate(batch["completions"]):
+        roles = [m["role"] for m in completion]
+        assert roles == ["assistant", "tool", "assistant", "tool", "assistant"], roles
+        assert completion[-1]["content"] == ANSWER
+        ids = batch["prompt_ids"][i] + batch["completion_ids"][i]
+        runs = collapse_image_runs(ids, batch["image_token_id"]).count(batch["image_token_id"])
+        assert runs == len(batch["images"][i]) == 3
+        assert batch["tool_mask"][i].count(0) == 2 * 59
+
+
+def metric(trainer, name: str) -> list[float]:
+    return [h[name] for h in trainer.state.log_history if name in h]
+
+
+def test_two_tool_turns_with_images_train_locally(two_call_vlm, data, tmp_path, trained_batches):
+    trainer = train(two_call_vlm, data, tmp_path / "out")
+    assert trainer.state.global_step == 2
+    assert len(trained_batches) == 2
+    for batch in trained_batches:
+        check_trajectories(batch)
+    assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
+    assert metric(trainer, "tools/calls_per_sample") == [2.0, 2.0]
+    assert metric(trainer, "tools/tool_tokens") == [118.0, 118.0]
+    assert metric(trainer, "tools/model_tokens") == [130.0, 130.0]
+    assert metric(trainer, "tools/failure_frequency") == [0.0, 0.0]
+
+
+@pytest.fixture(scope="module", params=["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def server(request, two_call_vlm, log_dir):
+    proc = ServerProcess(two_call_vlm, request.param, extra=["--max-model-len", str(MAX_MODEL_LEN)],
+                         log_dir=log_dir).wait_ready(600)
+    yield proc
+    proc.stop()
+
+
+def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, data, tmp_path, server, monkeypatch,
+                                                               trained_batches):
+    turns, asked = [], []  # per generate call: prompts (expanded) and answers; per request: its max_tokens
+    generate, client_generate = ServerGeneration.generate, AlignClient.generate
+
+    def recorded(self, prompts, images, num_generations, profiler=None):
+        out = generate(self, prompts, images, num_generations, profiler)
+        # copies: TRL's tool loop writes each sample's whole completion into the list it was handed
+        turns.append(dict(prompts=[list(p) for p in prompts], sampled=[list(c) for c in out[1]],
+                          logprobs=[list(lp) for lp in out[2]]))
+        return out
+
+    def client_recorded(self, *args, **kwargs):
+        answer = client_generate(self, *args, **kwargs)
+        asked.append((kwargs["max_tokens"], [r.prompt_ids for r in answer.results]))
+        return answer
+
+    monkeypatch.setattr(ServerGeneration, "generate", recorded)
+    monkeypatch.setattr(AlignClient, "generate", client_recorded)
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url)
+    assert trainer.state.global_step == 2 and len(trained_batches) == 2
+    # Each turn asked for the least of what was left of max_completion_length (260, then 260 - 123, then
+    # 260 - 246) and of the server's max_model_len (its prompts: 546, 669 and 792 tokens): never refused.
+    assert [a[0] for a in asked] == [MAX_MODEL_LEN - PROMPT_TOKENS, MAX_MODEL_LEN - 669, MAX_MODEL_LEN - 792] * 2
+
+    turns_of_batch = [turns[0:3], turns[3:6]]
+    for batch, batch_turns in zip(trained_batches, turns_of_batch, strict=True):
+        check_trajectories(batch)
+        image_token = batch["image_token_id"]
+        for i in range(len(batch["completion_ids"])):
+            trained = batch["prompt_ids"][i] + batch["completion_ids"][i]
+            # This sample's turns: those whose prompt + sampled ids start its trained sequence.
+            chain = [(p, s, lp) for t in batch_turns for p, s, lp in zip(t["prompts"], t["sampled"], t["logprobs"],
+                                                                               strict=True)
+                     if trained[: len(p) + len(s)] == p + s]
+            # (the two samples of the group may be identical: one copy of each turn)
+            chain = sorted({tuple(p + s): (p, s, lp) for p, s, lp in chain}.values(), key=lambda c: len(c[0]))
+            assert len(chain) == 3
+            ids, mask, logprobs = [], [], []
+            for k, (prompt, sampled, lps) in enumerate(chain):
+                assert prompt[: len(batch["prompt_ids"][i])] == batch["prompt_ids"][i]
+                suffix = chain[k + 1][0][len(prompt) + len(sampled):] if k + 1 < len(chain) else []
+                ids += sampled + suffix
+                mask += [1] * len(sampled) + [0] * len(suffix)
+                logprobs += [lp[0] for lp in lps] + [0.0] * len(suffix)
+            assert batch["completion_ids"][i] == ids  # token for token: sampled + tool suffixes, nothing re-rendered
+            assert batch["tool_mask"][i] == mask
+            assert batch["logprobs"][i] == pytest.approx(logprobs)
+            assert trained[-2:] == chain[-1][1] and len(chain[-1][1]) == 2  # the answer fit in the last 8 tokens
+        # The server was given one placeholder per image, our expanded runs collapsed.
+        sent = [ids for _, prompts in asked for ids in prompts]
+        for t in batch_turns:
+            for p in t["prompts"]:
+                assert collapse_image_runs(p, image_token) in sent
+    versions = trainer.vllm_generation.turn_versions
+    assert versions == [[2, 2, 2], [2, 2, 2]]  # the last batch: every turn from the weights pushed for step 1
+    assert metric(trainer, "weight_version_oldest_turn") == [1.0, 2.0]
+    assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
+
+
+def turns_as_planned(completions, tool_turns, **kwargs) -> list[float]:
+    """1 where a trajectory has the tool turns its row plans: a sample handed another prompt's
+    completion (a process taking another's slice) scores 0."""
+    return [float(sum(m["role"] == "tool" for m in c) == t) for c, t in zip(completions, tool_turns, strict=True)]
+
+
+def long_question(processor, length: int) -> str:
+    """The question padded to a prompt of about `length` tokens (with its image and the tool schema)."""
+    def tokens(n: int) -> int:
+        messages = [{"role": "user", "content": [{"type": "image", "image": random_image(3)},
+                                                 {"type": "text", "text": "so " * n + QUESTION}]}]
+        return len(processor.apply_chat_template(messages, tools=[zoom], add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"][0])
+    lo, hi = 0, length
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if tokens(mid) < length else (lo, mid)
+    return "so " * lo + QUESTION
+
+
+def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
+    """Under `accelerate launch` one process's prompt runs two tool turns, the other's none (its first
+    tool answer would pass the model's 2048 positions, so TRL drops it): the second joins the first's
+    turns instead of leaving it waiting, and each trains on its own samples."""
+    root = tmp_path / "data"
+    root.mkdir()
+    random_image(IMAGE_SEED).save(root / "q.png")
+    random_image(3).save(root / "long.png")
+    text = long_question(load_processor(two_call_vlm), 1960)
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+             "image": image, "tool_turns": turns}
+            for q, image, turns in ((QUESTION, "q.png", 2), (text, "long.png", 0))]
+    (root / "grpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = ServerProcess(two_call_vlm, "transformers", log_dir=log_dir).wait_ready()
+    try:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer_client.cli",
+               "grpo", "--model", str(two_call_vlm), "--dataset", str(root / "grpo.jsonl"),
+               "--output_dir", str(tmp_path / "out"), *FLAGS, *TOOLS, "--reward_funcs",
+               "tests.test_tools:turns_as_planned", "--vllm-mode", "server", "--server-url", server.url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert AlignClient(server.url).info(refresh=True).weight_version == 3  # the start push, one per step
+    finally:
+        server.stop()
+    logged = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{'loss'")]
+    assert [float(log["reward"]) for log in logged] == [1.0, 1.0]
