@@ -128,7 +128,7 @@ class Attr:
 @dataclass
 class Same:
     """Our implementation of `theirs` (an override, or a structural protocol vLLM/TRL calls us
-    through) takes the same parameters."""
+    through) takes the same parameters, in the same order; any it adds after them have defaults."""
 
     ours: str
     theirs: str
@@ -137,9 +137,15 @@ class Same:
         return f"{self.ours} ~ {self.theirs}"
 
     def run(self) -> None:
-        ours = list(inspect.signature(resolve(self.ours)[0]).parameters)
+        params = inspect.signature(resolve(self.ours)[0]).parameters
+        ours = list(params)
         theirs = list(inspect.signature(resolve(self.theirs)[0]).parameters)
-        if ours != theirs:
+        # An override may add parameters after theirs, as long as a caller that passes only
+        # theirs still works (each extra one has a default).
+        extra = ours[len(theirs):]
+        if ours[: len(theirs)] != theirs or any(
+            params[name].default is inspect.Parameter.empty for name in extra
+        ):
             raise AssertionError(f"ours takes {ours}, theirs {theirs}")
 
 

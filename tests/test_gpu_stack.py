@@ -54,6 +54,12 @@ def stand_in(monkeypatch):
         def update(self, request, *, weight_version=None):
             pass
 
+        def update_more(self, request, *, version=None, done=False):  # adds a defaulted parameter
+            pass
+
+        def update_needs(self, request, *, version=None, done):  # adds a required one
+            pass
+
     module = types.ModuleType("stand_in")
     module.Args, module.Engine, module.Ours = Args, Engine, Ours
     monkeypatch.setitem(sys.modules, "stand_in", module)
@@ -88,6 +94,9 @@ def test_each_kind_of_check_fails_on_a_mismatch(stand_in):
     c.Same("stand_in.Ours.update", "stand_in.Ours.update").run()
     assert "ours takes ['self', 'request', 'weight_version'], theirs ['self', 'request', 'version']" in _fails(
         c.Same("stand_in.Ours.update", "stand_in.Engine.update"))
+    c.Same("stand_in.Ours.update_more", "stand_in.Engine.update").run()  # TRL's callers still fit
+    assert "ours takes ['self', 'request', 'version', 'done']" in _fails(
+        c.Same("stand_in.Ours.update_needs", "stand_in.Engine.update"))
 
 
 def test_a_failed_check_is_reported_and_sets_the_exit_status(stand_in, monkeypatch, capsys):
