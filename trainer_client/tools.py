@@ -7,8 +7,9 @@ generates again, with `tool_mask` 0 on the tool tokens. We only load the callabl
 before any model loads, and log per-trajectory counts TRL does not.
 """
 
-import importlib
 import inspect
+
+from trainer_client.specs import load_callable
 
 
 class ToolSetupError(ValueError):
@@ -17,16 +18,7 @@ class ToolSetupError(ValueError):
 
 
 def _load(spec: str, flag: str):
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ToolSetupError(f"{flag} {spec!r}: give it as module:name (a module on PYTHONPATH, a name in it)")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ToolSetupError(f"{flag} {spec!r} cannot be loaded: {exc}") from None
-    if not callable(obj):
-        raise ToolSetupError(f"{flag} {spec!r} is not callable")
-    return obj
+    return load_callable(spec, f"{flag} {spec!r}", ToolSetupError)
 
 
 def _check_described(func, where: str) -> None:
