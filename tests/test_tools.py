@@ -418,3 +418,38 @@ def test_tools_with_a_lora_adapter_in_server_mode(two_call_vlm, two_rows, tmp_pa
     assert trainer.vllm_generation.turn_versions == [[v + 3] * 3] * 2
     assert metric(trainer, "weight_version_oldest_turn") == [v + 2.0, v + 3.0]
 
+
+# ---- colocate: TRL's own loop with its vLLM in this process ---------------------------------------------
+
+@pytest.mark.vllm
+def test_two_tool_turns_with_images_train_in_colocate_mode(two_call_vlm, data, tmp_path, monkeypatch, trained_batches):
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    turns, sent = [], []  # per turn: what TRL asked and got back; per prompt vLLM got: (image tokens, images)
+    single_turn, vllm_generate = GRPOTrainer._generate_single_turn, VLLMGeneration.generate
+
+    def recorded(self, prompt_ids, images, *args, **kwargs):
+        completion_ids, logprobs = single_turn(self, prompt_ids, images, *args, **kwargs)
+        turns.append(dict(prompts=[list(p) for p in prompt_ids], sampled=[list(c) for c in completion_ids],
+                          logprobs=[[[lp] for lp in lps] for lps in logprobs]))
+        return completion_ids, logprobs
+
+    def vllm_recorded(self, prompts, images, *args, **kwargs):
+        token = self.model.config.image_token_id
+        sent.extend((p.count(token), len(imgs)) for p, imgs in zip(prompts, images, strict=True))
+        return vllm_generate(self, prompts, images, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", recorded)
+    monkeypatch.setattr(VLLMGeneration, "generate", vllm_recorded)
+    # (a 1280-token vLLM: TRL asks each turn for max_completion_length, 792 + 260 tokens on the third)
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "colocate",
+                    "--vllm_gpu_memory_utilization", "0.001", "--vllm_max_model_length", "1280",
+                    "--vllm_enable_sleep_mode", "false")
+    assert trainer.state.global_step == 2 and len(trained_batches) == 2 and len(turns) == 6
+    assert sent == [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2 + [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2
+    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
+        check_trajectories(batch)
+        for i in range(len(batch["completion_ids"])):
+            check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
+                                  batch["logprobs"][i], batch_turns, batch["image_token_id"], None)
+    assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
