@@ -41,7 +41,8 @@ def load_tools(specs: list[str]) -> list:
 
 
 def load_environment(spec: str | None):
-    """The factory TRL calls once per rollout; its instance's public methods (but `reset`) are the tools."""
+    """The factory TRL calls once per rollout; its instance's public methods but `reset` and `get_reward`
+    (the rollout's reward, when the environment owns it) are the tools."""
     if spec is None:
         return None
     factory = _load(spec, "--environment")
@@ -50,7 +51,7 @@ def load_environment(spec: str | None):
             raise ToolSetupError(f"--environment {spec!r}: the class needs a reset(self, **row) method "
                                  "(TRL calls it at the start of every rollout)")
         for name, method in inspect.getmembers(factory, inspect.isfunction):
-            if not name.startswith("_") and name != "reset":
+            if not name.startswith("_") and name not in ("reset", "get_reward"):
                 _check_described(method, f"--environment {spec!r}, method {name}")
     return factory
 
