@@ -162,15 +162,13 @@ def test_async_rollouts_with_dynamic_sampling_and_two_versions_of_staleness(tiny
 
 
 @pytest.mark.vllm
-def test_async_rollouts_on_the_vllm_engine(tiny_vlm, data, tmp_path, log_dir):
-    proc = ServerProcess(tiny_vlm, "vllm", log_dir=log_dir).wait_ready(600)
-    try:
-        trainer = run_async(tiny_vlm, data, tmp_path / "out", proc.url, "--max_steps", "3")
-        assert server_version(proc) == 4
-        assert logged(trainer, "weight_version") == [1, 1, 2]
-        assert max(logged(trainer, "async/staleness_max")) == 1
-    finally:
-        proc.stop()
+def test_async_rollouts_on_the_vllm_engine(tiny_vlm, data, tmp_path, vllm_vlm):
+    v = server_version(vllm_vlm)  # the suite's shared vLLM server (conftest.py): its versions go on counting
+    trainer = run_async(tiny_vlm, data, tmp_path / "out", vllm_vlm.url, "--api_key", vllm_vlm.api_key,
+                        "--max_steps", "3")
+    assert server_version(vllm_vlm) == v + 4
+    assert logged(trainer, "weight_version") == [v + 1, v + 1, v + 2]
+    assert max(logged(trainer, "async/staleness_max")) == 1
 
 
 def test_groups_older_than_max_staleness_are_generated_again(tiny_vlm, data, tmp_path, server):

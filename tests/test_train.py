@@ -155,7 +155,7 @@ def server(tiny_vlm, log_dir):
 
 
 def server_version(server) -> int:
-    return AlignClient(server.url).info(refresh=True).weight_version
+    return AlignClient(server.url, api_key=server.api_key).info(refresh=True).weight_version
 
 
 @pytest.mark.parametrize("method,transport", [("grpo", "tcp"), ("gspo", "http")])
@@ -245,33 +245,31 @@ def test_eval_during_training_is_greedy(mode, tiny_vlm, data, tmp_path, request)
 
 
 @pytest.mark.vllm
-def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, data, tmp_path, log_dir):
+def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, data, tmp_path, vllm_vlm):
     from transformers import AutoModelForImageTextToText
 
     from tests.utils import random_image
     from torchvision_compat import load_processor
 
-    proc = ServerProcess(tiny_vlm, "vllm", log_dir=log_dir).wait_ready(600)
-    try:
-        trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
-                        "--vllm-mode", "server", "--server-url", proc.url, "--steps_per_generation", "1", *REWARDS)
-        assert server_version(proc) == 4
-        assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [1, 2, 3]
-        # the server now answers exactly as the checkpoint the trainer saved
-        processor = load_processor(tmp_path / "out")
-        model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-        question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
-        image = random_image(3)
-        inputs = processor(text=[processor.apply_chat_template(question, add_generation_prompt=True)],
-                           images=[image], return_tensors="pt")
-        with torch.inference_mode():
-            expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        with AlignClient(proc.url) as client:
-            got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
-                                  max_tokens=8).results[0].completions[0].token_ids
-        assert got == expected.tolist()[: len(got)] and got
-    finally:
-        proc.stop()
+    v = server_version(vllm_vlm)  # the suite's shared vLLM server (conftest.py): its versions go on counting
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
+                    "--vllm-mode", "server", "--server-url", vllm_vlm.url, "--api_key", vllm_vlm.api_key,
+                    "--steps_per_generation", "1", *REWARDS)
+    assert server_version(vllm_vlm) == v + 4
+    assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [v + 1, v + 2, v + 3]
+    # the server now answers exactly as the checkpoint the trainer saved
+    processor = load_processor(tmp_path / "out")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    image = random_image(3)
+    inputs = processor(text=[processor.apply_chat_template(question, add_generation_prompt=True)],
+                       images=[image], return_tensors="pt")
+    with torch.inference_mode():
+        expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    with AlignClient(vllm_vlm.url, api_key=vllm_vlm.api_key) as client:
+        got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
+                              max_tokens=8).results[0].completions[0].token_ids
+    assert got == expected.tolist()[: len(got)] and got
 
 
 # ---- colocate: TRL's vLLM in the trainer process --------------------------------------------------
