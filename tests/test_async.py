@@ -29,8 +29,10 @@ def data(tmp_path_factory):
     return root
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def server(tiny_vlm, log_dir):
+    """One server for the module: each run pushes its own start weights before its first rollout, and
+    the tests count versions from where the server stood."""
     proc = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
     yield proc
     proc.stop()
@@ -137,13 +139,14 @@ def run_async(model, data, out, url, *flags):
 
 
 def test_async_rollouts_one_step_off(tiny_vlm, data, tmp_path, server):
+    v = server_version(server)
     trainer = run_async(tiny_vlm, data, tmp_path / "out", server.url, "--max_steps", "4")
     assert trainer.state.global_step == 4
-    assert server_version(server) == 5  # the start push and one per step, the last one before the run ended
+    assert server_version(server) == v + 5  # the start push and one per step, the last one before the run ended
     # Step 1 waits for its rollouts; every later step trains on rollouts made while the step
     # before it trained, by the weights one version behind.
-    assert logged(trainer, "weight_version") == [1, 1, 2, 3]
-    assert logged(trainer, "weight_version_pushed") == [1, 2, 3, 4]
+    assert logged(trainer, "weight_version") == [v + 1, v + 1, v + 2, v + 3]
+    assert logged(trainer, "weight_version_pushed") == [v + 1, v + 2, v + 3, v + 4]
     assert logged(trainer, "async/staleness_max") == [0, 1, 1, 1]
     assert logged(trainer, "async/prefetch_hits") == [0, 1, 1, 1]
     assert logged(trainer, "async/stale_groups_dropped") == [0] * 4
@@ -151,10 +154,11 @@ def test_async_rollouts_one_step_off(tiny_vlm, data, tmp_path, server):
 
 
 def test_async_rollouts_with_dynamic_sampling_and_two_versions_of_staleness(tiny_vlm, data, tmp_path, server):
+    v = server_version(server)
     trainer = run_async(tiny_vlm, data, tmp_path / "out", server.url, "--max_steps", "4", "--max_staleness", "2",
                         "--dynamic_sampling", "--max_resample_rounds", "8",
                         "--reward_funcs", "tests.test_async:odd_rows_agree")
-    assert trainer.state.global_step == 4 and server_version(server) == 5
+    assert trainer.state.global_step == 4 and server_version(server) == v + 5
     staleness = logged(trainer, "async/staleness_max")
     assert max(staleness) <= 2 and max(staleness) >= 1
     assert logged(trainer, "dynamic_sampling/zero_advantage_groups_trained") == [0.0] * 4
@@ -162,15 +166,13 @@ def test_async_rollouts_with_dynamic_sampling_and_two_versions_of_staleness(tiny
 
 
 @pytest.mark.vllm
-def test_async_rollouts_on_the_vllm_engine(tiny_vlm, data, tmp_path, log_dir):
-    proc = ServerProcess(tiny_vlm, "vllm", log_dir=log_dir).wait_ready(600)
-    try:
-        trainer = run_async(tiny_vlm, data, tmp_path / "out", proc.url, "--max_steps", "3")
-        assert server_version(proc) == 4
-        assert logged(trainer, "weight_version") == [1, 1, 2]
-        assert max(logged(trainer, "async/staleness_max")) == 1
-    finally:
-        proc.stop()
+def test_async_rollouts_on_the_vllm_engine(tiny_vlm, data, tmp_path, vllm_vlm):
+    v = server_version(vllm_vlm)  # the suite's shared vLLM server (conftest.py): its versions go on counting
+    trainer = run_async(tiny_vlm, data, tmp_path / "out", vllm_vlm.url, "--api_key", vllm_vlm.api_key,
+                        "--max_steps", "3")
+    assert server_version(vllm_vlm) == v + 4
+    assert logged(trainer, "weight_version") == [v + 1, v + 1, v + 2]
+    assert max(logged(trainer, "async/staleness_max")) == 1
 
 
 def test_groups_older_than_max_staleness_are_generated_again(tiny_vlm, data, tmp_path, server):
@@ -205,11 +207,14 @@ def test_groups_older_than_max_staleness_are_generated_again(tiny_vlm, data, tmp
 
 # ---- async with several servers, LoRA, GSPO and accelerate --------------------------------------
 
-def test_async_rollouts_across_two_servers_with_lora(tiny_vlm, data, tmp_path, server, log_dir):
+def test_async_rollouts_across_two_servers_with_lora(tiny_vlm, data, tmp_path, log_dir):
     """The batch is split over two servers; each gets every push (the merged adapter), each
     completion's version is checked, and both end serving the trainer's merged weights."""
-    second = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
+    # Two new servers, not the module's: --async_rollouts needs every server at one version.
+    server, second = (ServerProcess(tiny_vlm, "transformers", log_dir=log_dir) for _ in range(2))
     try:
+        for s in (server, second):
+            s.wait_ready()
         # 2 prompts x 4 generations a step: one prompt to each server
         trainer = run_async(tiny_vlm, data, tmp_path / "out", server.url, "--server-url", second.url,
                             "--max_steps", "3", "--per_device_train_batch_size", "8", "--learning_rate", "0.5",
@@ -224,16 +229,18 @@ def test_async_rollouts_across_two_servers_with_lora(tiny_vlm, data, tmp_path, s
 
         check_servers_answer_as_the_merged_adapter(trainer, server, second)
     finally:
-        second.stop()
+        for s in (server, second):
+            s.stop()
 
 
 def test_async_gspo_stays_within_its_staleness(tiny_vlm, data, tmp_path, server):
     """GSPO's preset spans 4 optimizer steps per generation batch, so it needs --max_staleness 4; no
     completion trained on is older than that."""
+    v = server_version(server)
     trainer = train("gspo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--vllm-mode", "server",
                     "--server-url", server.url, "--async_rollouts", "--max_staleness", "4", "--max_steps", "8",
                     "--reward_funcs", "tests.test_async:parity_reward")
-    assert trainer.state.global_step == 8 and server_version(server) == 9
+    assert trainer.state.global_step == 8 and server_version(server) == v + 9
     staleness = logged(trainer, "async/staleness_max")
     assert staleness and max(staleness) <= 4
     pushed, used = logged(trainer, "weight_version_pushed"), logged(trainer, "weight_version")
@@ -242,9 +249,10 @@ def test_async_gspo_stays_within_its_staleness(tiny_vlm, data, tmp_path, server)
 
 def test_async_rollouts_under_accelerate_two_processes(tiny_vlm, data, tmp_path, server):
     """Two CPU processes (DDP over gloo): the main one generates ahead and pushes; both train."""
+    v = server_version(server)
     proc = accelerate_grpo(tiny_vlm, data / "grpo.jsonl", tmp_path / "out", server.url, "--max_steps", "3",
                            "--async_rollouts", "--reward_funcs", "tests.test_async:parity_reward")
-    assert server_version(server) == 4  # the start push, then one per step: from the main process only
+    assert server_version(server) == v + 4  # the start push, then one per step: from the main process only
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
     used = [float(v) for v in re.findall(r"'weight_version': '([0-9.]+)'", proc.stdout + proc.stderr)]
-    assert used == [1, 1, 2], proc.stdout[-3000:]
+    assert used == [v + 1, v + 1, v + 2], proc.stdout[-3000:]

@@ -5,19 +5,14 @@ import pytest
 
 from tests.test_faults import check_mixed_clients_during_pushes
 from tests.test_weights import KEY, Trainer, check_sender_killed_mid_stream
-from tests.utils import ServerProcess
 from trainer_client import AlignClient
 
 pytestmark = [pytest.mark.vllm, pytest.mark.fault]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_vlm, log_dir):
-    s = ServerProcess(tiny_vlm, "vllm", api_key=KEY, log_dir=log_dir)
-    try:
-        yield s.wait_ready(timeout=600)
-    finally:
-        s.stop()
+def server(vllm_vlm):
+    return vllm_vlm  # the suite's shared vLLM server (conftest.py), serving tiny_vlm's own weights
 
 
 @pytest.fixture(scope="module")

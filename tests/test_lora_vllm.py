@@ -5,7 +5,6 @@ PEFT model's, as on the transformers engine (test_lora.py)."""
 import pytest
 
 from tests.test_lora import (
-    LORA_SERVER,
     LoraTrainer,
     check_adapter_pushes_serve_the_peft_output,
     check_full_sync_drops_the_adapter,
@@ -14,21 +13,16 @@ from tests.test_lora import (
     run_grpo_with_adapter_sync,
 )
 from tests.test_weights import KEY
-from tests.utils import ServerProcess
 from trainer_client import AlignClient
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_vlm, log_dir):
-    server = ServerProcess(tiny_vlm, "vllm", api_key=KEY, log_dir=log_dir, extra=[*LORA_SERVER, "--max-loras", "2"])
-    try:
-        server.wait_ready(timeout=600)
-        with AlignClient(server.url, api_key=KEY, max_retries=2, backoff=0.2) as client:
-            yield server, client, LoraTrainer(tiny_vlm)
-    finally:
-        server.stop()
+def setup(tiny_vlm, vllm_vlm):
+    # the suite's shared vLLM server (conftest.py): LORA_SERVER, --max-loras 2
+    with AlignClient(vllm_vlm.url, api_key=KEY, max_retries=2, backoff=0.2) as client:
+        yield vllm_vlm, client, LoraTrainer(tiny_vlm)
 
 
 def test_adapter_pushes_serve_the_trainers_peft_output(setup):

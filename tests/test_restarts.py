@@ -25,10 +25,10 @@ pytestmark = pytest.mark.fault
 _HTTP = httpx.Client(timeout=5)
 
 
-def served_version(url: str) -> int | None:
+def served_version(server: ServerProcess) -> int | None:
     """The server's weight_version; None while it is down."""
     try:
-        return _HTTP.get(f"{url}/v1/weights/version").json()["weight_version"]
+        return _HTTP.get(f"{server.url}/v1/weights/version", headers=server.headers()).json()["weight_version"]
     except httpx.TransportError:
         return None
 
@@ -83,11 +83,11 @@ def run_through_a_restart(engine, model, data_dir, tmp_path, log_dir, *flags) ->
                       tmp_path / "train.log")
     try:
         # Version 3 = the start push and those after steps 1 and 2: the run is under way.
-        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 3, "step 2's push", timeout=600)
+        wait_for(lambda: trainer.check_alive() and (served_version(server) or 0) >= 3, "step 2's push", timeout=600)
         server.kill()
         server = ServerProcess(model, engine, log_dir=log_dir, port=server.port)
         output = trainer.wait()
-        final = served_version(server.url)
+        final = served_version(server)
     finally:
         if trainer.proc.poll() is None:
             trainer.kill()
@@ -110,21 +110,27 @@ def test_server_killed_mid_run_and_restarted(engine, tiny_vlm, data, tmp_path, l
 
 
 @pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
-def test_trainer_killed_mid_step_resumes_from_its_checkpoint(engine, tiny_vlm, data, tmp_path, log_dir):  # noqa: F811
-    server = ServerProcess(tiny_vlm, engine, log_dir=log_dir).wait_ready(600)
-    out = tmp_path / "out"
+def test_trainer_killed_mid_step_resumes_from_its_checkpoint(engine, tiny_vlm, data, tmp_path, log_dir,  # noqa: F811
+                                                           request):
+    # vLLM: the suite's shared server (conftest.py), whose versions go on counting from v
+    own = engine != "vllm"
+    server = ServerProcess(tiny_vlm, engine, log_dir=log_dir).wait_ready() if own else request.getfixturevalue("vllm_vlm")
+    out, v = tmp_path / "out", served_version(server)
+    key = ["--api_key", server.api_key] if server.api_key else []
     try:
         trainer = Trainer(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "6",
-                                    "--save_steps", "2"), tmp_path / "train.log")
-        # Version 4 comes after step 3: checkpoint-2 was saved at the end of step 2, before it.
-        wait_for(lambda: trainer.check_alive() and (served_version(server.url) or 0) >= 4, "step 3's push", timeout=600)
+                                    "--save_steps", "2", *key), tmp_path / "train.log")
+        # Version v + 4 comes after step 3: checkpoint-2 was saved at the end of step 2, before it.
+        wait_for(lambda: trainer.check_alive() and (served_version(server) or 0) >= v + 4, "step 3's push",
+                 timeout=600)
         trainer.kill()
-        before_resume = served_version(server.url)
+        before_resume = served_version(server)
 
         resumed = run(grpo_args(tiny_vlm, data / "grpo.jsonl", out, server.url, "--max_steps", "6",
-                                "--save_steps", "2", "--resume_from_checkpoint", str(out / "checkpoint-2")))
+                                "--save_steps", "2", "--resume_from_checkpoint", str(out / "checkpoint-2"), *key))
     finally:
-        server.stop()
+        if own:
+            server.stop()
     steps = step_logs(resumed.state.log_history)
     assert [e["step"] for e in steps] == list(range(1, 7))  # steps 1-2 from the checkpoint, 3-6 run again
     after = [e for e in steps if e["step"] > 2]

@@ -10,10 +10,14 @@ from trainer_client import AlignClient, AlignServerError
 
 @pytest.fixture(scope="module", params=["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
 def client(request, tiny_text, log_dir):
-    server = ServerProcess(tiny_text, request.param, log_dir=log_dir).wait_ready(600)
-    with AlignClient(server.url, max_retries=1) as c:
+    # vLLM: the suite's shared server (conftest.py), serving tiny_text's own weights
+    own = request.param != "vllm"
+    server = ServerProcess(tiny_text, request.param, log_dir=log_dir).wait_ready() if own else \
+        request.getfixturevalue("vllm_text")
+    with AlignClient(server.url, api_key=server.api_key, max_retries=1) as c:
         yield c
-    server.stop()
+    if own:
+        server.stop()
 
 
 def test_greedy_matches_transformers_and_images_are_refused(client, tiny_text):

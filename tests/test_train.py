@@ -147,22 +147,24 @@ def test_resume_continues_from_the_saved_step(tiny_vlm, data, tmp_path):
 
 # ---- server mode: a real align-serve ---------------------------------------------------------------
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def server(tiny_vlm, log_dir):
+    """One server for the module: each run pushes its own start weights before its first rollout, and
+    the tests count versions from where the server stood."""
     proc = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir).wait_ready()
     yield proc
     proc.stop()
 
 
 def server_version(server) -> int:
-    return AlignClient(server.url).info(refresh=True).weight_version
+    return AlignClient(server.url, api_key=server.api_key).info(refresh=True).weight_version
 
 
 @pytest.mark.parametrize("method,transport", [("grpo", "tcp"), ("gspo", "http")])
 def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data, tmp_path, server, capsys,
                                               monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # rich's table then keeps every header on one line
-    assert server_version(server) == 0
+    v = server_version(server)
     trainer = train(method, tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
                     "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
                     "--weight-transport", transport, "--log_completions", "true", *REWARDS)
@@ -171,12 +173,12 @@ def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data
     assert "Completion" in header and "weight_version" in header
     assert trainer.state.global_step == 3
     # The start weights are pushed before the first rollout, then one new version per optimizer step.
-    assert server_version(server) == 4
+    assert server_version(server) == v + 4
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
     # Each step's completions came from the weights the trainer pushed for it (those of the step before).
     versions = [(e["weight_version"], e["weight_version_pushed"]) for e in trainer.state.log_history
                 if "weight_version" in e]
-    assert versions == [(1, 1), (2, 2), (3, 3)]
+    assert versions == [(v + 1, v + 1), (v + 2, v + 2), (v + 3, v + 3)]
     # TRL's importance-sampling correction ran on the server's logprobs.
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
 
@@ -204,32 +206,35 @@ def check_servers_answer_as_the_merged_adapter(trainer, *servers, api_key: str |
 
 
 def test_server_mode_with_lora_serves_the_merged_weights(tiny_vlm, data, tmp_path, server):
+    v = server_version(server)
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2", "--learning_rate",
                     "0.5", "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
                     "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "o_proj", "up_proj",
                     "down_proj", *REWARDS)
-    assert server_version(server) == 3  # the start push, then one per step
+    assert server_version(server) == v + 3  # the start push, then one per step
     check_servers_answer_as_the_merged_adapter(trainer, server)
 
 
 def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path, server):
-    out = tmp_path / "out"
+    out, v = tmp_path / "out", server_version(server)
     train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "1", "--save_steps", "1",
           "--vllm-mode", "server", "--server-url", server.url, *REWARDS)
-    assert server_version(server) == 2  # the start push, then step 1's
+    assert server_version(server) == v + 2  # the start push, then step 1's
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", out, "--max_steps", "2", "--vllm-mode", "server",
                     "--server-url", server.url, "--resume_from_checkpoint", "last", *REWARDS)
     assert trainer.state.global_step == 2
     # The restored weights are pushed before the first rollout (the trainer cannot know what the
     # server holds), then step 2's: two new versions, and step 2 trained on the first of them.
-    assert server_version(server) == 4
-    assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [1, 3]
+    assert server_version(server) == v + 4
+    assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [v + 1, v + 3]
 
 
 @pytest.mark.parametrize("mode", ["server", "none"])
 def test_eval_during_training_is_greedy(mode, tiny_vlm, data, tmp_path, request):
     eval_file = make_dataset(tmp_path / "eval", 8, seed=2, method="grpo")
-    url = ["--server-url", request.getfixturevalue("server").url] if mode == "server" else []
+    server = request.getfixturevalue("server") if mode == "server" else None
+    v = server_version(server) if server else None
+    url = ["--server-url", server.url] if server else []
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "4",
                     "--steps_per_generation", "1", "--vllm-mode", mode, *url, "--eval_dataset", str(eval_file),
                     "--eval_strategy", "steps", "--eval_steps", "2", *REWARDS)
@@ -241,37 +246,35 @@ def test_eval_during_training_is_greedy(mode, tiny_vlm, data, tmp_path, request)
     keys = [k for k in evals[-1] if k.startswith("eval_reward")]
     assert [{k: e[k] for k in keys} for e in again] == [{k: evals[-1][k] for k in keys}] * 2
     if mode == "server":
-        assert server_version(request.getfixturevalue("server")) == 5  # evaluating pushed nothing new
+        assert server_version(server) == v + 5  # evaluating pushed nothing new
 
 
 @pytest.mark.vllm
-def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, data, tmp_path, log_dir):
+def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, data, tmp_path, vllm_vlm):
     from transformers import AutoModelForImageTextToText
 
     from tests.utils import random_image
     from torchvision_compat import load_processor
 
-    proc = ServerProcess(tiny_vlm, "vllm", log_dir=log_dir).wait_ready(600)
-    try:
-        trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
-                        "--vllm-mode", "server", "--server-url", proc.url, "--steps_per_generation", "1", *REWARDS)
-        assert server_version(proc) == 4
-        assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [1, 2, 3]
-        # the server now answers exactly as the checkpoint the trainer saved
-        processor = load_processor(tmp_path / "out")
-        model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-        question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
-        image = random_image(3)
-        inputs = processor(text=[processor.apply_chat_template(question, add_generation_prompt=True)],
-                           images=[image], return_tensors="pt")
-        with torch.inference_mode():
-            expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        with AlignClient(proc.url) as client:
-            got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
-                                  max_tokens=8).results[0].completions[0].token_ids
-        assert got == expected.tolist()[: len(got)] and got
-    finally:
-        proc.stop()
+    v = server_version(vllm_vlm)  # the suite's shared vLLM server (conftest.py): its versions go on counting
+    trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
+                    "--vllm-mode", "server", "--server-url", vllm_vlm.url, "--api_key", vllm_vlm.api_key,
+                    "--steps_per_generation", "1", *REWARDS)
+    assert server_version(vllm_vlm) == v + 4
+    assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [v + 1, v + 2, v + 3]
+    # the server now answers exactly as the checkpoint the trainer saved
+    processor = load_processor(tmp_path / "out")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    image = random_image(3)
+    inputs = processor(text=[processor.apply_chat_template(question, add_generation_prompt=True)],
+                       images=[image], return_tensors="pt")
+    with torch.inference_mode():
+        expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    with AlignClient(vllm_vlm.url, api_key=vllm_vlm.api_key) as client:
+        got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
+                              max_tokens=8).results[0].completions[0].token_ids
+    assert got == expected.tolist()[: len(got)] and got
 
 
 # ---- colocate: TRL's vLLM in the trainer process --------------------------------------------------
@@ -352,6 +355,7 @@ def accelerate_grpo(model, dataset, out, url, *flags) -> subprocess.CompletedPro
 
 def test_accelerate_two_processes_server_mode(tiny_vlm, data, tmp_path, server):
     """Two CPU processes (DDP over gloo): only the main one talks to the server and pushes."""
+    v = server_version(server)
     accelerate_grpo(tiny_vlm, data / "grpo.jsonl", tmp_path / "out", server.url, "--max_steps", "2", *REWARDS)
-    assert server_version(server) == 3  # the start push, then one per step
+    assert server_version(server) == v + 3  # the start push, then one per step
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))

@@ -5,22 +5,17 @@ trainer's own `generate`, for the text-only twin (tied embeddings) and the VLM."
 import pytest
 
 from tests.test_weights import KEY, SMALL_BUCKET, Trainer, check_traffic_during_syncs, served, version
-from tests.utils import ServerProcess
 from trainer_client import AlignClient
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module", params=["tiny_text", "tiny_vlm"])
-def setup(request, log_dir):
+def setup(request):
     model_dir = request.getfixturevalue(request.param)
-    server = ServerProcess(model_dir, "vllm", api_key=KEY, log_dir=log_dir)
-    try:
-        server.wait_ready(timeout=600)
-        with AlignClient(server.url, api_key=KEY, max_retries=2, backoff=0.2) as client:
-            yield server, client, Trainer(model_dir)
-    finally:
-        server.stop()
+    server = request.getfixturevalue({"tiny_text": "vllm_text", "tiny_vlm": "vllm_vlm"}[request.param])  # conftest.py
+    with AlignClient(server.url, api_key=KEY, max_retries=2, backoff=0.2) as client:
+        yield server, client, Trainer(model_dir)
 
 
 def test_every_cpu_transport_serves_the_trainers_greedy_output(setup):
