@@ -113,10 +113,11 @@ class ServerGeneration:
             with named_weights(model) as pairs:
                 yield pairs, None
 
-    def sampling(self, num_generations: int, max_tokens: int | None = None) -> dict:
-        """`max_tokens`: what this turn may sample (default max_completion_length, a whole first turn)."""
+    def sampling(self, num_generations: int) -> dict:
+        """The sampling parameters as the trainer's mode sets them now, for a whole first turn (`_sample`
+        lowers `max_tokens` per turn to what each trajectory has left)."""
         t = self.trainer
-        max_tokens = t.max_completion_length if max_tokens is None else max_tokens
+        max_tokens = t.max_completion_length
         if not t.model.training:
             # Evaluation is greedy (TRL samples there too): two evals of the same weights score the same.
             return dict(n=num_generations, temperature=0.0, max_tokens=max_tokens, logprobs=True)
