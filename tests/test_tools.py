@@ -5,6 +5,8 @@ sample is checked token for token against what the server sampled plus the tool 
 as the run went."""
 
 import ast
+import functools
+import importlib
 import json
 import subprocess
 import sys
@@ -327,6 +329,56 @@ def test_a_tool_trajectory_older_than_max_staleness_is_generated_again(two_call_
     assert [[m["role"] for m in r.messages] for r in trajectories] == [["assistant", "tool"] * 2 + ["assistant"]] * 2
     assert [r.calls for r in trajectories] == [2, 2] and [r.failures for r in trajectories] == [0, 0]
     rollouts.close()
+
+
+_RESTART: list = []  # (model, server, log_dir): the server `zoom_restarting` restarts at its next call
+_RESTARTED: list = []  # the server it started again
+
+
+@functools.wraps(zoom)  # the same name and schema: the tiny model calls it as it learned to
+def zoom_restarting(factor: int) -> list:
+    if _RESTART:
+        model, server, log_dir = _RESTART.pop()
+        server.kill()
+        _RESTARTED.append(ServerProcess(model, "transformers", extra=["--max-model-len", str(MAX_MODEL_LEN)],
+                                        log_dir=log_dir, port=server.port).wait_ready(600))
+    return zoom(factor)
+
+
+@pytest.mark.fault
+def test_a_server_restart_mid_trajectory_drops_the_batch_and_generates_it_again(two_call_vlm, data, tmp_path,
+                                                                                 log_dir):
+    """The rollout worker's first tool call restarts the server (SIGKILL, then a new instance serving its
+    start checkpoint): the next turn's answer is refused, the trainer's weights are pushed to the new
+    instance, and the batch is generated again, every turn, from those weights."""
+    server = ServerProcess(two_call_vlm, "transformers", extra=["--max-model-len", str(MAX_MODEL_LEN)],
+                           log_dir=log_dir).wait_ready(600)
+    try:
+        method, align, config, _ = parse_args(["grpo", "--model", str(two_call_vlm), "--dataset", str(data),
+                                               "--output_dir", str(tmp_path / "out"), *FLAGS, "--tools",
+                                               "tests.test_tools:zoom_restarting", "--vllm-mode", "server",
+                                               "--server-url", server.url, "--async_rollouts"])
+        rollouts = build_trainer(method, align, config).vllm_generation
+        request = rollouts._request(list(next(iter(rollouts.trainer.get_train_dataloader())))[::2], 2)
+        rollouts._push_at_start()
+        start = rollouts.policy_version
+        tool = importlib.import_module("tests.test_tools")  # as --tools loaded it (pytest names this file apart)
+        tool._RESTART.append((two_call_vlm, server, log_dir))
+        rollouts._launch(request)
+        _, _, versions, stats, trajectories = rollouts._collect(request.prompt_ids, request.images, 2, None)
+        server = tool._RESTARTED.pop()
+        assert rollouts.restarts == 1
+        assert AlignClient(server.url).info(refresh=True).weight_version == 1  # the new instance got our weights
+        # Counted in the trainer's sequence: the push to the new instance holds the same weights, version start.
+        assert versions == [start] * 2 and [r.versions for r in trajectories] == [[start] * 3] * 2
+        assert [r.calls for r in trajectories] == [2, 2] and stats["staleness_max"] == 0
+        rollouts.close()
+    finally:
+        tool = importlib.import_module("tests.test_tools")
+        tool._RESTART.clear()
+        for proc in [server, *tool._RESTARTED]:
+            proc.stop()
+        tool._RESTARTED.clear()
 
 
 def turns_as_planned(completions, tool_turns, **kwargs) -> list[float]:
