@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from trl import GRPOTrainer
 
-from tests.tool_model import ANSWER, IMAGE_SEED, QUESTION, zoom
+from tests.tool_model import ANSWER, IMAGE_SEED, QUESTION, ZOOMED_SEED, zoom
 from tests.utils import ServerProcess, random_image
 from torchvision_compat import load_processor
 from trainer_client.cli import run
@@ -47,15 +47,16 @@ def two_call_vlm(tmp_path_factory) -> Path:
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tool-data")
     random_image(IMAGE_SEED).save(root / "q.png")
+    # (zoom_seed: the image tests.tool_model:ZoomEnvironment's zoom returns)
     row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-           "image": "q.png", "solution": ANSWER}
+           "image": "q.png", "solution": ANSWER, "zoom_seed": ZOOMED_SEED}
     (root / "grpo.jsonl").write_text(json.dumps(row) + "\n")
     return root / "grpo.jsonl"
 
 
-def train(model, dataset, out, *flags):
-    return run(["grpo", "--model", str(model), "--dataset", str(dataset), "--output_dir", str(out), *FLAGS, *TOOLS,
-                "--reward_funcs", "accuracy", *flags])
+def train(model, dataset, out, *flags, tools=TOOLS, rewards=("accuracy",)):
+    return run(["grpo", "--model", str(model), "--dataset", str(dataset), "--output_dir", str(out), *FLAGS, *tools,
+                "--reward_funcs", *rewards, *flags])
 
 
 def undocumented(x):
@@ -171,71 +172,106 @@ def test_two_tool_turns_with_images_train_locally(two_call_vlm, data, tmp_path, 
     assert metric(trainer, "tools/failure_frequency") == [0.0, 0.0]
 
 
+@pytest.fixture(scope="module")
+def transformers_server(two_call_vlm, log_dir):
+    """One transformers-engine server for the module; --enable-lora takes the LoRA test's adapter syncs
+    (a full sync, which every other run starts with, drops the adapter again)."""
+    proc = ServerProcess(two_call_vlm, "transformers", log_dir=log_dir,
+                         extra=["--max-model-len", str(MAX_MODEL_LEN), "--enable-lora", "--max-lora-rank", "8"])
+    yield proc.wait_ready(600)
+    proc.stop()
+
+
 @pytest.fixture(scope="module", params=["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
 def server(request, two_call_vlm, log_dir):
+    if request.param == "transformers":
+        yield request.getfixturevalue("transformers_server")
+        return
     proc = ServerProcess(two_call_vlm, request.param, extra=["--max-model-len", str(MAX_MODEL_LEN)],
                          log_dir=log_dir).wait_ready(600)
     yield proc
     proc.stop()
 
 
-def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, data, tmp_path, server, monkeypatch,
-                                                               trained_batches):
-    turns, asked = [], []  # per generate call: prompts (expanded) and answers; per request: its max_tokens
+def version(server) -> int:
+    return AlignClient(server.url).info(refresh=True).weight_version
+
+
+@pytest.fixture()
+def server_trace(monkeypatch) -> dict:
+    """What the server was asked and answered: per ServerGeneration.generate call (a first turn or a tool
+    turn) its prompts (expanded) and the sampled ids and logprobs; per request its max_tokens and prompts."""
+    trace = {"turns": [], "asked": []}
     generate, client_generate = ServerGeneration.generate, AlignClient.generate
 
     def recorded(self, prompts, images, num_generations, profiler=None):
         out = generate(self, prompts, images, num_generations, profiler)
         # copies: TRL's tool loop writes each sample's whole completion into the list it was handed
-        turns.append(dict(prompts=[list(p) for p in prompts], sampled=[list(c) for c in out[1]],
-                          logprobs=[list(lp) for lp in out[2]]))
+        trace["turns"].append(dict(prompts=[list(p) for p in prompts], sampled=[list(c) for c in out[1]],
+                                   logprobs=[list(lp) for lp in out[2]]))
         return out
 
     def client_recorded(self, *args, **kwargs):
         answer = client_generate(self, *args, **kwargs)
-        asked.append((kwargs["max_tokens"], [r.prompt_ids for r in answer.results]))
+        trace["asked"].append((kwargs["max_tokens"], [r.prompt_ids for r in answer.results]))
         return answer
 
     monkeypatch.setattr(ServerGeneration, "generate", recorded)
     monkeypatch.setattr(AlignClient, "generate", client_recorded)
+    return trace
+
+
+def check_sampled_exactly(prompt_ids, completion_ids, tool_mask, logprobs, turns, image_token, asked) -> None:
+    """One trained sample against the server's turns: its completion is, token for token, what the server
+    sampled turn after turn plus the tool suffixes between (mask 0), with the server's logprobs.
+    `asked`: the server's requests (None: vLLM in this process, which takes the expanded runs)."""
+    trained = prompt_ids + completion_ids
+    # This sample's turns: those whose prompt + sampled ids start its trained sequence.
+    chain = [(p, s, lp) for t in turns for p, s, lp in zip(t["prompts"], t["sampled"], t["logprobs"], strict=True)
+             if trained[: len(p) + len(s)] == p + s]
+    # (the samples of a group, and of a batch generated again, may be identical: one copy of each turn)
+    chain = sorted({tuple(p + s): (p, s, lp) for p, s, lp in chain}.values(), key=lambda c: len(c[0]))
+    assert len(chain) == 3
+    ids, mask, expected_logprobs = [], [], []
+    for k, (prompt, sampled, lps) in enumerate(chain):
+        assert prompt[: len(prompt_ids)] == prompt_ids
+        suffix = chain[k + 1][0][len(prompt) + len(sampled):] if k + 1 < len(chain) else []
+        ids += sampled + suffix
+        mask += [1] * len(sampled) + [0] * len(suffix)
+        expected_logprobs += [lp[0] for lp in lps] + [0.0] * len(suffix)
+    assert completion_ids == ids  # token for token: sampled + tool suffixes, nothing re-rendered
+    assert tool_mask == mask
+    assert logprobs == pytest.approx(expected_logprobs)
+    assert trained[-2:] == chain[-1][1] and len(chain[-1][1]) == 2  # the answer fit in the last 8 tokens
+    if asked is None:
+        return
+    # The server was given one placeholder per image, our expanded runs collapsed.
+    sent = [ids for _, prompts in asked for ids in prompts]
+    for prompt, _, _ in chain:
+        assert collapse_image_runs(prompt, image_token) in sent
+
+
+# Each turn asks for the least of what is left of max_completion_length (260, then 260 - 123, then
+# 260 - 246) and of the server's max_model_len (its prompts: 546, 669 and 792 tokens): never refused.
+TURN_MAX_TOKENS = [MAX_MODEL_LEN - PROMPT_TOKENS, MAX_MODEL_LEN - 669, MAX_MODEL_LEN - 792]
+
+
+def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, data, tmp_path, server, server_trace,
+                                                               trained_batches):
+    v = version(server)
     trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url)
     assert trainer.state.global_step == 2 and len(trained_batches) == 2
-    # Each turn asked for the least of what was left of max_completion_length (260, then 260 - 123, then
-    # 260 - 246) and of the server's max_model_len (its prompts: 546, 669 and 792 tokens): never refused.
-    assert [a[0] for a in asked] == [MAX_MODEL_LEN - PROMPT_TOKENS, MAX_MODEL_LEN - 669, MAX_MODEL_LEN - 792] * 2
+    assert [a[0] for a in server_trace["asked"]] == TURN_MAX_TOKENS * 2
 
-    turns_of_batch = [turns[0:3], turns[3:6]]
-    for batch, batch_turns in zip(trained_batches, turns_of_batch, strict=True):
+    turns = server_trace["turns"]
+    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
         check_trajectories(batch)
-        image_token = batch["image_token_id"]
         for i in range(len(batch["completion_ids"])):
-            trained = batch["prompt_ids"][i] + batch["completion_ids"][i]
-            # This sample's turns: those whose prompt + sampled ids start its trained sequence.
-            chain = [(p, s, lp) for t in batch_turns for p, s, lp in zip(t["prompts"], t["sampled"], t["logprobs"],
-                                                                               strict=True)
-                     if trained[: len(p) + len(s)] == p + s]
-            # (the two samples of the group may be identical: one copy of each turn)
-            chain = sorted({tuple(p + s): (p, s, lp) for p, s, lp in chain}.values(), key=lambda c: len(c[0]))
-            assert len(chain) == 3
-            ids, mask, logprobs = [], [], []
-            for k, (prompt, sampled, lps) in enumerate(chain):
-                assert prompt[: len(batch["prompt_ids"][i])] == batch["prompt_ids"][i]
-                suffix = chain[k + 1][0][len(prompt) + len(sampled):] if k + 1 < len(chain) else []
-                ids += sampled + suffix
-                mask += [1] * len(sampled) + [0] * len(suffix)
-                logprobs += [lp[0] for lp in lps] + [0.0] * len(suffix)
-            assert batch["completion_ids"][i] == ids  # token for token: sampled + tool suffixes, nothing re-rendered
-            assert batch["tool_mask"][i] == mask
-            assert batch["logprobs"][i] == pytest.approx(logprobs)
-            assert trained[-2:] == chain[-1][1] and len(chain[-1][1]) == 2  # the answer fit in the last 8 tokens
-        # The server was given one placeholder per image, our expanded runs collapsed.
-        sent = [ids for _, prompts in asked for ids in prompts]
-        for t in batch_turns:
-            for p in t["prompts"]:
-                assert collapse_image_runs(p, image_token) in sent
-    versions = trainer.vllm_generation.turn_versions
-    assert versions == [[2, 2, 2], [2, 2, 2]]  # the last batch: every turn from the weights pushed for step 1
-    assert metric(trainer, "weight_version_oldest_turn") == [1.0, 2.0]
+            check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
+                                  batch["logprobs"][i], batch_turns, batch["image_token_id"], server_trace["asked"])
+    # The last batch: every turn from the weights pushed for step 1 (the start push made v + 1).
+    assert trainer.vllm_generation.turn_versions == [[v + 2] * 3] * 2
+    assert metric(trainer, "weight_version_oldest_turn") == [v + 1.0, v + 2.0]
     assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
 
 
@@ -381,6 +417,102 @@ def test_a_server_restart_mid_trajectory_drops_the_batch_and_generates_it_again(
         tool._RESTARTED.clear()
 
 
+# ---- --environment, and tools with --dynamic_sampling -------------------------------------------------
+ENVIRONMENT = ["--environment", "tests.tool_model:ZoomEnvironment"]
+
+
+def check_environment_images(batch: dict) -> None:
+    """The tool images that reach the forward are the environment's, the one its row named."""
+    for images in batch["images"]:
+        assert [im.tobytes() for im in images[1:]] == [random_image(ZOOMED_SEED).tobytes()] * 2
+
+
+def test_an_environment_trains_locally(two_call_vlm, data, tmp_path, trained_batches):
+    trainer = train(two_call_vlm, data, tmp_path / "out", tools=ENVIRONMENT)
+    assert trainer.state.global_step == 2 and len(trained_batches) == 2
+    for batch in trained_batches:
+        check_trajectories(batch)
+        check_environment_images(batch)
+    # The environment's own reward (get_reward: its calls): one instance per rollout, reset each batch,
+    # so 2 calls each (one shared instance would count 4, one never reset 4 then 8).
+    assert metric(trainer, "rewards/ZoomEnvironment/mean") == [2.0, 2.0]
+    assert metric(trainer, "tools/calls_per_sample") == [2.0, 2.0]
+
+
+def informative(completions, informative, **kwargs) -> list[float]:
+    """Rewards that differ within a group only for the rows marked informative."""
+    return [float(flag and i % 2 == 0) for i, flag in enumerate(informative)]
+
+
+@pytest.fixture(scope="module")
+def two_rows(data) -> Path:
+    """The question twice, only the second row informative (dynamic sampling drops the first's group)."""
+    row = json.loads(data.read_text())
+    path = data.with_name("two_rows.jsonl")
+    path.write_text("".join(json.dumps({**row, "informative": flag}) + "\n" for flag in (False, True)))
+    return path
+
+
+def trained_rows(batch: dict) -> list[dict]:
+    """The rows of a generation batch as the loss gets them (padded tensors), unpadded."""
+    rows = []
+    for i in range(batch["prompt_ids"].size(0)):
+        n = int(batch["completion_mask"][i].sum())
+        rows.append(dict(prompt_ids=batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist(),
+                         completion_ids=batch["completion_ids"][i][:n].tolist(),
+                         tool_mask=batch["tool_mask"][i][:n].tolist(),
+                         logprobs=batch["sampling_per_token_logps"][i][:n].tolist()))
+    return rows
+
+
+def test_an_environment_with_dynamic_sampling_in_server_mode(two_call_vlm, two_rows, tmp_path, transformers_server,
+                                                               server_trace, trained_batches, monkeypatch):
+    """Each step generates the uninformative row's group (dropped), then the informative one's, each a
+    whole 3-turn trajectory through the environment's tool; the loss gets exactly what the server sampled."""
+    from trainer_client.dynamic_sampling import DynamicSampling
+
+    trained = []
+    informative_batch = DynamicSampling._informative_batch
+
+    def recorded(self, generation_batch):
+        batch = informative_batch(self, generation_batch)
+        trained.append(batch)
+        return batch
+
+    monkeypatch.setattr(DynamicSampling, "_informative_batch", recorded)
+    server = transformers_server
+    v = version(server)
+    trainer = train(two_call_vlm, two_rows, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url,
+                    "--dynamic_sampling", "--shuffle_dataset", "false", tools=ENVIRONMENT,
+                    rewards=["tests.test_tools:informative"])
+    assert trainer.state.global_step == 2
+    assert metric(trainer, "dynamic_sampling/dropped_group_ratio") == [0.5, 0.5]
+    assert metric(trainer, "dynamic_sampling/resample_rounds") == [1.0, 1.0]
+    assert len(trained_batches) == 4  # two rounds per step, every one a whole trajectory per sample
+    for batch in trained_batches:
+        check_trajectories(batch)
+        check_environment_images(batch)
+    # Every turn asked for what its own trajectory had left, round after round.
+    assert [a[0] for a in server_trace["asked"]] == TURN_MAX_TOKENS * 4
+    image_token = trained_batches[0]["image_token_id"]
+    turns = server_trace["turns"]
+    assert len(turns) == 12
+    for batch, step_turns in zip(trained, [turns[3:6], turns[9:12]], strict=True):  # the kept (second) rounds
+        # (pixel values split per sample: the batch is assembled from several rounds)
+        assert batch["num_images"] == [3, 3]
+        assert [len(g) for g in batch["image_grid_thw"]] == [3, 3]
+        assert [len(p) for p in batch["pixel_values"]] == [g.prod(-1).sum() for g in batch["image_grid_thw"]]
+        for row in trained_rows(batch):
+            check_sampled_exactly(**row, turns=step_turns, image_token=image_token, asked=server_trace["asked"])
+            ids = row["prompt_ids"] + row["completion_ids"]
+            assert collapse_image_runs(ids, image_token).count(image_token) == 3
+    assert metric(trainer, "rewards/informative/mean") == [0.25, 0.25]  # per step: the dropped round's 0, then 0.5
+    assert metric(trainer, "rewards/ZoomEnvironment/mean") == [2.0, 2.0]
+    # The kept round's turns all come from the step's weights: the start push made v + 1.
+    assert trainer.vllm_generation.turn_versions == [[v + 2] * 3] * 2
+    assert metric(trainer, "weight_version_oldest_turn") == [v + 1.0, v + 2.0]
+
+
 def turns_as_planned(completions, tool_turns, **kwargs) -> list[float]:
     """1 where a trajectory has the tool turns its row plans: a sample handed another prompt's
     completion (a process taking another's slice) scores 0."""
@@ -432,3 +564,65 @@ def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
     logged = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{'loss'")]
     assert [float(log["reward"]) for log in logged] == [1.0, 1.0]
     assert [float(log["async/prefetch_hits"]) for log in logged] == [0.0, 1.0]  # the second batch: the worker's
+
+
+# ---- tools with LoRA: the adapter pushed after each step samples every turn -----------------------------
+LORA = ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--lora_target_modules",
+        "q_proj", "k_proj", "v_proj", "o_proj", "--lora_sync", "adapter"]
+
+
+def test_tools_with_a_lora_adapter_in_server_mode(two_call_vlm, two_rows, tmp_path, transformers_server, server_trace,
+                                                 trained_batches):
+    server = transformers_server
+    one_row = two_rows.with_name("informative_row.jsonl")
+    one_row.write_text(two_rows.read_text().splitlines()[1] + "\n")
+    v = version(server)
+    trainer = train(two_call_vlm, one_row, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url,
+                    *LORA, rewards=["tests.test_tools:informative"])
+    assert trainer.state.global_step == 2 and len(trained_batches) == 2
+    assert version(server) == v + 4  # the base, the adapter, then one adapter per step (merged: v + 3)
+    turns = server_trace["turns"]
+    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
+        check_trajectories(batch)
+        for i in range(len(batch["completion_ids"])):
+            check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
+                                  batch["logprobs"][i], batch_turns, batch["image_token_id"], server_trace["asked"])
+    # Every turn, the tool turns too, from the adapter pushed for its step (the first one at v + 2).
+    assert trainer.vllm_generation.turn_versions == [[v + 3] * 3] * 2
+    assert metric(trainer, "weight_version_oldest_turn") == [v + 2.0, v + 3.0]
+
+
+# ---- colocate: TRL's own loop with its vLLM in this process ---------------------------------------------
+
+@pytest.mark.vllm
+def test_two_tool_turns_with_images_train_in_colocate_mode(two_call_vlm, data, tmp_path, monkeypatch, trained_batches):
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    turns, sent = [], []  # per turn: what TRL asked and got back; per prompt vLLM got: (image tokens, images)
+    single_turn, vllm_generate = GRPOTrainer._generate_single_turn, VLLMGeneration.generate
+
+    def recorded(self, prompt_ids, images, *args, **kwargs):
+        completion_ids, logprobs = single_turn(self, prompt_ids, images, *args, **kwargs)
+        turns.append(dict(prompts=[list(p) for p in prompt_ids], sampled=[list(c) for c in completion_ids],
+                          logprobs=[[[lp] for lp in lps] for lps in logprobs]))
+        return completion_ids, logprobs
+
+    def vllm_recorded(self, prompts, images, *args, **kwargs):
+        token = self.model.config.image_token_id
+        sent.extend((p.count(token), len(imgs)) for p, imgs in zip(prompts, images, strict=True))
+        return vllm_generate(self, prompts, images, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", recorded)
+    monkeypatch.setattr(VLLMGeneration, "generate", vllm_recorded)
+    # (a 1280-token vLLM: TRL asks each turn for max_completion_length, 792 + 260 tokens on the third)
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "colocate",
+                    "--vllm_gpu_memory_utilization", "0.001", "--vllm_max_model_length", "1280",
+                    "--vllm_enable_sleep_mode", "false")
+    assert trainer.state.global_step == 2 and len(trained_batches) == 2 and len(turns) == 6
+    assert sent == [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2 + [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2
+    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
+        check_trajectories(batch)
+        for i in range(len(batch["completion_ids"])):
+            check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
+                                  batch["logprobs"][i], batch_turns, batch["image_token_id"], None)
+    assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]

@@ -107,3 +107,25 @@ def build_two_call_model(out: Path, max_steps: int = 600) -> Path:
     assert loss.item() < 0.05, f"the tiny model did not learn its two tool calls (loss {loss.item():.4f})"
     model.save_pretrained(out)
     return out
+
+
+class ZoomEnvironment:
+    """`zoom` as TRL's `environment_factory`: one instance per rollout, reset with the row. Its `zoom` is
+    the tool above (same name, schema and image, so the model's trajectory is the same), counting its
+    calls and enlarging the image the row names; `get_reward` scores the rollout from that state."""
+
+    def reset(self, **row) -> None:
+        self.calls = 0
+        self.seed = row["zoom_seed"]
+
+    def zoom(self, factor: int) -> list:
+        """Zoom into the image
+
+        Args:
+            factor: how many times to enlarge
+        """
+        self.calls += 1
+        return [{"type": "image", "image": random_image(self.seed)}, {"type": "text", "text": f"zoomed x{factor}"}]
+
+    def get_reward(self) -> float:
+        return float(self.calls)

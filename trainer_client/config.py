@@ -66,7 +66,8 @@ class AlignArguments:
                 "each one to the model); TRL runs the tool loop. Repeat or list several.", "action": "extend"})
     environment: str | None = field(default=None, metadata={
         "help": "GRPO/GSPO: TRL's environment_factory as module:Factory; one instance per rollout, its public "
-                "methods (but reset) are tools, reset(**row) starts a rollout."})
+                "methods (but reset and get_reward) are tools, reset(**row) starts a rollout, get_reward() (if "
+                "defined) scores it."})
     eval_dataset: str | None = field(default=None, metadata={
         "help": "A second dataset file (same formats as --dataset) for --eval_strategy steps: greedy completions "
                 "scored by the reward functions (eval_reward, eval_rewards/<name>/mean)."})

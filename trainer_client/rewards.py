@@ -6,9 +6,10 @@ maths, such as a colour, compare as normalised text). Anything else is `module:f
 """
 
 import functools
-import importlib
 import inspect
 import re
+
+from trainer_client.specs import load_callable
 
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 _THINK = re.compile(r"^\s*<think>.+?</think>\s*\S.*$", re.DOTALL)
@@ -71,16 +72,8 @@ BUILTIN = {"format": format_reward, "think_format": think_format_reward, "accura
 def _resolve(spec: str):
     if spec in BUILTIN:
         return BUILTIN[spec]
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise RewardSetupError(f"unknown reward {spec!r}: use one of {', '.join(BUILTIN)} or module:function")
-    try:
-        func = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise RewardSetupError(f"reward {spec!r} cannot be loaded: {exc}") from exc
-    if not callable(func):
-        raise RewardSetupError(f"reward {spec!r} is not callable")
-    return func
+    return load_callable(spec, f"reward {spec!r}", RewardSetupError,
+                         malformed=f"unknown reward {spec!r}: use one of {', '.join(BUILTIN)} or module:function")
 
 
 def _guarded(spec: str, func):

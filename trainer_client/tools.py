@@ -14,12 +14,13 @@ TRL private names this leans on are checked by tests/test_tools.py::test_trl_too
 
 import copy
 import functools
-import importlib
 import inspect
 from dataclasses import dataclass
 
 from trl import GRPOTrainer
 from trl.chat_template_utils import parse_response
+
+from trainer_client.specs import load_callable
 
 
 class ToolSetupError(ValueError):
@@ -28,16 +29,7 @@ class ToolSetupError(ValueError):
 
 
 def _load(spec: str, flag: str):
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ToolSetupError(f"{flag} {spec!r}: give it as module:name (a module on PYTHONPATH, a name in it)")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ToolSetupError(f"{flag} {spec!r} cannot be loaded: {exc}") from None
-    if not callable(obj):
-        raise ToolSetupError(f"{flag} {spec!r} is not callable")
-    return obj
+    return load_callable(spec, f"{flag} {spec!r}", ToolSetupError)
 
 
 def _check_described(func, where: str) -> None:
@@ -60,7 +52,8 @@ def load_tools(specs: list[str]) -> list:
 
 
 def load_environment(spec: str | None):
-    """The factory TRL calls once per rollout; its instance's public methods (but `reset`) are the tools."""
+    """The factory TRL calls once per rollout; its instance's public methods but `reset` and `get_reward`
+    (the rollout's reward, when the environment owns it) are the tools."""
     if spec is None:
         return None
     factory = _load(spec, "--environment")
@@ -69,7 +62,7 @@ def load_environment(spec: str | None):
             raise ToolSetupError(f"--environment {spec!r}: the class needs a reset(self, **row) method "
                                  "(TRL calls it at the start of every rollout)")
         for name, method in inspect.getmembers(factory, inspect.isfunction):
-            if not name.startswith("_") and name != "reset":
+            if not name.startswith("_") and name not in ("reset", "get_reward"):
                 _check_described(method, f"--environment {spec!r}, method {name}")
     return factory
 

