@@ -342,6 +342,11 @@ def checks() -> list:
         Same("trainer_client.async_rollouts.AsyncRollouts.generate",
              "trl.generation.vllm_generation.VLLMGeneration.generate"),
         Call("trl.GRPOTrainer._log_completion_extra", 2),
+        # async rollouts with tools: the worker runs TRL's tool loop on a copy of the trainer (tools.run_tool_loop)
+        Same("trainer_client.tools.LogsToolTurns._tool_call_loop", "trl.GRPOTrainer._tool_call_loop"),
+        Call("trl.GRPOTrainer._generate_single_turn", 4, kwargs=("has_tool_images",)),
+        Attr("trl.GRPOTrainer", "_standalone_tools"),
+        Attr("trl.GRPOTrainer", "max_tool_calling_iterations"),
         Call("trl.GRPOTrainer._log_metric", 2),
         Attr("trl.GRPOConfig", "vllm_importance_sampling_correction"),
         Check("trainer_client.trainers imports (TRL trainers, our mixins)",

@@ -194,9 +194,9 @@ def test_groups_older_than_max_staleness_are_generated_again(tiny_vlm, data, tmp
     for _ in range(2):
         rollouts.client.push_weights(rollouts.trainer.model)
     rollouts.policy_version = start + 2
-    _, _, versions, stats = rollouts._collect(request.prompt_ids, request.images, 4, None)
+    _, _, versions, stats, trajectories = rollouts._collect(request.prompt_ids, request.images, 4, None)
     assert stats["prefetch_hits"] == 1 and stats["stale_groups_dropped"] == len(rows)
-    assert set(versions) == {start + 2} and stats["staleness_max"] == 0
+    assert set(versions) == {start + 2} and stats["staleness_max"] == 0 and trajectories is None
 
     # A server that stays behind (it lost pushes) stops the run with the reason.
     rollouts.policy_version = start + 5

@@ -1,12 +1,16 @@
 """`align-train grpo --tools`: TRL's tool loop with a tool that returns an image, on a tiny Qwen3-VL
 taught to call it twice and then answer (tests/tool_model.py). Locally (`--vllm-mode none`) and
-through a real align-serve (each engine), where every trained sample is checked token for
-token against what the server sampled plus the tool suffixes, recorded as the run went."""
+through a real align-serve (each engine), synchronous and with --async_rollouts, where every trained
+sample is checked token for token against what the server sampled plus the tool suffixes, recorded
+as the run went."""
 
 import ast
+import functools
+import importlib
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,9 @@ from tests.utils import ServerProcess, random_image
 from torchvision_compat import load_processor
 from trainer_client.cli import run
 from trainer_client.client import AlignClient, collapse_image_runs
+from trainer_client.config import parse_args
 from trainer_client.generation import ServerGeneration
+from trainer_client.trainers import build_trainer
 
 TOOLS = ["--tools", "tests.tool_model:zoom"]
 # One prompt, two samples, two steps; a low temperature keeps the tiny model on its trajectory
@@ -82,14 +88,31 @@ def test_bad_tools_fail_at_start_in_one_line(flags, message, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--max_tool_calling_iterations", "0", *TOOLS], r"--max_tool_calling_iterations must be >= 1 \(got 0\)"),
     (["--max_tool_calling_iterations", "2"], r"needs --tools or --environment"),
-    ([*TOOLS, "--vllm-mode", "server", "--server-url", "http://127.0.0.1:1", "--async_rollouts"],
-     r"--async_rollouts is not supported yet"),
+    (["--environment", "tests.test_tools:NoReset", "--vllm-mode", "server", "--server-url", "http://127.0.0.1:1",
+      "--async_rollouts"], r"--environment with --async_rollouts is not supported: TRL resets and reuses"),
 ])
 def test_tool_flag_values_refused(flags, message):
-    from trainer_client.config import parse_args
-
     with pytest.raises(SystemExit, match=message):
         parse_args(["grpo", "--model", "m", "--dataset", "d", *flags])
+
+
+def test_trl_tool_loop_seams_exist():
+    """The TRL 1.16 private names the async rollout worker runs TRL's tool loop with (tools.run_tool_loop);
+    an upgrade that moves them fails here, not mid-run."""
+    import inspect
+
+    loop = inspect.signature(GRPOTrainer._tool_call_loop).parameters
+    assert list(loop) == ["self", "prompts", "prompt_ids", "completion_ids", "completions", "logprobs", "images",
+                          "multimodal_fields"]
+    source = inspect.getsource(GRPOTrainer._tool_call_loop)
+    for name in ("self._sync_tool_dicts[idx_with_tool]", "self._async_tool_dicts[idx_with_tool]",
+                 "self._generate_single_turn(", "self.max_tool_calling_iterations", "self._get_tool_suffix_ids(",
+                 "return tool_mask, completions, completion_ids, logprobs, tool_call_count, tool_failure_count, "
+                 "tool_images"):
+        assert name in source, name
+    assert "self._standalone_tools = tools" in inspect.getsource(GRPOTrainer.__init__)
+    assert list(inspect.signature(GRPOTrainer._generate_single_turn).parameters) == [
+        "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"]
 
 
 def test_a_template_without_tools_is_refused_before_loading(tiny_vlm, data, tmp_path):
@@ -106,9 +129,13 @@ def trained_batches(monkeypatch) -> list[dict]:
     def recorded(self, prompts):
         out = generate(self, prompts)
         prompt_ids, completion_ids, tool_mask, completions, logprobs, _, images, _ = out
+        generation = getattr(self, "vllm_generation", None)
         batches.append(dict(prompt_ids=prompt_ids, completion_ids=completion_ids, tool_mask=tool_mask,
                             completions=completions, logprobs=logprobs, images=images,
-                            image_token_id=self.processing_class.image_token_id))
+                            image_token_id=self.processing_class.image_token_id,
+                            # async rollouts: each sample's turn versions, and the trainer's own version
+                            turn_versions=[list(v) for v in getattr(generation, "turn_versions", [])],
+                            policy_version=getattr(generation, "policy_version", None)))
         return out
 
     monkeypatch.setattr(GRPOTrainer, "_generate", recorded)
@@ -248,6 +275,148 @@ def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, dat
     assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
 
 
+@pytest.fixture()
+def sampled_turns(monkeypatch) -> list[tuple[str, list]]:
+    """Every turn the server sampled, whichever thread asked: (thread name, [(prompt ids, sampled ids,
+    logprobs) per completion])."""
+    calls = []
+    sample = ServerGeneration._sample
+
+    def recorded(self, prompts, images, used, sampling, check):
+        out = sample(self, prompts, images, used, sampling, check)
+        repeated = [p for p in prompts for _ in range(sampling["n"])]
+        calls.append((threading.current_thread().name,
+                      [(list(p), list(c.token_ids), list(c.logprobs)) for p, c in zip(repeated, out, strict=True)]))
+        return out
+
+    monkeypatch.setattr(ServerGeneration, "_sample", recorded)
+    return calls
+
+
+def check_token_exact(batch: dict, turns: list[tuple[list, list, list]]) -> None:
+    """Each trained sample is its prompt, then model turns exactly as the server sampled them (with their
+    logprobs) and between them the tool turns' suffix ids, each the next turn's prompt as asked (mask 0)."""
+    for i, prompt in enumerate(batch["prompt_ids"]):
+        trained, logprobs = prompt + batch["completion_ids"][i], batch["logprobs"][i]
+        at, mask, model_turns = len(prompt), [], 0
+        while at < len(trained):
+            # The turn asked with the trajectory so far (plus a tool suffix) that sampled what follows.
+            found = [(p, s, lp) for p, s, lp in turns
+                     if s and len(p) >= at and (model_turns or len(p) == at) and trained[: len(p) + len(s)] == p + s]
+            assert found, f"sample {i}: no turn the server sampled continues it at token {at}"
+            start = min(len(p) for p, _, _ in found)
+            found = [(p, s, lp) for p, s, lp in found if len(p) == start]
+            p, s, _ = found[0]
+            got = logprobs[len(p) - len(prompt): len(p) + len(s) - len(prompt)]
+            assert any(got == pytest.approx(lp) for _, _, lp in found)  # the sampled logprobs feed the IS ratio
+            assert logprobs[at - len(prompt): len(p) - len(prompt)] == [0.0] * (len(p) - at)
+            mask += [0] * (len(p) - at) + [1] * len(s)
+            at, model_turns = len(p) + len(s), model_turns + 1
+        assert model_turns == 3
+        assert batch["tool_mask"][i] == mask
+
+
+def test_async_rollouts_run_the_tool_turns_in_the_worker(two_call_vlm, data, tmp_path, server, trained_batches,
+                                                         sampled_turns):
+    """With --async_rollouts only the first batch's tool turns run on the training thread; later batches
+    arrive with every turn done (in the rollout worker), token-exact, none older than --max_staleness."""
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url,
+                    "--async_rollouts", "--max_staleness", "1", "--max_steps", "3")
+    assert trainer.state.global_step == 3 and len(trained_batches) == 3
+    threads = [name for name, _ in sampled_turns]
+    assert threads.count("MainThread") == 3  # the first batch's 3 turns; never a turn of a later batch
+    assert sum(name.startswith("align-rollouts") for name in threads) >= 6  # batches 2 and 3, every turn
+    turns = [t for _, ts in sampled_turns for t in ts]
+    for batch in trained_batches:
+        check_trajectories(batch)
+        check_token_exact(batch, turns)
+    # Per trajectory, its oldest turn against the trainer's version when it was trained on: the first
+    # batch is generated on the newest weights, the next ones while the step before them trained.
+    lag = [[batch["policy_version"] - min(v) for v in batch["turn_versions"]] for batch in trained_batches]
+    assert lag == [[0, 0], [1, 1], [1, 1]]
+    assert all(len(v) == 3 for batch in trained_batches for v in batch["turn_versions"])
+    assert metric(trainer, "async/prefetch_hits") == [0.0, 1.0, 1.0]
+    assert metric(trainer, "async/staleness_max") == [0.0, 1.0, 1.0]
+    assert metric(trainer, "tools/calls_per_sample") == [2.0, 2.0, 2.0]
+    assert metric(trainer, "tools/call_frequency") == [2.0, 2.0, 2.0]
+    assert metric(trainer, "tools/tool_tokens") == [118.0, 118.0, 118.0]
+
+
+def test_a_tool_trajectory_older_than_max_staleness_is_generated_again(two_call_vlm, data, tmp_path, server):
+    """A read-ahead batch whose trajectories sat while the server moved two versions on is dropped and
+    generated again, every turn on the newest weights."""
+    method, align, config, _ = parse_args(["grpo", "--model", str(two_call_vlm), "--dataset", str(data),
+                                           "--output_dir", str(tmp_path / "out"), *FLAGS, *TOOLS, "--vllm-mode",
+                                           "server", "--server-url", server.url, "--async_rollouts"])
+    rollouts = build_trainer(method, align, config).vllm_generation
+    rows = list(next(iter(rollouts.trainer.get_train_dataloader())))[::2]
+    request = rollouts._request(rows, 2)
+    rollouts._push_at_start()
+    start = rollouts.policy_version
+    rollouts._launch(request)
+    assert [[r.versions for r in group] for group in request.future.result()] == [[[start] * 3] * 2]
+    for _ in range(2):
+        rollouts.client.push_weights(rollouts.trainer.model)
+    rollouts.policy_version = start + 2
+    _, _, versions, stats, trajectories = rollouts._collect(request.prompt_ids, request.images, 2, None)
+    assert stats == {"staleness_max": 0.0, "stale_groups_dropped": 1.0, "prefetch_hits": 1.0,
+                     "policy_version": float(start + 2)}
+    assert versions == [start + 2] * 2 and [r.versions for r in trajectories] == [[start + 2] * 3] * 2
+    assert [[m["role"] for m in r.messages] for r in trajectories] == [["assistant", "tool"] * 2 + ["assistant"]] * 2
+    assert [r.calls for r in trajectories] == [2, 2] and [r.failures for r in trajectories] == [0, 0]
+    rollouts.close()
+
+
+_RESTART: list = []  # (model, server, log_dir): the server `zoom_restarting` restarts at its next call
+_RESTARTED: list = []  # the server it started again
+
+
+@functools.wraps(zoom)  # the same name and schema: the tiny model calls it as it learned to
+def zoom_restarting(factor: int) -> list:
+    if _RESTART:
+        model, server, log_dir = _RESTART.pop()
+        server.kill()
+        _RESTARTED.append(ServerProcess(model, "transformers", extra=["--max-model-len", str(MAX_MODEL_LEN)],
+                                        log_dir=log_dir, port=server.port).wait_ready(600))
+    return zoom(factor)
+
+
+@pytest.mark.fault
+def test_a_server_restart_mid_trajectory_drops_the_batch_and_generates_it_again(two_call_vlm, data, tmp_path,
+                                                                                 log_dir):
+    """The rollout worker's first tool call restarts the server (SIGKILL, then a new instance serving its
+    start checkpoint): the next turn's answer is refused, the trainer's weights are pushed to the new
+    instance, and the batch is generated again, every turn, from those weights."""
+    server = ServerProcess(two_call_vlm, "transformers", extra=["--max-model-len", str(MAX_MODEL_LEN)],
+                           log_dir=log_dir).wait_ready(600)
+    try:
+        method, align, config, _ = parse_args(["grpo", "--model", str(two_call_vlm), "--dataset", str(data),
+                                               "--output_dir", str(tmp_path / "out"), *FLAGS, "--tools",
+                                               "tests.test_tools:zoom_restarting", "--vllm-mode", "server",
+                                               "--server-url", server.url, "--async_rollouts"])
+        rollouts = build_trainer(method, align, config).vllm_generation
+        request = rollouts._request(list(next(iter(rollouts.trainer.get_train_dataloader())))[::2], 2)
+        rollouts._push_at_start()
+        start = rollouts.policy_version
+        tool = importlib.import_module("tests.test_tools")  # as --tools loaded it (pytest names this file apart)
+        tool._RESTART.append((two_call_vlm, server, log_dir))
+        rollouts._launch(request)
+        _, _, versions, stats, trajectories = rollouts._collect(request.prompt_ids, request.images, 2, None)
+        server = tool._RESTARTED.pop()
+        assert rollouts.restarts == 1
+        assert AlignClient(server.url).info(refresh=True).weight_version == 1  # the new instance got our weights
+        # Counted in the trainer's sequence: the push to the new instance holds the same weights, version start.
+        assert versions == [start] * 2 and [r.versions for r in trajectories] == [[start] * 3] * 2
+        assert [r.calls for r in trajectories] == [2, 2] and stats["staleness_max"] == 0
+        rollouts.close()
+    finally:
+        tool = importlib.import_module("tests.test_tools")
+        tool._RESTART.clear()
+        for proc in [server, *tool._RESTARTED]:
+            proc.stop()
+        tool._RESTARTED.clear()
+
+
 # ---- --environment, and tools with --dynamic_sampling -------------------------------------------------
 ENVIRONMENT = ["--environment", "tests.tool_model:ZoomEnvironment"]
 
@@ -367,7 +536,9 @@ def long_question(processor, length: int) -> str:
 def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
     """Under `accelerate launch` one process's prompt runs two tool turns, the other's none (its first
     tool answer would pass the model's 2048 positions, so TRL drops it): the second joins the first's
-    turns instead of leaving it waiting, and each trains on its own samples."""
+    turns instead of leaving it waiting, and each trains on its own samples. With --async_rollouts, so
+    both paths run: the first batch's turns on the training threads (collective, as in synchronous
+    mode), the second batch's in the main process's rollout worker, handed to each process by slice."""
     root = tmp_path / "data"
     root.mkdir()
     random_image(IMAGE_SEED).save(root / "q.png")
@@ -383,7 +554,8 @@ def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer_client.cli",
                "grpo", "--model", str(two_call_vlm), "--dataset", str(root / "grpo.jsonl"),
                "--output_dir", str(tmp_path / "out"), *FLAGS, *TOOLS, "--reward_funcs",
-               "tests.test_tools:turns_as_planned", "--vllm-mode", "server", "--server-url", server.url]
+               "tests.test_tools:turns_as_planned", "--vllm-mode", "server", "--server-url", server.url,
+               "--async_rollouts"]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert AlignClient(server.url).info(refresh=True).weight_version == 3  # the start push, one per step
@@ -391,6 +563,7 @@ def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
         server.stop()
     logged = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{'loss'")]
     assert [float(log["reward"]) for log in logged] == [1.0, 1.0]
+    assert [float(log["async/prefetch_hits"]) for log in logged] == [0.0, 1.0]  # the second batch: the worker's
 
 
 # ---- tools with LoRA: the adapter pushed after each step samples every turn -----------------------------

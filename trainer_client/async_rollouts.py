@@ -22,11 +22,19 @@ A push that meets the restart pushes its snapshot to the new instance (`ServerGe
 Versions are counted in the trainer's sequence (`policy_version`): each server's own numbers are
 mapped onto it by the offset its last push recorded, so staleness holds across restarts.
 
+With `--tools` the worker runs each read-ahead batch's tool turns too (`tools.run_tool_loop`: TRL's own
+loop, every turn asked of the server from the worker), so the training loop never waits on a tool or
+a later turn; TRL's loop on the training thread gets the finished trajectories (`finished_tool_loop`).
+A trajectory is as stale as its oldest turn: a group holding one more than max_staleness versions
+behind is dropped and generated again, all its turns. A batch not read ahead (the first one, or one
+the read-ahead missed) runs its tool turns on the training thread, as in synchronous mode.
+
 Logged per generation: `async/staleness_max` (versions between the trainer's weights and the
-oldest completion trained on), `async/stale_groups_dropped`, `async/prefetch_hits`.
+oldest completion, or trajectory turn, trained on), `async/stale_groups_dropped`, `async/prefetch_hits`.
 """
 
 import contextlib
+import copy
 import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +43,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from trl.data_utils import prepare_multimodal_messages
 
 from trainer_client.client import collapse_image_runs
-from trainer_client.generation import MAX_REFUSALS, ServerGeneration
+from trainer_client.generation import MAX_REFUSALS, ServerGeneration, Trajectories
+from trainer_client.tools import Rollout, run_tool_loop
 from trainer_client.weights import host_copy
 
 log = logging.getLogger(__name__)
@@ -50,11 +59,22 @@ class ServerRestarted(RuntimeError):
 
 
 class _Request:
-    """One generation batch as the server sees it: unique prompts (one placeholder per image)."""
+    """One generation batch as the server sees it: unique prompts (one placeholder per image), and the
+    sampling parameters as the training thread set them when it asked. With tools, also per prompt TRL's
+    ids (expanded image runs) and chat messages, which the tool loop continues."""
 
-    def __init__(self, prompt_ids: list[list[int]], images: list[list], n: int):
-        self.prompt_ids, self.images, self.n = prompt_ids, images, n
+    def __init__(self, prompt_ids: list[list[int]], images: list[list], n: int, sampling: dict,
+                 expanded: list[list[int]] | None = None, messages: list[list[dict]] | None = None):
+        self.prompt_ids, self.images, self.n, self.sampling = prompt_ids, images, n, sampling
+        self.expanded, self.messages = expanded, messages
         self.future: Future | None = None
+
+    def subset(self, rows: list[int]) -> "_Request":
+        def pick(values):
+            return None if values is None else [values[i] for i in rows]
+
+        return _Request(pick(self.prompt_ids), pick(self.images), self.n, self.sampling, pick(self.expanded),
+                        pick(self.messages))
 
     def matches(self, prompt_ids, images) -> bool:
         return prompt_ids == self.prompt_ids and [[i.size for i in imgs] for imgs in images] == \
@@ -84,6 +104,11 @@ class AsyncRollouts:
         self._push: Future | None = None
         self._last_snapshot: tuple[list, object] | None = None  # (pairs, adapter)
         self.restarts = 0
+        self.tools = bool(self.trainer.tools)
+        # The worker's own processor for the tool loop: tokenizers are not safe to share across threads.
+        self._processor = copy.deepcopy(self.trainer.processing_class) if self.tools else None
+        self._finished: list | None = None  # the tool loop's output for this process's samples of the last batch
+        self.turn_versions: list[list[int]] = []  # per local sample of the last batch with tools: each turn's version
 
     @property
     def accelerator(self):
@@ -91,6 +116,9 @@ class AsyncRollouts:
 
     # ---- generation (TRL's `VLLMGeneration.generate` contract) ----------------------------------
     def generate(self, prompts, images, num_generations, profiler=None):
+        if self.sync.turns is not None:  # a tool turn of a batch whose loop runs on this thread
+            return self.sync.generate(prompts, images, num_generations, profiler)
+        self._finished = None
         if not self.trainer.model.training:  # evaluation: the newest weights, no read-ahead
             self._drain()
             return self.sync.generate(prompts, images, num_generations, profiler)
@@ -105,17 +133,58 @@ class AsyncRollouts:
                       for p in all_prompts[::num_generations]]
             unique_images = [imgs or [] for imgs in all_images[::num_generations]]
             payload = self._collect(unique, unique_images, num_generations, profiler)
-            for rows in upcoming[len(self._pending):]:
-                self._launch(self._request(rows[::num_generations], num_generations))
+            if payload is not None:
+                self._read_ahead(upcoming, num_generations)
         payload = broadcast_object_list([payload], from_process=0)[0]
-        completion_ids, logprobs, versions, stats = payload
-        pushed = stats.pop("policy_version")
         metrics = self.trainer._metrics["train"]
+        if payload is None:  # tools, and this batch was not read ahead: its turns run here, synchronously
+            out = self.sync.generate(prompts, images, num_generations, profiler)
+            if self.accelerator.is_main_process:
+                self._read_ahead(upcoming, num_generations)
+            for name in ("staleness_max", "stale_groups_dropped", "prefetch_hits"):
+                metrics[f"async/{name}"].append(0.0)
+            return out
+        completion_ids, logprobs, versions, stats, rollouts = payload
+        pushed = stats.pop("policy_version")
         for name, value in stats.items():
             metrics[f"async/{name}"].append(value)
         mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
         self.sync._log_versions(versions[mine], pushed)
+        if rollouts is not None:
+            self._hand_over(rollouts[mine])
         return prompts, completion_ids[mine], logprobs[mine], None
+
+    def _read_ahead(self, upcoming: list[list[dict]], n: int) -> None:
+        for rows in upcoming[len(self._pending):]:
+            self._launch(self._request(rows[::n], n))
+
+    def _hand_over(self, rollouts: list[Rollout]) -> None:
+        """What TRL's `_tool_call_loop` returns, for this process's samples (`finished_tool_loop`)."""
+        self._finished = ([r.tool_mask for r in rollouts], [r.messages for r in rollouts],
+                          [r.completion_ids for r in rollouts], [r.logprobs for r in rollouts],
+                          sum(r.calls for r in rollouts), sum(r.failures for r in rollouts),
+                          [r.images for r in rollouts])
+        self.turn_versions = [r.versions for r in rollouts]
+        # A trajectory is as stale as its oldest turn.
+        oldest = [min(v) for v in self.turn_versions]
+        self.trainer._log_metric("weight_version_oldest_turn", sum(oldest) / max(1, len(oldest)))
+
+    # ---- TRL's tool loop (tools.LogsToolTurns) --------------------------------------------------
+    def finished_tool_loop(self) -> tuple | None:
+        """The tool loop's output for the batch just generated, when the worker ran it (else None: the
+        loop runs on the training thread, through `ServerGeneration`)."""
+        out, self._finished = self._finished, None
+        return out
+
+    def start_tool_turns(self, prompt_ids, completion_ids) -> None:
+        self.sync.start_tool_turns(prompt_ids, completion_ids)
+
+    def join_tool_turns(self) -> None:
+        self.sync.join_tool_turns()
+
+    def end_tool_turns(self) -> None:
+        self.sync.end_tool_turns()
+        self.turn_versions = self.sync.turn_versions
 
     def _request(self, rows: list[dict], n: int) -> _Request:
         # The same prompt preparation as TRL's `_generate_and_score_completions` -> `_tokenize_prompts`,
@@ -128,16 +197,44 @@ class AsyncRollouts:
         prompt_ids, _, _ = self.trainer._tokenize_prompts(prompts)
         token = self.client.info().image_token_id
         ids = [collapse_image_runs(p, token) if token is not None else list(p) for p in prompt_ids]
-        return _Request(ids, [imgs or [] for imgs in images], n)
+        return _Request(ids, [imgs or [] for imgs in images], n, self.sync.sampling(n),
+                        *((list(prompt_ids), prompts) if self.tools else ()))
 
     def _launch(self, request: _Request) -> None:
-        request.future = self._worker.submit(self._call_server, request.prompt_ids, request.images, request.n)
+        request.future = self._worker.submit(self._call_server, request)
         self._pending.append(request)
 
-    def _call_server(self, prompt_ids, images, n):
-        out = self.client.generate(prompt_ids=prompt_ids, images=images, check=self._check_instance,
-                                   **self.sync.sampling(n))
+    def _call_server(self, request: _Request) -> list[list]:
+        """Worker: the groups of `request`, Completions, or with tools Rollouts (every turn done)."""
+        if request.messages is not None:
+            return self._tool_rollouts(request)
+        out = self.client.generate(prompt_ids=request.prompt_ids, images=request.images, check=self._check_instance,
+                                   **request.sampling)
         return [list(r.completions) for r in out.results]
+
+    def _tool_rollouts(self, request: _Request) -> list[list[Rollout]]:
+        """Worker: the first turns, then TRL's tool loop on them, each later turn asked of the server here
+        with what its trajectory has left of the token budgets (as in synchronous mode)."""
+        n, check = request.n, self._check_instance
+        first = self.sync._sample(request.expanded, request.images, [0] * len(request.expanded), request.sampling,
+                                  check)
+        rows = [i for i in range(len(request.expanded)) for _ in range(n)]
+        prompt_ids = [list(request.expanded[i]) for i in rows]
+        turns = Trajectories(prompt_ids, [c.token_ids for c in first], [c.weight_version for c in first])
+
+        def generate_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            images = [imgs or [] for imgs in images] if images is not None else [[] for _ in prompt_ids]
+            out = self.sync._sample(prompt_ids, images, turns.used(prompt_ids), {**request.sampling, "n": 1}, check)
+            turns.sampled(prompt_ids, [c.token_ids for c in out], [c.weight_version for c in out])
+            return [list(c.token_ids) for c in out], [list(c.logprobs) for c in out]
+
+        has_images = any(request.images)
+        rollouts = run_tool_loop(self.trainer, self._processor, [list(request.messages[i]) for i in rows], prompt_ids,
+                                 first, [list(request.images[i]) for i in rows] if has_images else None,
+                                 generate_turn)
+        for rollout, versions in zip(rollouts, turns.versions, strict=True):
+            rollout.versions = versions
+        return [rollouts[g * n:(g + 1) * n] for g in range(len(request.expanded))]
 
     def _check_instance(self, server: int, answer) -> None:
         """Refuse a restarted server's answers until this trainer has pushed to it; put the versions of
@@ -200,11 +297,11 @@ class AsyncRollouts:
         log.warning("%s restarted: pushed this trainer's weights (version %d) to it again",
                     self.client.base_urls[server], self.policy_version)
 
-    def _generate_now(self, prompt_ids, images, n, pending: Future | None = None) -> list:
+    def _generate_now(self, request: _Request, pending: Future | None = None) -> list:
         """This batch's groups from `pending` (a read-ahead) or a new request; a restart met on the way
-        is recovered from and the batch generated again."""
+        (mid-trajectory too) is recovered from and the batch generated again, every turn."""
         for refusals in range(MAX_REFUSALS + 1):
-            future = pending or self._worker.submit(self._call_server, prompt_ids, images, n)
+            future = pending or self._worker.submit(self._call_server, request)
             pending = None
             try:
                 return future.result()
@@ -214,34 +311,41 @@ class AsyncRollouts:
                 log.warning("async rollouts: %s; dropping what was queued, pushing the weights again", exc)
                 self._recover()
 
-    def _collect(self, prompt_ids, images, n, profiler) -> tuple:
+    def _collect(self, prompt_ids, images, n, profiler) -> tuple | None:
         """This batch's completions: the prefetched ones if they are for these prompts, minus groups
-        staler than max_staleness, which are generated again on the newest weights."""
+        staler than max_staleness, which are generated again on the newest weights. None: tools, and
+        nothing read ahead for this batch (its turns then run on the training thread)."""
         hit = bool(self._pending) and self._pending[0].matches(prompt_ids, images) and self._pending[0].n == n
         if self._pending and not hit:
             log.warning("async rollouts: the prefetched batch is not the one TRL asks for (a resumed or "
                         "re-seeded data order?); generating this one now")
+        if not hit:
             self._drain()
+            if self.tools:  # the messages the tool loop continues are not here, only TRL's ids
+                return None
+        request = self._pending.popleft() if hit else _Request(prompt_ids, images, n, self.sync.sampling(n))
         with profiler if profiler is not None else _null():
-            groups = self._generate_now(prompt_ids, images, n, self._pending.popleft().future if hit else None)
-            stale = [i for i, g in enumerate(groups)
-                     if self.policy_version - min(c.weight_version for c in g) > self.max_staleness]
+            groups = self._generate_now(request, request.future)
+            stale = [i for i, g in enumerate(groups) if self.policy_version - _oldest(g) > self.max_staleness]
             if stale:
                 log.warning("async rollouts: %d group(s) older than %d weight version(s); generating them again",
                             len(stale), self.max_staleness)
-                fresh = self._generate_now([prompt_ids[i] for i in stale], [images[i] for i in stale], n)
+                fresh = self._generate_now(request.subset(stale))
                 for i, g in zip(stale, fresh, strict=True):
                     groups[i] = g
-                lag = self.policy_version - min(c.weight_version for i in stale for c in groups[i])
+                lag = self.policy_version - min(_oldest(groups[i]) for i in stale)
                 if lag > self.max_staleness:
                     raise RuntimeError(f"the server serves weights {lag} versions behind the trainer's even for new "
                                        "requests: it lost weight pushes (restarted?); restart the run or resume it "
                                        "from its last checkpoint")
-        completions = [c for g in groups for c in g]
-        stats = {"staleness_max": float(self.policy_version - min(c.weight_version for c in completions)),
+        samples = [s for g in groups for s in g]
+        rollouts = samples if self.tools else None
+        completions = [s.first for s in samples] if self.tools else samples
+        stats = {"staleness_max": float(self.policy_version - _oldest(samples)),
                  "stale_groups_dropped": float(len(stale)), "prefetch_hits": float(hit)}
         return ([c.token_ids for c in completions], [[[lp] for lp in c.logprobs] for c in completions],
-                [c.weight_version for c in completions], {**stats, "policy_version": float(self.policy_version)})
+                [c.weight_version for c in completions], {**stats, "policy_version": float(self.policy_version)},
+                rollouts)
 
     # ---- weights --------------------------------------------------------------------------------
     def sync_weights(self) -> None:
@@ -302,6 +406,11 @@ class AsyncRollouts:
         if self._worker is not None:
             self._drain()
             self._worker.shutdown(wait=True)
+
+
+def _oldest(samples) -> int:
+    """The oldest weight version among completions, or among every turn of tool trajectories."""
+    return min(min(s.versions) if isinstance(s, Rollout) else s.weight_version for s in samples)
 
 
 class _null:

@@ -113,10 +113,11 @@ class ServerGeneration:
             with named_weights(model) as pairs:
                 yield pairs, None
 
-    def sampling(self, num_generations: int, max_tokens: int | None = None) -> dict:
-        """`max_tokens`: what this turn may sample (default max_completion_length, a whole first turn)."""
+    def sampling(self, num_generations: int) -> dict:
+        """The sampling parameters as the trainer's mode sets them now, for a whole first turn (`_sample`
+        lowers `max_tokens` per turn to what each trajectory has left)."""
         t = self.trainer
-        max_tokens = t.max_completion_length if max_tokens is None else max_tokens
+        max_tokens = t.max_completion_length
         if not t.model.training:
             # Evaluation is greedy (TRL samples there too): two evals of the same weights score the same.
             return dict(n=num_generations, temperature=0.0, max_tokens=max_tokens, logprobs=True)
@@ -151,7 +152,8 @@ class ServerGeneration:
             if self.accelerator.is_main_process:
                 try:
                     with profiler if profiler is not None else _null():
-                        completions = self._sample(unique, unique_images, unique_used, num_generations)
+                        completions = self._sample(unique, unique_images, unique_used, self.sampling(num_generations),
+                                                   self._check)
                     # The server never samples image/video placeholders (as TRL's local generation
                     # suppresses them), so every completion can be trained on as it is.
                     pushed = [p[1] for p in self.pushed if p is not None]
@@ -180,11 +182,13 @@ class ServerGeneration:
             self._log_versions(versions[mine], pushed_version)
         return prompts, completion_ids[mine], logprobs[mine], None
 
-    def _sample(self, prompts, images, used, n) -> list[Completion]:
-        """n completions per prompt, each asked for no more tokens than its trajectory has left of
-        max_completion_length and than fit in the server's max_model_len (later tool turns would
-        otherwise be refused for length). A tool turn with nothing left gets an empty completion; a
-        first turn whose prompt alone fills max_model_len is asked as it is, for the server's 400."""
+    def _sample(self, prompts, images, used, sampling: dict, check) -> list[Completion]:
+        """`sampling["n"]` completions per prompt (expanded image runs), each asked for no more tokens than its
+        trajectory has left of max_completion_length and than fit in the server's max_model_len (later tool
+        turns would otherwise be refused for length); `check` sees each answer (it may refuse it). A tool
+        turn with nothing left gets an empty completion; a first turn whose prompt alone fills max_model_len
+        is asked as it is, for the server's 400."""
+        n = sampling["n"]
         max_model_len = self.client.info().limits.max_model_len
         limit = self.trainer.max_completion_length
         budgets = [max(0, min(limit - u, max_model_len - len(p))) for p, u in zip(prompts, used, strict=True)]
@@ -199,7 +203,7 @@ class ServerGeneration:
                     out[i] = [empty] * n
                 continue
             answer = self.client.generate(prompt_ids=[prompts[i] for i in rows], images=[images[i] for i in rows],
-                                          check=self._check, **self.sampling(n, budget))
+                                          check=check, **{**sampling, "max_tokens": budget})
             for i, result in zip(rows, answer.results, strict=True):
                 out[i] = result.completions
         return [c for cs in out for c in cs]
@@ -353,7 +357,8 @@ class Trajectories:
     def sampled(self, prompts, completion_ids, versions) -> None:
         for i, prompt, ids, version in zip(self._current, prompts, completion_ids, versions, strict=True):
             self.ids[i] = list(prompt) + list(ids)
-            self.versions[i].append(version)
+            if ids:  # a turn with no tokens left sampled nothing: no weights made it
+                self.versions[i].append(version)
 
 
 def _open_sync_expiry(exc: Exception) -> float | None:

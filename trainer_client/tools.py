@@ -3,11 +3,22 @@
 
 TRL runs the loop (`GRPOTrainer._tool_call_loop`): it parses each completion's tool calls, calls the
 tools, appends the tool turn's suffix ids to the sampled ids (never re-rendering earlier turns) and
-generates again, with `tool_mask` 0 on the tool tokens. We only load the callables, refuse bad ones
+generates again, with `tool_mask` 0 on the tool tokens. We load the callables, refuse bad ones
 before any model loads, and log per-trajectory counts TRL does not.
+
+With `--async_rollouts` the rollout worker runs the same loop in the background (`run_tool_loop`), on a
+shallow copy of the trainer whose `_generate_single_turn` asks the server directly (no collectives off
+the training thread); TRL's loop on the training thread then hands back what the worker finished. The
+TRL private names this leans on are checked by tests/test_tools.py::test_trl_tool_loop_seams_exist.
 """
 
+import copy
+import functools
 import inspect
+from dataclasses import dataclass
+
+from trl import GRPOTrainer
+from trl.chat_template_utils import parse_response
 
 from trainer_client.specs import load_callable
 
@@ -66,6 +77,85 @@ def check_template(processor, source: str) -> None:
                              "(align-tiny-model --arch qwen3_vl writes one)")
 
 
+@dataclass
+class Rollout:
+    """One sample's trajectory as TRL's tool loop leaves it, run by the rollout worker."""
+
+    first: object  # the first turn's Completion (what TRL's `_generate_single_turn` is handed)
+    tool_mask: list[int]
+    messages: list[dict]  # the model's turns and the tools' answers
+    completion_ids: list[int]  # every turn as sampled, with the tool suffixes
+    logprobs: list[float]  # per completion token; 0.0 on tool tokens
+    calls: int
+    failures: int
+    images: list  # the images the tools returned
+    versions: list[int]  # the weight version of each model turn that sampled tokens
+
+
+def run_tool_loop(trainer, processor, prompts, prompt_ids, first, images, generate_turn) -> list[Rollout]:
+    """TRL's tool loop for samples whose first turns (`first`, Completions) are sampled, off the training
+    thread: on a shallow copy of `trainer` with its own `processor` (a deep copy: tokenizers are not safe
+    to share across threads) and per-sample tool tables, and `generate_turn` (`_generate_single_turn`'s
+    signature) for the later turns. `prompts`: per sample its chat messages (TRL appends to them),
+    `prompt_ids` its ids with expanded image runs, `images` its images (None: none in the batch)."""
+    view = copy.copy(trainer)
+    view.processing_class = processor
+    view._tokenizer = getattr(processor, "tokenizer", processor)
+    failures = [0] * len(prompt_ids)
+    tables = [_tool_tables(trainer._standalone_tools, failures, i) for i in range(len(prompt_ids))]
+    view._sync_tool_dicts = [sync for sync, _ in tables]
+    view._async_tool_dicts = [coro for _, coro in tables]
+    view._generate_single_turn = generate_turn
+    completion_ids = [list(c.token_ids) for c in first]
+    completions = [[_parse(view, ids, prefix)] for ids, prefix in zip(completion_ids, prompt_ids, strict=True)]
+    tool_mask, completions, completion_ids, logprobs, _, _, tool_images = GRPOTrainer._tool_call_loop(
+        view, prompts, prompt_ids, completion_ids, completions, [list(c.logprobs) for c in first], images, {})
+    rollouts = []
+    for i, messages in enumerate(completions):
+        # TRL counts per batch; a batch's samples go to several processes (and stale groups are generated
+        # again), so count per sample: TRL executed the calls of the assistant turns its loop reached.
+        turns = [m for m in messages if m.get("role") == "assistant"][: trainer.max_tool_calling_iterations]
+        calls = [c for m in turns for c in m.get("tool_calls") or []]
+        unknown = sum(c.get("type") != "function" or c["function"]["name"] not in {**tables[i][0], **tables[i][1]}
+                      for c in calls)
+        rollouts.append(Rollout(first[i], tool_mask[i], messages, completion_ids[i], logprobs[i], len(calls),
+                                failures[i] + unknown, tool_images[i], []))
+    return rollouts
+
+
+def _parse(trainer, ids, prefix) -> dict:
+    """A first turn as TRL's `_generate` decodes it: with tool calls parsed where the tokenizer can."""
+    tokenizer = trainer._tokenizer
+    if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None) is not None:
+        return parse_response(tokenizer, ids, prefix=prefix, tools=trainer.tools)
+    return {"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}
+
+
+def _tool_tables(tools, failures: list[int], sample: int) -> tuple[dict, dict]:
+    """TRL's per-sample (sync, async) tool tables, each tool counting its sample's failures (TRL counts a
+    raised exception as one, then answers the model with the error)."""
+    def counted(tool):
+        if inspect.iscoroutinefunction(tool):
+            async def call(**kwargs):
+                try:
+                    return await tool(**kwargs)
+                except Exception:
+                    failures[sample] += 1
+                    raise
+        else:
+            def call(**kwargs):
+                try:
+                    return tool(**kwargs)
+                except Exception:
+                    failures[sample] += 1
+                    raise
+        return functools.wraps(tool)(call)
+
+    sync = {t.__name__: counted(t) for t in tools if not inspect.iscoroutinefunction(t)}
+    coro = {t.__name__: counted(t) for t in tools if inspect.iscoroutinefunction(t)}
+    return sync, coro
+
+
 class LogsToolTurns:
     """GRPOTrainer mixin: per batch, turns per trajectory, tool calls per sample and the tokens that came
     from tools (masked out of the loss) against those the model sampled. TRL logs `tools/call_frequency`
@@ -73,17 +163,11 @@ class LogsToolTurns:
 
     def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields):
         generation = getattr(self, "vllm_generation", None)
-        start = getattr(generation, "start_tool_turns", None)
-        if start is not None:
-            start(prompt_ids, completion_ids)
-        try:
-            out = super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, logprobs, images,
-                                          multimodal_fields)
-            if start is not None:
-                generation.join_tool_turns()
-        finally:
-            if start is not None:
-                generation.end_tool_turns()
+        finished = getattr(generation, "finished_tool_loop", None)
+        out = finished() if finished is not None else None  # async rollouts: the worker ran this batch's loop
+        if out is None:
+            out = self._tool_turns_here(generation, prompts, prompt_ids, completion_ids, completions, logprobs,
+                                        images, multimodal_fields)
         tool_mask, completions = out[0], out[1]
         mode = "train" if self.model.training else "eval"
         n = max(1, len(tool_mask))
@@ -98,4 +182,20 @@ class LogsToolTurns:
         }
         for name, value in metrics.items():
             self._metrics[mode][name].append(float(value))
+        return out
+
+    def _tool_turns_here(self, generation, prompts, prompt_ids, completion_ids, completions, logprobs, images,
+                         multimodal_fields):
+        """TRL's loop on the training thread, each turn through the generation backend."""
+        start = getattr(generation, "start_tool_turns", None)
+        if start is not None:
+            start(prompt_ids, completion_ids)
+        try:
+            out = super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, logprobs, images,
+                                          multimodal_fields)
+            if start is not None:
+                generation.join_tool_turns()
+        finally:
+            if start is not None:
+                generation.end_tool_turns()
         return out
