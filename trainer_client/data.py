@@ -68,7 +68,7 @@ def _from_json_rows(path: Path, rows: list[dict], method: str) -> datasets.Datas
                                f"row 1 has {', '.join(sorted(first))}")
     columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}
     # Conversations (SFT) differ message by message (tool calls; text or parts): one JSON string per row.
-    if "messages" in columns:
+    if method == "sft" and "messages" in columns:
         columns["messages"] = [v if v is None or isinstance(v, str) else json.dumps(v) for v in columns["messages"]]
     # A string in one row and messages in another cannot share an Arrow column: messages for all.
     prompt_col = next((c for c in PROMPT_COLUMNS if c in columns), "prompt")
