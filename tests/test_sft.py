@@ -86,6 +86,14 @@ def test_tool_traces_train_on_the_assistant_tokens_only(qwen3_vl, traces):
     assert '"name": "zoom"' in processor.tokenizer.decode(ids[: int((labels != -100).nonzero()[0])])
 
 
+def test_assistant_only_loss_false_trains_on_the_whole_sequence(qwen3_vl, traces):
+    from tests.tool_model import zoom
+
+    batch = AssistantTurnsCollator(load_processor(qwen3_vl), [zoom], assistant_only=False)(
+        [load_train_dataset(traces, "sft")[0]])
+    assert (batch["labels"] == batch["input_ids"]).all()  # one row: no padding to leave out
+
+
 def test_sft_on_tool_traces_runs_through_the_cli(qwen3_vl, traces, tmp_path):
     trainer = run(["sft", "--model", str(qwen3_vl), "--dataset", str(traces), "--output_dir", str(tmp_path / "out"),
                    "--tools", "tests.tool_model:zoom", "--max_steps", "3", "--learning_rate", "1e-2", *FLAGS])
