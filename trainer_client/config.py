@@ -66,8 +66,9 @@ class AlignArguments:
     server_timeout: float = field(default=600.0, metadata={
         "help": "Seconds to wait for the server to be ready, at start and whenever it restarts mid-run."})
     tools: list[str] = field(default_factory=list, metadata={
-        "help": "GRPO/GSPO: tools the model may call (SFT: tools described in the prompt), as module:function (type hints and a docstring describe "
-                "each one to the model); TRL runs the tool loop. Repeat or list several.", "action": "extend"})
+        "help": "GRPO/GSPO: tools the model may call, as module:function (type hints and a docstring describe "
+                "each one to the model); TRL runs the tool loop. SFT: the tools described in the prompt. Repeat or "
+                "list several.", "action": "extend"})
     environment: str | None = field(default=None, metadata={
         "help": "GRPO/GSPO: TRL's environment_factory as module:Factory; one instance per rollout, its public "
                 "methods (but reset) are tools, reset(**row) starts a rollout. SFT: its methods are the tools "
