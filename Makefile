@@ -16,7 +16,7 @@ PYTEST := $(PY) -m pytest
 # this machine's pip config names local index folders that may be absent: drop that noise only
 QUIET := sed -e '/^WARNING: Location/d'
 
-.PHONY: install check-install test test-fast test-vllm test-fault test-gpu demo bench lint clean check-gpu-stack gpu-venv
+.PHONY: install check-install test test-fast test-vllm test-fault test-gpu demo demo-agent bench lint clean check-gpu-stack gpu-venv
 
 install: $(STAMP)
 
@@ -61,6 +61,10 @@ test-fault: install
 
 demo: install
 	$(PY) -m trainer_client.demo
+
+# SFT on tool-use traces, then GRPO with a zoom tool through align-serve (docs/training.md#the-agent-demo)
+demo-agent: install
+	$(PY) -m trainer_client.demo_agent
 
 bench: install
 	$(PY) bench/http_tax.py

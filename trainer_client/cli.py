@@ -1,4 +1,4 @@
-"""`align-train grpo|gspo|mpo --model ID_OR_PATH (--dataset FILE | --dataset_name ID) [--config run.yaml] [flags]`."""
+"""`align-train sft|grpo|gspo|mpo --model ID_OR_PATH (--dataset FILE | --dataset_name ID) [--config run.yaml] [flags]`."""
 
 import logging
 import sys

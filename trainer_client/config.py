@@ -1,4 +1,5 @@
-"""`align-train` configuration: TRL's own `GRPOConfig` / `DPOConfig` fields plus ours, from YAML and flags.
+"""`align-train` configuration: TRL's own `GRPOConfig` / `DPOConfig` / `SFTConfig` fields plus ours, from YAML
+and flags.
 
 Every TRL field keeps its name (`--learning_rate` or `--learning-rate`, `learning_rate:` in YAML), so a
 TRL recipe carries over. Precedence: method preset < YAML (`--config`) < flags.
@@ -8,14 +9,17 @@ import sys
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from trl import DPOConfig, GRPOConfig, ModelConfig, TrlParser
+from trl import DPOConfig, GRPOConfig, ModelConfig, SFTConfig, TrlParser
 
 import kv_cache
 
-METHODS = ("grpo", "gspo", "mpo")
+METHODS = ("sft", "grpo", "gspo", "mpo")
 
 # Values from the papers, as TRL documents them (FACTS.md "Recipe values"); each one stays overridable.
 PRESETS: dict[str, dict] = {
+    # Loss on the assistant's tokens only (trainer_client/sft.py masks them; TRL's own masking refuses
+    # vision datasets before transformers 5.18).
+    "sft": {"assistant_only_loss": True},
     "grpo": {},
     # GSPO also sets steps_per_generation = 4 x gradient_accumulation_steps (see parse_args).
     "gspo": {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4, "beta": 0.0,
@@ -63,11 +67,12 @@ class AlignArguments:
         "help": "Seconds to wait for the server to be ready, at start and whenever it restarts mid-run."})
     tools: list[str] = field(default_factory=list, metadata={
         "help": "GRPO/GSPO: tools the model may call, as module:function (type hints and a docstring describe "
-                "each one to the model); TRL runs the tool loop. Repeat or list several.", "action": "extend"})
+                "each one to the model); TRL runs the tool loop. SFT: the tools described in the prompt. Repeat or "
+                "list several.", "action": "extend"})
     environment: str | None = field(default=None, metadata={
         "help": "GRPO/GSPO: TRL's environment_factory as module:Factory; one instance per rollout, its public "
                 "methods (but reset and get_reward) are tools, reset(**row) starts a rollout, get_reward() (if "
-                "defined) scores it."})
+                "defined) scores it. SFT: its methods are the tools described in the prompt."})
     eval_dataset: str | None = field(default=None, metadata={
         "help": "A second dataset file (same formats as --dataset) for --eval_strategy steps: greedy completions "
                 "scored by the reward functions (eval_reward, eval_rewards/<name>/mean)."})
@@ -100,6 +105,12 @@ class GRPORunConfig(GRPOConfig):
     max_resample_rounds: int = field(default=4, metadata={
         "help": "With --dynamic_sampling: at most this many extra generation rounds per batch; a batch still "
                 "short after them trains on the informative groups it has."})
+
+
+@dataclass
+class SFTRunConfig(SFTConfig):
+    # SFT learns from fixed conversations: nothing to generate.
+    vllm_mode: str = _vllm_mode_field(["none"], "none")
 
 
 @dataclass
@@ -182,7 +193,10 @@ def _parse(parser: TrlParser, argv: list[str]):
         raise SystemExit(f"align-train: {exc}") from None
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPORunConfig | MPORunConfig, ModelConfig]:
+RunConfig = GRPORunConfig | MPORunConfig | SFTRunConfig
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, RunConfig, ModelConfig]:
     """`[method, ...flags]` -> (method, our arguments, the TRL config, TRL's model arguments).
 
     TRL's `ModelConfig` is parsed as TRL's own scripts do: `--use_peft --lora_r 16 ...` trains a
@@ -193,11 +207,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
                          "(--dataset FILE | --dataset_name ID_OR_FOLDER) "
                          "[--config run.yaml] [flags]   (align-train METHOD --help lists every flag)")
     method, argv = argv[0], argv[1:]
-    config_cls = MPORunConfig if method == "mpo" else GRPORunConfig
+    config_cls = {"mpo": MPORunConfig, "sft": SFTRunConfig}.get(method, GRPORunConfig)
     parser = TrlParser((AlignArguments, config_cls, ModelConfig), prog=f"align-train {method}")
     # TRL defaults to bf16, which fails on machines without a bf16 GPU: default to what this machine has.
     # Evaluation is greedy (trainers.py): one completion per prompt says all there is to say.
-    greedy_eval = {} if method == "mpo" else {"num_generations_eval": 1}
+    greedy_eval = {"num_generations_eval": 1} if config_cls is GRPORunConfig else {}
     # Pinned memory needs an accelerator; without one torch warns at every epoch that it ignores it.
     parser.set_defaults(output_dir=f"runs/{method}", report_to="none", logging_steps=1, bf16=_bf16_gpu(),
                         dataloader_pin_memory=_accelerator(),
@@ -222,10 +236,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, GRPO
                              f"{parts.scheme}://{parts.netloc}")
     if not align.server_timeout > 0:
         raise SystemExit(f"--server_timeout must be above 0 seconds (got {align.server_timeout:g})")
-    if method != "mpo":
+    if config_cls is GRPORunConfig:
         _check_rollout_flags(config)
         _check_tool_flags(align, config)
-    elif align.tools or align.environment:
+    elif method == "mpo" and (align.tools or align.environment):
         raise SystemExit("align-train mpo: --tools and --environment are for grpo and gspo, which generate")
     init = {k: v for k, v in (("dtype", model_args.dtype), ("attn_implementation", model_args.attn_implementation))
             if v is not None}

@@ -67,6 +67,9 @@ def _from_json_rows(path: Path, rows: list[dict], method: str) -> datasets.Datas
             raise DatasetError(f"{path} row {i}: unknown column(s) {', '.join(sorted(set(row) ^ set(first)))}; "
                                f"row 1 has {', '.join(sorted(first))}")
     columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}
+    # Conversations (SFT) differ message by message (tool calls; text or parts): one JSON string per row.
+    if method == "sft" and "messages" in columns:
+        columns["messages"] = [v if v is None or isinstance(v, str) else json.dumps(v) for v in columns["messages"]]
     # A string in one row and messages in another cannot share an Arrow column: messages for all.
     prompt_col = next((c for c in PROMPT_COLUMNS if c in columns), "prompt")
     for k, role in [(prompt_col, "user"), ("chosen", "assistant"), ("rejected", "assistant")]:
@@ -178,6 +181,8 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
     columns = raw.column_names
     if raw.num_rows == 0:
         raise DatasetError(f"{source}: no rows")
+    if method == "sft":
+        return prepare_sft(raw, source, root, system_prompt)
     prompt_col = next((c for c in PROMPT_COLUMNS if c in columns), None)
     if prompt_col is None:
         raise DatasetError(f"{source}: no prompt column; expected one of {', '.join(PROMPT_COLUMNS)} "
@@ -255,6 +260,66 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
     if method != "mpo":
         parts.append(datasets.Dataset.from_dict({"dataset_row": list(range(1, raw.num_rows + 1))}))
     return datasets.concatenate_datasets(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def _conversation(value, where: str) -> list[dict]:
+    messages = json.loads(value) if isinstance(value, str) else value
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m for m in messages)):
+        raise DatasetError(f"{where}: `messages` must be a list of chat messages (each with a role)")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DatasetError(f"{where}: the conversation has no assistant message, so nothing to learn")
+    return messages
+
+
+def prepare_sft(raw: datasets.Dataset, source: str, root: Path | None = None,
+                system_prompt: str | None = None) -> datasets.Dataset:
+    """SFT rows -> `messages` (one JSON conversation per row, so rows may differ in shape) and `images`.
+    A row is a whole conversation (`messages`, with assistant tool calls and tool messages that carry
+    images: tool-use traces), or a prompt and its answer: `completion`, `chosen` (an MPO row) or
+    `solution`/`answer` (a GRPO row), which becomes the assistant's message."""
+    columns = raw.column_names
+    answer_cols = ("completion", "chosen", *SOLUTION_COLUMNS)
+    prompt_col = next((c for c in PROMPT_COLUMNS if c in columns), None)
+    answer_col = next((c for c in answer_cols if c in columns), None)
+    if "messages" not in columns and not (prompt_col and answer_col):
+        raise DatasetError(f"{source}: SFT needs a `messages` column (whole conversations) or a prompt column "
+                           f"({', '.join(PROMPT_COLUMNS)}) with an answer column ({', '.join(answer_cols)}); "
+                           f"has {', '.join(columns)}")
+    image_cols = [c for c in IMAGE_COLUMNS if c in columns]
+    if len(image_cols) > 1:
+        raise DatasetError(f"{source} row 1: give `image` or `images`, not both")
+    image_col = image_cols[0] if image_cols else None
+    out = {"messages": [], "images": []}
+    for row, values in enumerate(raw.select_columns([c for c in columns if c in ("messages", prompt_col, answer_col,
+                                                                                image_col)]), 1):
+        where = f"{source} row {row}"
+        if "messages" in columns:
+            messages = _conversation(values["messages"], where)
+        else:
+            prompt = _as_messages(values[prompt_col], "user", where, prompt_col)
+            answer = values[answer_col]
+            messages = prompt + _as_messages(answer if isinstance(answer, list) else str(answer), "assistant",
+                                             where, answer_col)
+        messages = _with_system(messages, system_prompt)
+        images = values[image_col] if image_col else None
+        images = images if isinstance(images, list) else ([] if images is None else [images])
+        for v in images:
+            if not isinstance(v, Image.Image):  # an Image feature's cells come decoded, others as paths or bytes
+                _check_image(v, root or Path("."), where)
+        placeholders = _image_parts(messages)
+        if placeholders is not None and placeholders != len(images):
+            raise DatasetError(f"{where}: the conversation has {placeholders} image part(s) but the row gives "
+                               f"{len(images)} image(s)")
+        out["messages"].append(json.dumps(messages))
+        out["images"].append([_absolute(v, root) for v in images])
+    features = datasets.Features({"messages": datasets.Value("string"), "images": datasets.List(datasets.Image())})
+    return datasets.Dataset.from_dict(out, features=features)
+
+
+def _absolute(value, root: Path | None):
+    if isinstance(value, str) and not Path(value).is_absolute():
+        return str((root or Path(".")) / value)
+    return value
 
 
 def load_train_dataset(path: str | Path, method: str, system_prompt: str | None = None) -> datasets.Dataset:

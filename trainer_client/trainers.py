@@ -4,6 +4,7 @@ weight sync and the operational shell (data checks, rewards, checkpoints, loggin
 - GRPO / GSPO: `GRPOTrainer`. `none`: TRL's transformers generation. `colocate`: TRL's vLLM in this
   process. `server`: `ServerGeneration` (AlignClient) in TRL's vLLM server seam.
 - MPO: `DPOTrainer` with the combined loss (`loss_type` list + `loss_weights`).
+- SFT: `SFTTrainer` with our collator (trainer_client/sft.py: assistant tokens only, tools in the prompt).
 """
 
 import contextlib
@@ -16,18 +17,19 @@ from urllib.parse import urlsplit
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import _is_peft_model
-from trl import DPOTrainer, GRPOTrainer
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 import kv_cache
 from torchvision_compat import load_processor
 from trainer_client.async_rollouts import AsyncRollouts
 from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError, collapse_image_runs
-from trainer_client.config import AlignArguments, GRPORunConfig, MPORunConfig
+from trainer_client.config import AlignArguments, RunConfig
 from trainer_client.data import load_datasets
 from trainer_client.dynamic_sampling import DynamicSampling
 from trainer_client.generation import ServerGeneration
 from trainer_client.importance_sampling import LossForwardImportanceSampling
 from trainer_client.rewards import check_reward_columns, load_rewards
+from trainer_client.sft import AssistantTurnsCollator, environment_tools
 from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,10 @@ class RestoresCheckpointWeights:
 
 class MPOTrainer(RestoresCheckpointWeights, DPOTrainer):
     """TRL's DPOTrainer, resuming with the checkpoint's weights."""
+
+
+class SFTRunTrainer(RestoresCheckpointWeights, SFTTrainer):
+    """TRL's SFTTrainer, resuming with the checkpoint's weights."""
 
 
 class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, LogsToolTurns, RestoresCheckpointWeights,
@@ -226,16 +232,25 @@ def start_hint(model: str, url: str) -> str:
     return f"start one with: align-serve --model {model}{port}{where}, or allow more time with --server_timeout"
 
 
-def build_trainer(method: str, align: AlignArguments, config: GRPORunConfig | MPORunConfig, peft_config=None):
+def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_config=None):
     """The TRL trainer for `method`, data checked and rewards loaded; call `.train()` on it. With a
     `peft_config` TRL trains an adapter; server mode pushes the adapter alone or the merged weights
     (`--lora_sync`, see ServerGeneration)."""
-    rewards = load_rewards(align.reward_funcs) if method != "mpo" else []  # fails in a second, not after loading
+    generates = method in ("grpo", "gspo")
+    rewards = load_rewards(align.reward_funcs) if generates else []  # fails in a second, not after loading
     tools, environment = (load_tools(align.tools), load_environment(align.environment)) if method != "mpo" else ([], None)
     processor = load_processor(align.model, trust_remote_code=config.trust_remote_code)
     if tools or environment:
         check_template(processor, align.model)
     dataset, eval_dataset = load_datasets(align, method)
+    if method == "sft":
+        collator = AssistantTurnsCollator(processor, tools + (environment_tools(environment) if environment else []),
+                                          assistant_only=config.assistant_only_loss)
+        # TRL's own masking off (it refuses vision datasets before transformers 5.18): the collator masks.
+        trl_config = copy.copy(config)
+        trl_config.assistant_only_loss = False
+        return SFTRunTrainer(model=align.model, args=trl_config, train_dataset=dataset, eval_dataset=eval_dataset,
+                             processing_class=processor, data_collator=collator, peft_config=peft_config)
     if method == "mpo":
         return MPOTrainer(model=align.model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
                           processing_class=processor, peft_config=peft_config)

@@ -1,0 +1,83 @@
+"""`align-train sft`: TRL's SFTTrainer on VLM conversations, tool-use traces included, with the loss on
+the assistant's tokens only.
+
+TRL's own assistant mask (`assistant_only_loss`) needs `{% generation %}` markers in the chat template
+and, for vision datasets, transformers >= 5.18; TRL refuses it before (we run 5.17). So the collator
+here finds the assistant turns itself: each one starts where the conversation before it, rendered with
+the generation prompt, ends, and runs through its end-of-turn token. That holds for templates that
+render earlier turns the same whatever follows (Qwen3-VL's does); a template that does not is refused
+at the first batch rather than trained on the wrong tokens.
+"""
+
+import inspect
+import json
+
+from trl.data_utils import prepare_multimodal_messages
+
+
+class AssistantTurnsCollator:
+    """Rows (`messages` as JSON, `images`) -> the processor's batch plus `labels`: the assistant's tokens,
+    -100 elsewhere (system, user, tool turns, images, padding). `tools` (callables) are rendered in
+    the prompt as TRL's GRPO renders them, so a warm-up on traces sees the prompts GRPO will send."""
+
+    def __init__(self, processor, tools: list, assistant_only: bool = True):
+        self.processor, self.tools, self.assistant_only = processor, tools or None, assistant_only
+        self.end = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+
+    def _render(self, conversations: list[list[dict]], generation_prompt: bool = False) -> dict:
+        return self.processor.apply_chat_template(
+            conversations, tools=self.tools, add_generation_prompt=generation_prompt, tokenize=True,
+            return_dict=True, return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "right"})
+
+    def __call__(self, rows: list[dict]) -> dict:
+        conversations = [with_images(json.loads(r["messages"]), r["images"]) for r in rows]
+        batch = self._render(conversations)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        if self.assistant_only:
+            labels[:] = -100
+            for i, conversation in enumerate(conversations):
+                for start, stop in self.assistant_spans(conversation, ids[i, : int(mask[i].sum())].tolist()):
+                    labels[i, start:stop] = ids[i, start:stop]
+        batch["labels"] = labels
+        return batch
+
+    def assistant_spans(self, conversation: list[dict], ids: list[int]) -> list[tuple[int, int]]:
+        spans = []
+        for k, message in enumerate(conversation):
+            if message["role"] != "assistant":
+                continue
+            before = self._render([conversation[:k]], generation_prompt=True)["input_ids"][0].tolist()
+            if ids[: len(before)] != before:
+                raise ValueError("the chat template renders the turns before an assistant message differently once "
+                                 "the message follows, so its tokens cannot be told apart; use a template that keeps "
+                                 "earlier turns as rendered (Qwen3-VL's does)")
+            try:
+                stop = ids.index(self.end, len(before)) + 1  # the end-of-turn token is learnt: it stops generation
+            except ValueError:
+                stop = len(ids)
+            spans.append((len(before), stop))
+        return spans
+
+
+def with_images(messages: list[dict], images: list) -> list[dict]:
+    """The row's images in its image parts, in order, tool messages' included (TRL's
+    `prepare_multimodal_messages` leaves those to the tool loop, which fills them itself, and would
+    turn an empty assistant content into a text part, which the template renders as a newline before a
+    tool call the model never sampled). Text-only messages get the images before the first user
+    message's text, as TRL's rows do."""
+    if all(isinstance(m.get("content"), str) or m.get("content") is None for m in messages):
+        return prepare_multimodal_messages(messages, images=images)
+    pending = iter(images)
+    filled = [{**m, "content": [{**p, "image": next(pending)} if p.get("type") == "image" else p for p in m["content"]]}
+              if isinstance(m.get("content"), list) else m for m in messages]
+    return filled
+
+
+def environment_tools(factory) -> list:
+    """The tools an environment offers, as TRL's GRPOTrainer lists them: its instance's public methods but
+    `reset` and `get_reward`."""
+    instance = factory()
+    return [getattr(instance, name) for name, _ in inspect.getmembers(type(instance), predicate=inspect.isfunction)
+            if not name.startswith("_") and name not in ("reset", "get_reward")]
