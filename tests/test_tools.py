@@ -487,6 +487,31 @@ def test_an_environment_with_async_rollouts(two_call_vlm, data, tmp_path, transf
     assert not {id(e) for e in trainer.environments} & {id(e) for e in trainer._environment_pool[None]}
 
 
+def test_an_environment_batch_generated_again_gets_new_instances(two_call_vlm, data, tmp_path, transformers_server):
+    """A read-ahead batch left two versions behind is generated again on new instances, reset with the same
+    rows: those the first generation spent (2 calls each) are not scored twice."""
+    method, align, config, _ = parse_args(["grpo", "--model", str(two_call_vlm), "--dataset", str(data),
+                                           "--output_dir", str(tmp_path / "out"), *FLAGS, *ENVIRONMENT, "--vllm-mode",
+                                           "server", "--server-url", transformers_server.url, "--async_rollouts"])
+    rollouts = build_trainer(method, align, config).vllm_generation
+    request = rollouts._request(list(next(iter(rollouts.trainer.get_train_dataloader())))[::2], 2)
+    first = [e for group in request.environments for e in group]
+    rollouts._push_at_start()
+    start = rollouts.policy_version
+    rollouts._launch(request)
+    request.future.result()
+    assert [e.calls for e in first] == [2, 2]
+    for _ in range(2):
+        rollouts.client.push_weights(rollouts.trainer.model)
+    rollouts.policy_version = start + 2
+    _, _, _, stats, trajectories = rollouts._collect(request.prompt_ids, request.images, 2, None)
+    assert stats["stale_groups_dropped"] == 1.0
+    again = [r.environment for r in trajectories]
+    assert not {id(e) for e in again} & {id(e) for e in first}
+    assert [e.calls for e in again] == [2, 2] and [e.calls for e in first] == [2, 2]
+    rollouts.close()
+
+
 def test_an_environment_observation_joins_the_read_ahead_prompt(two_call_vlm, data, tmp_path, transformers_server,
                                                                 trained_batches, sampled_turns):
     """The observation reset returns joins the prompt in the worker as TRL joins it on the training thread:
