@@ -347,6 +347,13 @@ def checks() -> list:
         Call("trl.GRPOTrainer._generate_single_turn", 4, kwargs=("has_tool_images",)),
         Attr("trl.GRPOTrainer", "_standalone_tools"),
         Attr("trl.GRPOTrainer", "max_tool_calling_iterations"),
+        # --environment with async rollouts: the worker resets its own instances (tools.reset_environments)
+        # and hands them to the rewards in place of TRL's pool
+        Attr("trl.GRPOTrainer", "environment_factories"),
+        Attr("trl.GRPOTrainer", "_multi_environment"),
+        Attr("trl.GRPOTrainer", "_env_tools"),
+        Attr("trl.GRPOTrainer", "_environment_pool"),
+        Attr("trl.GRPOTrainer", "environments"),
         Call("trl.GRPOTrainer._log_metric", 2),
         Attr("trl.GRPOConfig", "vllm_importance_sampling_correction"),
         Check("trainer_client.trainers imports (TRL trainers, our mixins)",

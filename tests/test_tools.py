@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from trl import GRPOTrainer
 
-from tests.tool_model import ANSWER, IMAGE_SEED, QUESTION, ZOOMED_SEED, zoom
+from tests.tool_model import ANSWER, IMAGE_SEED, QUESTION, ZOOMED_SEED, ZoomEnvironment, zoom
 from tests.utils import ServerProcess, random_image
 from torchvision_compat import load_processor
 from trainer_client.cli import run
@@ -88,8 +88,6 @@ def test_bad_tools_fail_at_start_in_one_line(flags, message, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--max_tool_calling_iterations", "0", *TOOLS], r"--max_tool_calling_iterations must be >= 1 \(got 0\)"),
     (["--max_tool_calling_iterations", "2"], r"needs --tools or --environment"),
-    (["--environment", "tests.test_tools:NoReset", "--vllm-mode", "server", "--server-url", "http://127.0.0.1:1",
-      "--async_rollouts"], r"--environment with --async_rollouts is not supported: TRL resets and reuses"),
 ])
 def test_tool_flag_values_refused(flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -111,6 +109,19 @@ def test_trl_tool_loop_seams_exist():
                  "tool_images"):
         assert name in source, name
     assert "self._standalone_tools = tools" in inspect.getsource(GRPOTrainer.__init__)
+    # --environment: the worker resets its own instances and parses with each environment's tools as TRL does
+    # (tools.reset_environments, tools.environment_names), and hands the instances to the rewards
+    init, score = inspect.getsource(GRPOTrainer.__init__), inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for name in ("self.environment_factories = {None: environment_factory}", "self._multi_environment =",
+                 "self._env_tools[name] = tools + methods"):
+        assert name in init, name
+    for name in ('self._batch_environments = [x.get("environment") if self._multi_environment else None',
+                 "environment.reset(**reset_kwargs)",
+                 'prompts[i] = prompt[:-1] + [{**prompt[-1], "content": content + observation}]',
+                 'if member_name not in ("reset", "get_reward") and not member_name.startswith("_")'):
+        assert name in score, name
+    assert "self._env_tools[self._batch_environments[i]]" in source
+    assert 'reward_kwargs["environments"] = self.environments' in inspect.getsource(GRPOTrainer._calculate_rewards)
     assert list(inspect.signature(GRPOTrainer._generate_single_turn).parameters) == [
         "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"]
 
@@ -293,7 +304,7 @@ def sampled_turns(monkeypatch) -> list[tuple[str, list]]:
     return calls
 
 
-def check_token_exact(batch: dict, turns: list[tuple[list, list, list]]) -> None:
+def check_token_exact(batch: dict, turns: list[tuple[list, list, list]], expected_turns: int = 3) -> None:
     """Each trained sample is its prompt, then model turns exactly as the server sampled them (with their
     logprobs) and between them the tool turns' suffix ids, each the next turn's prompt as asked (mask 0)."""
     for i, prompt in enumerate(batch["prompt_ids"]):
@@ -312,7 +323,7 @@ def check_token_exact(batch: dict, turns: list[tuple[list, list, list]]) -> None
             assert logprobs[at - len(prompt): len(p) - len(prompt)] == [0.0] * (len(p) - at)
             mask += [0] * (len(p) - at) + [1] * len(s)
             at, model_turns = len(p) + len(s), model_turns + 1
-        assert model_turns == 3
+        assert model_turns == expected_turns
         assert batch["tool_mask"][i] == mask
 
 
@@ -437,6 +448,87 @@ def test_an_environment_trains_locally(two_call_vlm, data, tmp_path, trained_bat
     # so 2 calls each (one shared instance would count 4, one never reset 4 then 8).
     assert metric(trainer, "rewards/ZoomEnvironment/mean") == [2.0, 2.0]
     assert metric(trainer, "tools/calls_per_sample") == [2.0, 2.0]
+
+
+class ObservedZoom(ZoomEnvironment):
+    """ZoomEnvironment whose reset returns an observation, which TRL appends to the prompt's last message."""
+
+    def reset(self, **row) -> str:
+        super().reset(**row)
+        return f" Picture {row['zoom_seed']}."
+
+
+def test_an_environment_with_async_rollouts(two_call_vlm, data, tmp_path, transformers_server, trained_batches,
+                                            sampled_turns):
+    """The worker runs later batches' tool turns on its own instances (reset with the rows read ahead), and
+    the rewards score those: the environment's get_reward counts its own rollout's 2 calls, although TRL's
+    pool, reset for the batch on the training thread, ran none (a batch scored on it would get 0)."""
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                    transformers_server.url, "--async_rollouts", "--max_staleness", "1", "--max_steps", "3",
+                    tools=ENVIRONMENT)
+    assert trainer.state.global_step == 3 and len(trained_batches) == 3
+    threads = [name for name, _ in sampled_turns]
+    assert threads.count("MainThread") == 3  # the first batch's 3 turns; batches 2 and 3: the worker's
+    assert sum(name.startswith("align-rollouts") for name in threads) >= 6
+    turns = [t for _, ts in sampled_turns for t in ts]
+    for batch in trained_batches:
+        check_trajectories(batch)
+        check_environment_images(batch)
+        check_token_exact(batch, turns)  # the prompt the trainer trains on is the one the worker generated from
+    lag = [[batch["policy_version"] - min(v) for v in batch["turn_versions"]] for batch in trained_batches]
+    assert lag == [[0, 0], [1, 1], [1, 1]]
+    assert metric(trainer, "async/prefetch_hits") == [0.0, 1.0, 1.0]
+    assert metric(trainer, "rewards/ZoomEnvironment/mean") == [2.0, 2.0, 2.0]
+    assert metric(trainer, "tools/calls_per_sample") == [2.0, 2.0, 2.0]
+    # The last batch was scored on the worker's instances, each spent by its own 2 calls; TRL's pool was
+    # reset for it and ran no tool.
+    assert [e.calls for e in trainer.environments] == [2, 2]
+    assert [e.calls for e in trainer._environment_pool[None]] == [0, 0]
+    assert not {id(e) for e in trainer.environments} & {id(e) for e in trainer._environment_pool[None]}
+
+
+def test_an_environment_batch_generated_again_gets_new_instances(two_call_vlm, data, tmp_path, transformers_server):
+    """A read-ahead batch left two versions behind is generated again on new instances, reset with the same
+    rows: those the first generation spent (2 calls each) are not scored twice."""
+    method, align, config, _ = parse_args(["grpo", "--model", str(two_call_vlm), "--dataset", str(data),
+                                           "--output_dir", str(tmp_path / "out"), *FLAGS, *ENVIRONMENT, "--vllm-mode",
+                                           "server", "--server-url", transformers_server.url, "--async_rollouts"])
+    rollouts = build_trainer(method, align, config).vllm_generation
+    request = rollouts._request(list(next(iter(rollouts.trainer.get_train_dataloader())))[::2], 2)
+    first = [e for group in request.environments for e in group]
+    rollouts._push_at_start()
+    start = rollouts.policy_version
+    rollouts._launch(request)
+    request.future.result()
+    assert [e.calls for e in first] == [2, 2]
+    for _ in range(2):
+        rollouts.client.push_weights(rollouts.trainer.model)
+    rollouts.policy_version = start + 2
+    _, _, _, stats, trajectories = rollouts._collect(request.prompt_ids, request.images, 2, None)
+    assert stats["stale_groups_dropped"] == 1.0
+    again = [r.environment for r in trajectories]
+    assert not {id(e) for e in again} & {id(e) for e in first}
+    assert [e.calls for e in again] == [2, 2] and [e.calls for e in first] == [2, 2]
+    rollouts.close()
+
+
+def test_an_environment_observation_joins_the_read_ahead_prompt(two_call_vlm, data, tmp_path, transformers_server,
+                                                                trained_batches, sampled_turns):
+    """The observation reset returns joins the prompt in the worker as TRL joins it on the training thread:
+    the batches read ahead are the ones TRL asks for (a prompt without it would not match, and the batch be
+    generated again there), and the trainer trains on the prompt the worker generated from."""
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                    transformers_server.url, "--async_rollouts", "--max_staleness", "1", "--max_steps", "3",
+                    tools=["--environment", "tests.test_tools:ObservedZoom"])
+    assert trainer.state.global_step == 3 and len(trained_batches) == 3
+    assert metric(trainer, "async/prefetch_hits") == [0.0, 1.0, 1.0]
+    threads = [name for name, _ in sampled_turns]
+    assert threads.count("MainThread") == 1 and threads[0] == "MainThread"  # later batches: the worker's
+    turns = [t for _, ts in sampled_turns for t in ts]
+    for batch in trained_batches:
+        assert [f"{QUESTION} Picture {ZOOMED_SEED}." in trainer.processing_class.decode(p)
+                for p in batch["prompt_ids"]] == [True, True]
+        check_token_exact(batch, turns, expected_turns=1)  # (the tiny model, taught without it, answers at once)
 
 
 def informative(completions, informative, **kwargs) -> list[float]:

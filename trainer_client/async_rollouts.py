@@ -29,6 +29,14 @@ A trajectory is as stale as its oldest turn: a group holding one more than max_s
 behind is dropped and generated again, all its turns. A batch not read ahead (the first one, or one
 the read-ahead missed) runs its tool turns on the training thread, as in synchronous mode.
 
+With `--environment`, a read-ahead batch gets its own instances (one per sample, from the factory, never
+TRL's pool), reset with its rows when it is read ahead; the observation a reset returns joins the prompt
+as TRL joins it. Their methods are the tool loop's tools, and the finished batch hands them to the
+trainer (`trainer.environments`), so the rewards (an environment's `get_reward` too) score the state its
+own rollout left. TRL still resets its pool for the batch on the training thread; the prompt it builds
+must equal the read-ahead one, or the batch is generated again there. A batch generated again (stale, or
+a server restart) gets new instances, reset with the same rows.
+
 Logged per generation: `async/staleness_max` (versions between the trainer's weights and the
 oldest completion, or trajectory turn, trained on), `async/stale_groups_dropped`, `async/prefetch_hits`.
 """
@@ -44,7 +52,7 @@ from trl.data_utils import prepare_multimodal_messages
 
 from trainer_client.client import collapse_image_runs
 from trainer_client.generation import MAX_REFUSALS, ServerGeneration, Trajectories
-from trainer_client.tools import Rollout, run_tool_loop
+from trainer_client.tools import Rollout, environment_names, reset_environments, run_tool_loop
 from trainer_client.weights import host_copy
 
 log = logging.getLogger(__name__)
@@ -61,12 +69,16 @@ class ServerRestarted(RuntimeError):
 class _Request:
     """One generation batch as the server sees it: unique prompts (one placeholder per image), and the
     sampling parameters as the training thread set them when it asked. With tools, also per prompt TRL's
-    ids (expanded image runs) and chat messages, which the tool loop continues."""
+    ids (expanded image runs) and chat messages, which the tool loop continues. With an environment, per
+    prompt its row, the prompt its reset observation made, and its n instances until the worker takes them."""
 
     def __init__(self, prompt_ids: list[list[int]], images: list[list], n: int, sampling: dict,
-                 expanded: list[list[int]] | None = None, messages: list[list[dict]] | None = None):
+                 expanded: list[list[int]] | None = None, messages: list[list[dict]] | None = None,
+                 rows: list[dict] | None = None, observed: list[list[dict]] | None = None,
+                 environments: list[list] | None = None):
         self.prompt_ids, self.images, self.n, self.sampling = prompt_ids, images, n, sampling
         self.expanded, self.messages = expanded, messages
+        self.rows, self.observed, self.environments = rows, observed, environments
         self.future: Future | None = None
 
     def subset(self, rows: list[int]) -> "_Request":
@@ -74,7 +86,7 @@ class _Request:
             return None if values is None else [values[i] for i in rows]
 
         return _Request(pick(self.prompt_ids), pick(self.images), self.n, self.sampling, pick(self.expanded),
-                        pick(self.messages))
+                        pick(self.messages), pick(self.rows), pick(self.observed), pick(self.environments))
 
     def matches(self, prompt_ids, images) -> bool:
         return prompt_ids == self.prompt_ids and [[i.size for i in imgs] for imgs in images] == \
@@ -152,6 +164,10 @@ class AsyncRollouts:
         self.sync._log_versions(versions[mine], pushed)
         if rollouts is not None:
             self._hand_over(rollouts[mine])
+            if self.trainer.environment_factories is not None:
+                # The rewards read them (`_calculate_rewards`): the state this batch's rollouts left, not TRL's
+                # pool, which it reset for this batch on this thread and which ran no tool.
+                self.trainer.environments = [r.environment for r in rollouts[mine]]
         return prompts, completion_ids[mine], logprobs[mine], None
 
     def _read_ahead(self, upcoming: list[list[dict]], n: int) -> None:
@@ -192,13 +208,23 @@ class AsyncRollouts:
         images = [r.get("images") if "images" in r else ([r["image"]] if r.get("image") is not None else None)
                   for r in rows]
         has_images = any(images)
-        prompts = [prepare_multimodal_messages(r["prompt"], images=imgs) if has_images else r["prompt"]
-                   for r, imgs in zip(rows, images, strict=True)]
-        prompt_ids, _, _ = self.trainer._tokenize_prompts(prompts)
+        trainer, environment = self.trainer, {}
+        if trainer.environment_factories is not None:
+            # this batch's own instances, n per prompt, reset as TRL resets its pool; the prompt with the
+            # observation of a group's first (TRL's server mode, too, sends each group's first prompt)
+            instances, observed = reset_environments(trainer, [r for r in rows for _ in range(n)])
+            environment = dict(rows=rows, observed=observed[::n],
+                               environments=[instances[g * n:(g + 1) * n] for g in range(len(rows))])
+            trainer = copy.copy(trainer)  # `_tokenize_prompts` renders each prompt with its environment's tools
+            trainer._batch_environments = environment_names(trainer, rows)
+        chats = environment.get("observed") or [r["prompt"] for r in rows]
+        prompts = [prepare_multimodal_messages(chat, images=imgs) if has_images else chat
+                   for chat, imgs in zip(chats, images, strict=True)]
+        prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
         token = self.client.info().image_token_id
         ids = [collapse_image_runs(p, token) if token is not None else list(p) for p in prompt_ids]
         return _Request(ids, [imgs or [] for imgs in images], n, self.sync.sampling(n),
-                        *((list(prompt_ids), prompts) if self.tools else ()))
+                        *((list(prompt_ids), prompts) if self.tools else ()), **environment)
 
     def _launch(self, request: _Request) -> None:
         request.future = self._worker.submit(self._call_server, request)
@@ -229,12 +255,30 @@ class AsyncRollouts:
             return [list(c.token_ids) for c in out], [list(c.logprobs) for c in out]
 
         has_images = any(request.images)
+        environments = self._environments(request)
         rollouts = run_tool_loop(self.trainer, self._processor, [list(request.messages[i]) for i in rows], prompt_ids,
                                  first, [list(request.images[i]) for i in rows] if has_images else None,
-                                 generate_turn)
+                                 generate_turn, environments,
+                                 None if request.rows is None else
+                                 environment_names(self.trainer, [request.rows[i] for i in rows]))
         for rollout, versions in zip(rollouts, turns.versions, strict=True):
             rollout.versions = versions
         return [rollouts[g * n:(g + 1) * n] for g in range(len(request.expanded))]
+
+    def _environments(self, request: _Request) -> list | None:
+        """Worker: per sample its environment instance: those reset when the batch was read ahead, or for a
+        batch generated again (their state is spent) new ones, reset with the same rows."""
+        if request.rows is None:
+            return None
+        if request.environments is not None:
+            groups, request.environments = request.environments, None
+            return [e for g in groups for e in g]
+        instances, observed = reset_environments(self.trainer, [r for r in request.rows for _ in range(request.n)])
+        if observed[::request.n] != request.observed:
+            raise RuntimeError("--environment: reset() returned another observation for the same row when a batch "
+                               "was generated again (stale, or a server restart); with --async_rollouts reset must "
+                               "give the same prompt for the same row")
+        return instances
 
     def _check_instance(self, server: int, answer) -> None:
         """Refuse a restarted server's answers until this trainer has pushed to it; put the versions of
@@ -318,7 +362,8 @@ class AsyncRollouts:
         hit = bool(self._pending) and self._pending[0].matches(prompt_ids, images) and self._pending[0].n == n
         if self._pending and not hit:
             log.warning("async rollouts: the prefetched batch is not the one TRL asks for (a resumed or "
-                        "re-seeded data order?); generating this one now")
+                        "re-seeded data order? an environment whose reset gave TRL another observation?); "
+                        "generating this one now")
         if not hit:
             self._drain()
             if self.tools:  # the messages the tool loop continues are not here, only TRL's ids

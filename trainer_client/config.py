@@ -175,12 +175,6 @@ def _check_tool_flags(align: AlignArguments, config: GRPORunConfig) -> None:
         raise SystemExit(f"--max_tool_calling_iterations must be >= 1 (got {config.max_tool_calling_iterations})")
     if config.max_tool_calling_iterations is not None and not tools:
         raise SystemExit("--max_tool_calling_iterations needs --tools or --environment: without them nothing calls a tool")
-    if align.environment and config.async_rollouts:
-        # TRL resets its pooled environment instances on the training thread, per batch, and reads rewards
-        # from them: a batch generated ahead would run its tools on instances a later reset() rewinds.
-        raise SystemExit("--environment with --async_rollouts is not supported: TRL resets and reuses environment "
-                         "instances batch by batch, so a batch generated ahead cannot keep its own; use --tools "
-                         "functions, or drop --async_rollouts")
 
 
 def _parse(parser: TrlParser, argv: list[str]):

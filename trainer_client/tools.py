@@ -10,6 +10,8 @@ With `--async_rollouts` the rollout worker runs the same loop in the background 
 shallow copy of the trainer whose `_generate_single_turn` asks the server directly (no collectives off
 the training thread); TRL's loop on the training thread then hands back what the worker finished. The
 TRL private names this leans on are checked by tests/test_tools.py::test_trl_tool_loop_seams_exist.
+With `--environment` a read-ahead batch gets its own instances (`reset_environments`, as TRL's
+`_generate_and_score_completions` draws and resets its pool), whose methods are its samples' tools.
 """
 
 import copy
@@ -90,24 +92,67 @@ class Rollout:
     failures: int
     images: list  # the images the tools returned
     versions: list[int]  # the weight version of each model turn that sampled tokens
+    environment: object = None  # the instance whose methods were this sample's tools (--environment)
 
 
-def run_tool_loop(trainer, processor, prompts, prompt_ids, first, images, generate_turn) -> list[Rollout]:
+def environment_names(trainer, rows: list[dict]) -> list | None:
+    """Each row's environment as TRL names it (`_batch_environments`): None for a single factory."""
+    if trainer.environment_factories is None:
+        return None
+    return [row.get("environment") if trainer._multi_environment else None for row in rows]
+
+
+def reset_environments(trainer, rows: list[dict]) -> tuple[list, list[list[dict]]]:
+    """New instances for `rows` (one per row, from the factory, never TRL's pool), reset with the row as TRL
+    resets them, and each row's prompt with the observation `reset` returned appended to its last message
+    (TRL's `_generate_and_score_completions`, which leaves the row itself untouched)."""
+    instances, prompts = [], []
+    for row, name in zip(rows, environment_names(trainer, rows), strict=True):
+        instance = trainer.environment_factories[name]()
+        prompt = row.get("prompt", [{"role": "user", "content": ""}])
+        observation = instance.reset(**({k: v for k, v in row.items() if k != "environment"}
+                                        if trainer._multi_environment else row))
+        if observation is not None:
+            content = prompt[-1]["content"]
+            if isinstance(observation, list) and isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            if isinstance(observation, str) and isinstance(content, list):
+                observation = [{"type": "text", "text": observation}]
+            prompt = prompt[:-1] + [{**prompt[-1], "content": content + observation}]
+        instances.append(instance)
+        prompts.append(prompt)
+    return instances, prompts
+
+
+def environment_tools(environment) -> list:
+    """An instance's methods TRL offers as tools: public, but not reset or get_reward."""
+    return [getattr(environment, name) for name, _ in inspect.getmembers(type(environment), predicate=inspect.isfunction)
+            if name not in ("reset", "get_reward") and not name.startswith("_")]
+
+
+def run_tool_loop(trainer, processor, prompts, prompt_ids, first, images, generate_turn, environments=None,
+                  names=None) -> list[Rollout]:
     """TRL's tool loop for samples whose first turns (`first`, Completions) are sampled, off the training
     thread: on a shallow copy of `trainer` with its own `processor` (a deep copy: tokenizers are not safe
     to share across threads) and per-sample tool tables, and `generate_turn` (`_generate_single_turn`'s
     signature) for the later turns. `prompts`: per sample its chat messages (TRL appends to them),
-    `prompt_ids` its ids with expanded image runs, `images` its images (None: none in the batch)."""
+    `prompt_ids` its ids with expanded image runs, `images` its images (None: none in the batch),
+    `environments` its environment instance and `names` their names (`environment_names`)."""
     view = copy.copy(trainer)
     view.processing_class = processor
     view._tokenizer = getattr(processor, "tokenizer", processor)
     failures = [0] * len(prompt_ids)
-    tables = [_tool_tables(trainer._standalone_tools, failures, i) for i in range(len(prompt_ids))]
+    environments = environments or [None] * len(prompt_ids)
+    tables = [_tool_tables(trainer._standalone_tools + (environment_tools(env) if env is not None else []), failures, i)
+              for i, env in enumerate(environments)]
+    view._batch_environments = names  # which tools each sample's completion is parsed with
     view._sync_tool_dicts = [sync for sync, _ in tables]
     view._async_tool_dicts = [coro for _, coro in tables]
     view._generate_single_turn = generate_turn
     completion_ids = [list(c.token_ids) for c in first]
-    completions = [[_parse(view, ids, prefix)] for ids, prefix in zip(completion_ids, prompt_ids, strict=True)]
+    # each completion parsed with the tools its prompt was rendered with, as TRL's `_generate` does
+    tools = [trainer._env_tools[name] for name in names] if names is not None else [trainer.tools] * len(prompt_ids)
+    completions = [[_parse(view, ids, prefix, t)] for ids, prefix, t in zip(completion_ids, prompt_ids, tools, strict=True)]
     tool_mask, completions, completion_ids, logprobs, _, _, tool_images = GRPOTrainer._tool_call_loop(
         view, prompts, prompt_ids, completion_ids, completions, [list(c.logprobs) for c in first], images, {})
     rollouts = []
@@ -119,15 +164,15 @@ def run_tool_loop(trainer, processor, prompts, prompt_ids, first, images, genera
         unknown = sum(c.get("type") != "function" or c["function"]["name"] not in {**tables[i][0], **tables[i][1]}
                       for c in calls)
         rollouts.append(Rollout(first[i], tool_mask[i], messages, completion_ids[i], logprobs[i], len(calls),
-                                failures[i] + unknown, tool_images[i], []))
+                                failures[i] + unknown, tool_images[i], [], environments[i]))
     return rollouts
 
 
-def _parse(trainer, ids, prefix) -> dict:
+def _parse(trainer, ids, prefix, tools) -> dict:
     """A first turn as TRL's `_generate` decodes it: with tool calls parsed where the tokenizer can."""
     tokenizer = trainer._tokenizer
     if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None) is not None:
-        return parse_response(tokenizer, ids, prefix=prefix, tools=trainer.tools)
+        return parse_response(tokenizer, ids, prefix=prefix, tools=tools)
     return {"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}
 
 
