@@ -11,7 +11,7 @@ called on the quadrant asked about, and only by chance (one in four) without it.
 1. `align-tiny-model --arch qwen3_vl` (a chat template that renders tools), limited to 64x64 images.
 2. Warm-up: `align-train sft` on traces (question + image -> zoom on the quadrant asked about -> the
    tool's image -> the colour).
-3. GRPO with the tool through `align-serve` (`--environment`: a ZoomEnv per rollout holds the row's
+3. Async GRPO with the tool through `align-serve` (`--environment`: a ZoomEnv per rollout holds the row's
    image), reward = the right colour; reward, tool-call rate and accuracy printed per step, a plot saved.
 4. Greedy accuracy on fresh images: the model with the tool, and the same model with the tool
    disabled (it then returns the image as it is, no detail added). The last line reads
@@ -40,8 +40,9 @@ PAIRS = {"red": ((255, 0, 0), (0, 255, 255)), "green": ((0, 255, 0), (255, 0, 25
          "blue": ((0, 0, 255), (255, 255, 0)), "white": ((255, 255, 255), (0, 0, 0))}
 QUADRANTS = {"top-left": (0, 0), "top-right": (1, 0), "bottom-left": (0, 1), "bottom-right": (1, 1)}
 QUESTION = "What colour are the stripes in the {region} quadrant? Answer with one word."
-# The GRPO phase's rollout flags: synchronous for now; ["--async_rollouts"] once tools run async.
-ROLLOUTS: list[str] = []
+# The GRPO phase's rollouts: the server samples the next batch's trajectories, tool turns included, while
+# the trainer trains on this one (one weight version behind at most).
+ROLLOUTS = ["--async_rollouts", "--max_staleness", "1"]
 
 
 def _centre(region: str) -> tuple[int, int]:
