@@ -18,7 +18,7 @@ def test_the_patch_is_grey_at_the_served_size_and_readable_zoomed():
     # the top-left patch's inner pixels: within a few levels of grey (the light background bleeds in a
     # little), where its stripes are 0 and 255 in every channel
     assert all(max(abs(c - 128) for c in px) <= 8 for px in seen), seen
-    assert any(px in PAIRS[colour] for px in zoomed.getdata())  # the stripes' own colours
+    assert any(px in PAIRS[colour] for px in zoomed.get_flattened_data())  # the stripes' own colours
 
 
 def test_demo_agent_uses_its_tool(tmp_path, capsys):
