@@ -232,6 +232,15 @@ def server_trace(monkeypatch) -> dict:
     return trace
 
 
+def check_two_batches_exactly(trained_batches, turns, asked) -> None:
+    """Two trained batches of three-turn trajectories, each sample against its batch's three sampled turns."""
+    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
+        check_trajectories(batch)
+        for i in range(len(batch["completion_ids"])):
+            check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
+                                  batch["logprobs"][i], batch_turns, batch["image_token_id"], asked)
+
+
 def check_sampled_exactly(prompt_ids, completion_ids, tool_mask, logprobs, turns, image_token, asked) -> None:
     """One trained sample against the server's turns: its completion is, token for token, what the server
     sampled turn after turn plus the tool suffixes between (mask 0), with the server's logprobs.
@@ -275,11 +284,7 @@ def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, dat
     assert [a[0] for a in server_trace["asked"]] == TURN_MAX_TOKENS * 2
 
     turns = server_trace["turns"]
-    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
-        check_trajectories(batch)
-        for i in range(len(batch["completion_ids"])):
-            check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
-                                  batch["logprobs"][i], batch_turns, batch["image_token_id"], server_trace["asked"])
+    check_two_batches_exactly(trained_batches, turns, server_trace["asked"])
     # The last batch: every turn from the weights pushed for step 1 (the start push made v + 1).
     assert trainer.vllm_generation.turn_versions == [[v + 2] * 3] * 2
     assert metric(trainer, "weight_version_oldest_turn") == [v + 1.0, v + 2.0]
@@ -674,11 +679,7 @@ def test_tools_with_a_lora_adapter_in_server_mode(two_call_vlm, two_rows, tmp_pa
     assert trainer.state.global_step == 2 and len(trained_batches) == 2
     assert version(server) == v + 4  # the base, the adapter, then one adapter per step (merged: v + 3)
     turns = server_trace["turns"]
-    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
-        check_trajectories(batch)
-        for i in range(len(batch["completion_ids"])):
-            check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
-                                  batch["logprobs"][i], batch_turns, batch["image_token_id"], server_trace["asked"])
+    check_two_batches_exactly(trained_batches, turns, server_trace["asked"])
     # Every turn, the tool turns too, from the adapter pushed for its step (the first one at v + 2).
     assert trainer.vllm_generation.turn_versions == [[v + 3] * 3] * 2
     assert metric(trainer, "weight_version_oldest_turn") == [v + 2.0, v + 3.0]
@@ -712,9 +713,5 @@ def test_two_tool_turns_with_images_train_in_colocate_mode(two_call_vlm, data, t
                     "--vllm_enable_sleep_mode", "false")
     assert trainer.state.global_step == 2 and len(trained_batches) == 2 and len(turns) == 6
     assert sent == [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2 + [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2
-    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
-        check_trajectories(batch)
-        for i in range(len(batch["completion_ids"])):
-            check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
-                                  batch["logprobs"][i], batch_turns, batch["image_token_id"], None)
+    check_two_batches_exactly(trained_batches, turns, None)
     assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]

@@ -23,6 +23,20 @@ def question() -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
 
 
+def fit(model, inputs, labels, max_steps: int, stop_below: float) -> float:
+    """Adam on the one example until its loss is below `stop_below` (or `max_steps`); the last loss."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(max_steps):
+        loss = model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < stop_below:
+            break
+    return loss.item()
+
+
 def build_tool_model(out: Path, max_steps: int = 400) -> Path:
     build(out, "qwen3_vl", seed=0)
     processor = load_processor(out)
@@ -32,21 +46,13 @@ def build_tool_model(out: Path, max_steps: int = 400) -> Path:
     n_prompt = processor(text=[prompt], images=[random_image(IMAGE_SEED)], return_tensors="pt")["input_ids"].shape[1]
     labels = inputs["input_ids"].clone()
     labels[:, :n_prompt] = -100
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(max_steps):
-        loss = model(**inputs, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.01:  # the call is then each step's clear argmax (checked below)
-            break
+    loss = fit(model, inputs, labels, max_steps, stop_below=0.01)  # the call is then each step's clear argmax (checked below)
     model.eval()
     with torch.inference_mode():
         prompt_inputs = processor(text=[prompt], images=[random_image(IMAGE_SEED)], return_tensors="pt")
         out_ids = model.generate(**prompt_inputs, max_new_tokens=80, do_sample=False)[0, n_prompt:]
     text = processor.tokenizer.decode(out_ids, skip_special_tokens=True)
-    assert text == CALL, f"the tiny model did not learn its tool call (loss {loss.item():.4f}): {text!r}"
+    assert text == CALL, f"the tiny model did not learn its tool call (loss {loss:.4f}): {text!r}"
     model.save_pretrained(out)
     return out
 
@@ -95,16 +101,8 @@ def build_two_call_model(out: Path, max_steps: int = 600) -> Path:
             start = ids(conversation[:i], True)["input_ids"].shape[1]
             stop = start + inputs["input_ids"][0, start:].tolist().index(end) + 1
             labels[0, start:stop] = inputs["input_ids"][0, start:stop]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(max_steps):
-        loss = model(**inputs, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.005:
-            break
-    assert loss.item() < 0.05, f"the tiny model did not learn its two tool calls (loss {loss.item():.4f})"
+    loss = fit(model, inputs, labels, max_steps, stop_below=0.005)
+    assert loss < 0.05, f"the tiny model did not learn its two tool calls (loss {loss:.4f})"
     model.save_pretrained(out)
     return out
 
