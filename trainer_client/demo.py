@@ -77,6 +77,18 @@ def _run(cmd: list[str], log: Path) -> None:
         sys.exit(f"failed ({proc.returncode}); last lines of {log}:\n{log.read_text()[-3000:]}")
 
 
+def start_demo(name: str, work_dir: str | None, arch: str, seed: int) -> tuple[Path, Path, float]:
+    """A demo's start: its work directory (a temp one unless given), the folder of our commands, the start
+    time; a tiny random model of `arch` built in work/tiny."""
+    work = Path(work_dir or tempfile.mkdtemp(prefix=f"vlm-align-{name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    started = time.monotonic()
+    print(f"{name} work dir: {work}")
+    _run([str(bin_dir / "align-tiny-model"), str(work / "tiny"), "--arch", arch, "--seed", str(seed)], work / "tiny.log")
+    return work, bin_dir, started
+
+
 def reward_curve(log_history: list[dict]) -> list[float]:
     return [e["reward"] for e in log_history if "reward" in e]
 
@@ -169,14 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     from trainer_client.config import parse_args
     from trainer_client.trainers import build_trainer
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="vlm-align-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
-    started = time.monotonic()
-    print(f"demo work dir: {work}")
-
-    _run([str(bin_dir / "align-tiny-model"), str(work / "tiny"), "--arch", "qwen2_vl", "--seed", str(args.seed)],
-         work / "tiny.log")
+    work, bin_dir, started = start_demo("demo", args.work_dir, "qwen2_vl", args.seed)
     grpo_data = make_dataset(work / "data", 256, seed=args.seed, method="grpo")
     mpo_data = make_dataset(work / "data", 256, seed=args.seed + 1, method="mpo")
 

@@ -24,14 +24,13 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from trainer_client.demo import _free_port, _run
+from trainer_client.demo import _free_port, _run, start_demo
 
 SIZE = 256
 MAX_PIXELS = 64 * 64  # what the model's processor keeps of any image: a 4x downscale of the task image
@@ -277,14 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from torchvision_compat import load_processor
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="vlm-align-demo-agent-"))
-    work.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
-    started = time.monotonic()
-    print(f"demo-agent work dir: {work}")
-
-    _run([str(bin_dir / "align-tiny-model"), str(work / "tiny"), "--arch", "qwen3_vl", "--seed", str(args.seed)],
-         work / "tiny.log")
+    work, bin_dir, started = start_demo("demo-agent", args.work_dir, "qwen3_vl", args.seed)
     limit_pixels(work / "tiny", MAX_PIXELS)
     sft_data, grpo_data = make_datasets(work / "data", 256, 256, args.seed)
     _run([str(bin_dir / "align-train"), "sft", "--model", str(work / "tiny"), "--dataset", str(sft_data),
