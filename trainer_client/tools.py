@@ -63,10 +63,15 @@ def load_environment(spec: str | None):
         if not callable(getattr(factory, "reset", None)):
             raise ToolSetupError(f"--environment {spec!r}: the class needs a reset(self, **row) method "
                                  "(TRL calls it at the start of every rollout)")
-        for name, method in inspect.getmembers(factory, inspect.isfunction):
-            if not name.startswith("_") and name not in ("reset", "get_reward"):
-                _check_described(method, f"--environment {spec!r}, method {name}")
+        for name in _tool_method_names(factory):
+            _check_described(getattr(factory, name), f"--environment {spec!r}, method {name}")
     return factory
+
+
+def _tool_method_names(cls) -> list[str]:
+    """The methods of an environment class TRL offers as tools: public, but not reset or get_reward."""
+    return [name for name, _ in inspect.getmembers(cls, predicate=inspect.isfunction)
+            if name not in ("reset", "get_reward") and not name.startswith("_")]
 
 
 def check_template(processor, source: str) -> None:
@@ -125,9 +130,8 @@ def reset_environments(trainer, rows: list[dict]) -> tuple[list, list[list[dict]
 
 
 def environment_tools(environment) -> list:
-    """An instance's methods TRL offers as tools: public, but not reset or get_reward."""
-    return [getattr(environment, name) for name, _ in inspect.getmembers(type(environment), predicate=inspect.isfunction)
-            if name not in ("reset", "get_reward") and not name.startswith("_")]
+    """An instance's methods TRL offers as tools (bound to it)."""
+    return [getattr(environment, name) for name in _tool_method_names(type(environment))]
 
 
 def run_tool_loop(trainer, processor, prompts, prompt_ids, first, images, generate_turn, environments=None,
