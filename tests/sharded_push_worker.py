@@ -14,6 +14,7 @@ from torch.distributed.fsdp import fully_shard
 
 from tests.test_weights import SMALL_BUCKET, Trainer, served
 from trainer_client import AlignClient
+from trainer_client.cli import end_distributed_process
 from trainer_client.weights import Gathered, full_shape, host_copy, named_weights, push_gathered, push_one
 
 
@@ -97,7 +98,7 @@ def main(sharding: str, model_dir: str, url: str, transports: list[str]) -> None
     dist.all_gather_object(outcomes, raised)
     if rank == 0:
         print(json.dumps({"failure": outcomes, "version_after": client.info(refresh=True).weight_version}), flush=True)
-    dist.destroy_process_group()
+    end_distributed_process()
 
 
 if __name__ == "__main__":

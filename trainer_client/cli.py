@@ -1,6 +1,8 @@
 """`align-train sft|grpo|gspo|mpo --model ID_OR_PATH (--dataset FILE | --dataset_name ID) [--config run.yaml] [flags]`."""
 
+import atexit
 import logging
+import os
 import sys
 
 from model_hub import ModelNotFound, resolve_model
@@ -41,8 +43,27 @@ def run(argv: list[str] | None = None):
     return trainer
 
 
+def end_distributed_process() -> None:
+    """End a process of a multi-process run after its last collective, skipping the interpreter's
+    finalization (a no-op in a single-process run). torch 2.13's gloo worker threads release a
+    finished collective's tensors only after it has reported done; when a release lands while the
+    interpreter is finalizing, the thread cannot take the GIL and the process aborts (`terminate called
+    without an active exception`, exit -6) although its work finished (pytorch/pytorch#190489).
+    So: leave the process group, run the exit handlers a normal exit runs, flush, and exit."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()  # logging, tensorboard/wandb writers, multiprocessing children
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
     run()
+    end_distributed_process()
 
 
 if __name__ == "__main__":
