@@ -2,9 +2,11 @@
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -14,8 +16,10 @@ from pydantic import ValidationError
 
 import kv_cache
 from model_hub import ModelNotFound, resolve_model
+from server.lifetime import tie_children_to_this_process, tie_spawned_child
 
 log = logging.getLogger("align-serve")
+tie_spawned_child()  # a child spawned by align-serve (vLLM on CUDA) ends when its parent does
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,8 +164,6 @@ def _report_load_failure(args: argparse.Namespace, exc: Exception) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import ServeConfig, create_app
     from server.engines import create_engine
 
@@ -183,8 +185,7 @@ async def serve(args: argparse.Namespace) -> int:
                                          image_cache_bytes=args.image_cache_bytes,
                                          body_timeout_s=args.body_timeout, generate_timeout_s=args.generate_timeout,
                                          chat_template=args.chat_template))
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    server = _uvicorn_server(app, args)
     # Bind before loading (minutes on vLLM): a taken port fails at once, and /health answers
     # while the model loads.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -196,19 +197,58 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("cannot bind %s:%d (%s); pick another --port", args.host, args.port, exc.strerror)
         return 2
     serving = asyncio.create_task(server.serve(sockets=[sock]))
+    starting = asyncio.create_task(engine.start())
+    signals: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        if signals and sig == signal.SIGINT:
+            server.force_exit = True  # a second Ctrl-C: stop waiting for open connections
+        signals.append(sig)
+        log.warning("%s received: shutting down", signal.Signals(sig).name)
+        server.should_exit = True
+        starting.cancel()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    # Every way out passes the `finally`: the engine (vLLM's engine core, its workers) ends with us.
     try:
-        await engine.start()
-    except Exception as exc:
-        _report_load_failure(args, exc)
+        try:
+            await starting
+        except asyncio.CancelledError:
+            return 128 + signals[0]
+        except Exception as exc:
+            _report_load_failure(args, exc)
+            return 1
+        app.state.ready = True
+        log.info("ready: %s on the %s engine at http://%s:%d (%.1f s to load)", model_name, args.engine,
+                 args.host, args.port, time.perf_counter() - started)
+        died = asyncio.create_task(engine.died())
+        await asyncio.wait({serving, died}, return_when=asyncio.FIRST_COMPLETED)
+        if died.done():
+            log.error("align-serve: %s; shutting down", died.result())
+            return 1
+        died.cancel()
+        return 128 + signals[0] if signals else 0
+    finally:
         server.should_exit = True
         await serving
-        return 1
-    app.state.ready = True
-    log.info("ready: %s on the %s engine at http://%s:%d (%.1f s to load)", model_name, args.engine,
-             args.host, args.port, time.perf_counter() - started)
-    await serving
-    await engine.shutdown()
-    return 0
+        await engine.shutdown()
+
+
+def _uvicorn_server(app, args: argparse.Namespace):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn without its own signal handling, which `serve` owns: uvicorn re-raises a caught
+        SIGTERM once it is done serving, and the process would end before the engine is shut down."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    return Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                 timeout_graceful_shutdown=5))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"align-serve: --model {exc}")
     if args.max_model_len is not None:
         _check_max_model_len(args)
+    tie_children_to_this_process()
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("binding %s without --api-key: anyone who reaches this port can change the served weights",
                     args.host)

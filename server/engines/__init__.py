@@ -1,5 +1,6 @@
 """The one small interface both engines implement; routes only ever talk to this."""
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -67,6 +68,12 @@ class Engine(ABC):
 
     async def shutdown(self) -> None:
         return None
+
+    async def died(self) -> str:
+        """Returns, saying why, once the engine can serve no more (its process is gone): the server then
+        shuts down rather than answer every request with an error. An in-process engine never does."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
     # ---- weight sync: server/weights.py stages the bytes, the engine swaps them in -------------
     weight_transports: tuple[str, ...] = ("http", "tcp", "shm")

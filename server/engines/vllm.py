@@ -139,6 +139,11 @@ class VLLMEngine(Engine):
                                 "or --max-model-len")
         return size
 
+    async def died(self) -> str:
+        while not self.llm.errored:  # vLLM notices a dead engine core on its own threads; it has no awaitable
+            await asyncio.sleep(1.0)
+        return "vLLM's engine core has stopped (EngineDeadError): no request can be served"
+
     async def shutdown(self) -> None:
         if self._lora_root is not None:
             shutil.rmtree(self._lora_root, ignore_errors=True)
