@@ -403,29 +403,40 @@ def test_replicas_override_adds_a_server_the_trainer_spreads_over(compose):
 
 # ---- the compose CLI itself, where the plugin is installed --------------------------------------
 
-def _compose_cli() -> list[str] | None:
+def _compose_cli() -> tuple[list[str], str] | None:
+    """The compose CLI here and its version: the v2 plugin (`docker compose`) or v1's `docker-compose`
+    (1.29, what Debian 12 and Ubuntu 22.04 ship), which reads files differently and prints YAML."""
     for cli in (["docker", "compose"], ["docker-compose"]):
         try:
-            if subprocess.run([*cli, "version"], capture_output=True, timeout=30).returncode == 0:
-                return cli
+            done = subprocess.run([*cli, "version", "--short"], capture_output=True, text=True, timeout=30)
         except (FileNotFoundError, subprocess.TimeoutExpired):
             continue
+        if done.returncode == 0 and re.fullmatch(r"v?\d+\.\d+\.\d+\S*", done.stdout.strip()):
+            return cli, done.stdout.strip().removeprefix("v")
     return None
 
 
+# What compose v1 refuses outright: a top-level `name:` and the merge tags of the compose spec.
+V2_ONLY = re.compile(r"^name:|!override|!reset", re.MULTILINE)
+
+
 def test_docker_compose_config_agrees(compose, tmp_path):
-    cli = _compose_cli()
-    if cli is None:
-        pytest.skip("no docker compose plugin here: `docker compose config` not run; the PyYAML checks above ran")
+    found = _compose_cli()
+    if found is None:
+        pytest.skip("no docker compose (v2 plugin or v1) here: `config` not run; the PyYAML checks above ran")
+    cli, version = found
+    v1 = version.startswith("1.")
+    if v1 and (v2_only := sorted({m.group(0) for f in (COMPOSE, REPLICAS) for m in V2_ONLY.finditer(f.read_text())})):
+        pytest.skip(f"compose {version} (v1) cannot read {', '.join(v2_only)} in docker/: `config` not run")
     secret = tmp_path / "key"
     secret.write_text("k")
     env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "ALIGN_API_KEY_SECRET": str(secret)}
     for files in ([COMPOSE], [COMPOSE, REPLICAS]):
-        args = [*cli, *sum((["-f", str(f)] for f in files), []), "--profile", "gpu", "--profile", "cpu",
-                "config", "--format", "json"]
+        args = [*cli, *sum((["-f", str(f)] for f in files), []), "--profile", "gpu", "--profile", "cpu", "config",
+                *([] if v1 else ["--format", "json"])]
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"{shlex.join(args)}:\n{done.stderr}"
-        services = json.loads(done.stdout)["services"]
+        services = (yaml.safe_load(done.stdout) if v1 else json.loads(done.stdout))["services"]
         assert services["server"]["command"] == compose["services"]["server"]["command"]
         assert services["trainer"]["depends_on"]["server"]["condition"] == "service_healthy"
     assert "server-2" in services and services["trainer"]["command"].count("--server-url=http://server-2:8000") == 1
