@@ -41,10 +41,16 @@ check-install:
 # Not here: `gpu` (needs a CUDA device: `make test-gpu`) and `gpu_stack` (`make check-gpu-stack`).
 NOT_HERE := not gpu and not gpu_stack
 
+# Both halves run even when the first has failures, so one run shows every failure; make fails if either
+# did. pytest's exit codes: 1 = tests failed (go on to the vLLM half), 2 = interrupted, 3/4 = pytest
+# itself or its command line broke (stop there), 5 = nothing collected (a failure too).
 test: install
-	$(PYTEST) -m "not vllm and $(NOT_HERE)" tests
-	@if [ "$(EXTRA)" = none ]; then echo "== the vLLM half did not run: this .venv has no vLLM engine (EXTRA=none)"; \
-	else $(PYTEST) -m "vllm and $(NOT_HERE)" tests; fi
+	@portable=0; $(PYTEST) -m "not vllm and $(NOT_HERE)" tests || portable=$$?; \
+	if [ $$portable -ge 2 ] && [ $$portable -ne 5 ]; then echo "== the portable half stopped (pytest exit $$portable): the vLLM half did not run"; exit $$portable; fi; \
+	if [ "$(EXTRA)" = none ]; then echo "== the vLLM half did not run: this .venv has no vLLM engine (EXTRA=none)"; vllm=0; \
+	else vllm=0; $(PYTEST) -m "vllm and $(NOT_HERE)" tests || vllm=$$?; fi; \
+	echo "== make test: portable half $$([ $$portable = 0 ] && echo passed || echo "FAILED (pytest exit $$portable)"), vLLM half $$([ $$vllm = 0 ] && echo passed || echo "FAILED (pytest exit $$vllm)")"; \
+	[ $$portable = 0 ] && [ $$vllm = 0 ]
 
 test-fast: install
 	$(PYTEST) -m "not vllm and $(NOT_HERE)" tests
