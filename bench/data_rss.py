@@ -177,7 +177,7 @@ def main() -> None:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
 
-    from server.tiny_model import build
+    from examples.tiny_model import build
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

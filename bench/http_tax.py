@@ -17,15 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from examples.tiny_model import build  # noqa: E402
 from protocol import SamplingParams  # noqa: E402
 from server.engines import EnginePrompt, create_engine  # noqa: E402
-from server.tiny_model import build  # noqa: E402
 from tests.utils import ServerProcess, random_image  # noqa: E402
 from trainer_client import AlignClient  # noqa: E402
 
 
 def workload(model_dir: Path, n_prompts: int):
-    from torchvision_compat import load_processor
+    from runtime.torchvision_compat import load_processor
 
     tok = load_processor(model_dir).tokenizer
     messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Shape {k}: what colour?"}]}]

@@ -17,8 +17,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from examples.tiny_model import build  # noqa: E402
 from protocol import image_sha256  # noqa: E402
-from server.tiny_model import build  # noqa: E402
 from tests.utils import ServerProcess, png_bytes, random_image  # noqa: E402
 
 TURNS, IMAGES, SIZE = 10, 4, 512

@@ -27,11 +27,11 @@ import torch  # noqa: E402
 import trl.extras.profiling as trl_profiling  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from server.tiny_model import build  # noqa: E402
+from examples.demo import make_dataset  # noqa: E402
+from examples.tiny_model import build  # noqa: E402
 from tests.utils import ServerProcess  # noqa: E402
 from trainer_client import client as client_module  # noqa: E402
 from trainer_client.config import parse_args  # noqa: E402
-from trainer_client.demo import make_dataset  # noqa: E402
 from trainer_client.trainers import build_trainer  # noqa: E402
 
 # Where a step's time goes: TRL's own profiling spans plus our push, in seconds per call.

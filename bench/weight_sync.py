@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from server.tiny_model import build  # noqa: E402
+from examples.tiny_model import build  # noqa: E402
 from tests.utils import ServerProcess  # noqa: E402
 from trainer_client import AlignClient  # noqa: E402
 from trainer_client.weights import DEFAULT_BUCKET_BYTES  # noqa: E402

@@ -71,8 +71,8 @@ stop_server() {  # the whole group (vLLM's engine processes too), and wait: the 
 }
 
 tiny_and_data() {
-    [ -e "$WORK/tiny/config.json" ] || $PY -m server.tiny_model "$WORK/tiny" --arch qwen2_vl --seed 0
-    [ -e "$WORK/data/grpo.jsonl" ] || $PY -c "from trainer_client.demo import make_dataset; make_dataset('$WORK/data', 64)"
+    [ -e "$WORK/tiny/config.json" ] || $PY -m examples.tiny_model "$WORK/tiny" --arch qwen2_vl --seed 0
+    [ -e "$WORK/data/grpo.jsonl" ] || $PY -c "from examples.demo import make_dataset; make_dataset('$WORK/data', 64)"
     # The random tiny VLM never names the colour, so the accuracy reward alone is 0 for every
     # completion and the weights would not move; a length reward differs within each group.
     printf 'def length(completions, **kwargs):\n    return [float(len(str(c))) for c in completions]\n' \

@@ -1,3 +1,3 @@
-import quiet_logs
+"""`align-serve`: the rollout server (routes, engines, weight receiver, image cache)."""
 
-quiet_logs.install()  # before anything imports vLLM
+import runtime  # noqa: F401  (its start-up fixes, before anything imports vLLM)

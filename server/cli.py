@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-import kv_cache
-from model_hub import ModelNotFound, resolve_model
+from runtime import kv_cache
+from runtime.model_hub import ModelNotFound, resolve_model
 from server.lifetime import tie_children_to_this_process, tie_spawned_child
 
 log = logging.getLogger("align-serve")

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from server.tiny_model import build
+import runtime  # noqa: F401  (as in every process of ours: torchvision importable on the CPU torch)
+from examples.tiny_model import build
 
 
 @pytest.fixture(scope="session")

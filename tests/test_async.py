@@ -8,6 +8,7 @@ import pytest
 import torch
 from trl import GRPOTrainer
 
+from examples.demo import make_dataset
 from tests.test_train import (
     SMALL,
     accelerate_grpo,
@@ -19,7 +20,6 @@ from tests.test_train import (
 )
 from tests.utils import ServerProcess, prompts_served
 from trainer_client.config import parse_args
-from trainer_client.demo import make_dataset
 
 
 @pytest.fixture(scope="module")

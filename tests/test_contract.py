@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from protocol import image_sha256
+from runtime.torchvision_compat import load_processor
 from tests.utils import ServerProcess, png_bytes, random_image
-from torchvision_compat import load_processor
 from trainer_client import AlignClient, AlignServerError
 
 KEY = "test-key"

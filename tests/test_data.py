@@ -11,9 +11,9 @@ import datasets
 import pytest
 from PIL import Image
 
+from examples.demo import make_dataset
 from tests.utils import cache_as_hub
 from trainer_client.data import DatasetError, load_datasets, load_train_dataset
-from trainer_client.demo import make_dataset
 
 
 def write_jsonl(path, rows):

@@ -3,7 +3,7 @@ align-serve, then greedy accuracy on fresh images with the tool against the tool
 
 from PIL import Image
 
-from trainer_client.demo_agent import MAX_PIXELS, PAIRS, ZoomEnv, main, samples
+from examples.demo_agent import MAX_PIXELS, PAIRS, ZoomEnv, main, samples
 
 
 def test_the_patch_is_grey_at_the_served_size_and_readable_zoomed():

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from trainer_client.demo import plot
+from examples.demo import plot
 
 BLUE, ORANGE, RED = (31, 119, 180), (255, 127, 14), (214, 39, 40)  # matplotlib's tab: colours of the 3 series
 

@@ -287,12 +287,12 @@ def test_trainer_command_parses_with_align_train(compose):
 
 def test_demo_command_is_the_make_demo_module(compose):
     command = compose["services"]["demo"]["command"]
-    assert command[:3] == ["python", "-m", "trainer_client.demo"], "the cpu profile runs what `make demo` runs"
-    assert "trainer_client.demo" in (ROOT / "Makefile").read_text()
-    usage = subprocess.run([sys.executable, "-m", "trainer_client.demo", "--help"], cwd=ROOT,
+    assert command[:3] == ["python", "-m", "examples.demo"], "the cpu profile runs what `make demo` runs"
+    assert "examples.demo" in (ROOT / "Makefile").read_text()
+    usage = subprocess.run([sys.executable, "-m", "examples.demo", "--help"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout
     for flag in command[3:]:
-        assert flag.split("=")[0] in usage, f"python -m trainer_client.demo has no {flag.split('=')[0]}"
+        assert flag.split("=")[0] in usage, f"python -m examples.demo has no {flag.split('=')[0]}"
     work_dir = command[3].split("=", 1)[1]
     assert work_dir.startswith("/outputs/") and "/outputs" in mounts(compose["services"]["demo"])
 

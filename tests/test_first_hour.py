@@ -11,10 +11,10 @@ import sys
 import httpx
 import pytest
 
+from examples.demo import make_dataset
 from tests.utils import ServerProcess, free_port
 from trainer_client import AlignClient, AlignConnectionError, AlignServerError
 from trainer_client.cli import run
-from trainer_client.demo import make_dataset
 from trainer_client.waiting import not_ready
 
 KEY = "first-hour-key"

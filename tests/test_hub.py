@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from examples.demo import make_dataset
 from tests.test_data import colour_parquet_folder
 from tests.utils import ServerProcess, cache_as_hub, free_port, random_image
 from trainer_client import AlignClient
-from trainer_client.demo import make_dataset
 
 REPO = "tiny-org/tiny-qwen2-vl"
 

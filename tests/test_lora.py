@@ -12,9 +12,9 @@ import httpx
 import pytest
 import torch
 
+from examples.tiny_model import build
 from server.engines import EnginePrompt
 from server.lora import AdapterRefused, check_adapter, lora_targets
-from server.tiny_model import build
 from tests.test_weights import KEY, MAX_TOKENS, Trainer, served, version
 from tests.utils import ServerProcess, wait_for
 from trainer_client import AlignClient, AlignServerError
@@ -287,7 +287,7 @@ def run_grpo_with_adapter_sync(server, client, model_dir, data, out, *flags):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from trainer_client.demo import make_dataset
+    from examples.demo import make_dataset
 
     root = tmp_path_factory.mktemp("colour-data")
     make_dataset(root, 16, seed=0, method="grpo")

@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from protocol import image_sha256
+from runtime.torchvision_compat import load_processor
 from tests.tool_model import CALL, IMAGE_SEED, QUESTION, TOOLS, question
 from tests.utils import ServerProcess, png_bytes, random_image, wait_for
-from torchvision_compat import load_processor
 
 LIMITS = ["--max-model-len", "1024"]
 
@@ -241,7 +241,7 @@ def test_chat_template_file_gives_tools_to_a_model_whose_template_has_none(tiny_
     """The tiny Qwen2-VL keeps Qwen2-VL's stock template, which cannot render tools (as the real
     one cannot); `--chat-template FILE` serves it with a tool-capable one. Route logic only: one
     engine is enough."""
-    from server.tiny_model import CHAT_TEMPLATE, TOOLS_CHAT_TEMPLATE
+    from examples.tiny_model import CHAT_TEMPLATE, TOOLS_CHAT_TEMPLATE
 
     template = tmp_path / "tools.jinja"
     template.write_text(TOOLS_CHAT_TEMPLATE)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from server.tiny_model import build
+from examples.tiny_model import build
 from tests.utils import ServerProcess, random_image
 from trainer_client import AlignClient
 

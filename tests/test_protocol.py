@@ -104,9 +104,17 @@ def _imports(package: str) -> set[str]:
     return found
 
 
-def test_server_and_trainer_share_only_protocol():
-    assert "trainer_client" not in _imports("server")
-    assert "server" not in _imports("trainer_client")
+OURS = {"protocol", "runtime", "server", "trainer_client", "examples"}
+
+
+def test_the_floors_import_only_downwards():
+    """protocol (the wire) < runtime (the machine, the libraries) < server | trainer_client < examples:
+    each package imports only from floors below it, and the two sides never import each other."""
+    below = {"protocol": set(), "runtime": {"protocol"}, "server": {"protocol", "runtime"},
+             "trainer_client": {"protocol", "runtime"}, "examples": OURS - {"examples"}}
+    for package, allowed in below.items():
+        ours = (_imports(package) & OURS) - {package}
+        assert ours <= allowed, f"{package} imports {sorted(ours - allowed)}"
     allowed = {"pydantic", "protocol", "hashlib", "typing", "enum", "__future__", "collections", "dataclasses", "re",
                "struct", "math"}
     assert _imports("protocol") <= allowed, _imports("protocol") - allowed

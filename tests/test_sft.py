@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from server.tiny_model import build
+from examples.demo import PROMPT, make_dataset
+from examples.tiny_model import build
+from runtime.torchvision_compat import load_processor
 from tests.tool_model import two_call_trajectory
 from tests.utils import ServerProcess
-from torchvision_compat import load_processor
 from trainer_client.cli import run
 from trainer_client.client import AlignClient
 from trainer_client.data import DatasetError, load_train_dataset
-from trainer_client.demo import PROMPT, make_dataset
 from trainer_client.sft import AssistantTurnsCollator
 
 FLAGS = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--seed", "0",

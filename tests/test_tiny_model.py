@@ -8,9 +8,9 @@ import textwrap
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from server.tiny_model import ARCHS, build
+from examples.tiny_model import ARCHS, build
+from runtime.torchvision_compat import load_processor
 from tests.utils import random_image
-from torchvision_compat import load_processor
 
 
 def _digest(path) -> str:
@@ -53,7 +53,7 @@ def test_text_only_twin_ties_embeddings_and_shares_the_tokenizer(tmp_path, tiny_
 
 
 def test_cli_writes_a_model(tmp_path):
-    subprocess.run([sys.executable, "-m", "server.tiny_model", str(tmp_path / "m"), "--arch", "qwen3_vl",
+    subprocess.run([sys.executable, "-m", "examples.tiny_model", str(tmp_path / "m"), "--arch", "qwen3_vl",
                     "--seed", "1"], check=True, capture_output=True)
     assert AutoConfig.from_pretrained(tmp_path / "m").model_type == "qwen3_vl"
 
@@ -66,8 +66,8 @@ def test_builds_and_processes_images_where_torchvision_is_absent(tmp_path):
         def hidden(name, path=None, target=None):
             return None if name.split(".")[0] == "torchvision" else find(name, path, target)
         importlib.machinery.PathFinder.find_spec = staticmethod(hidden)
-        from server.tiny_model import build
-        from torchvision_compat import load_processor
+        from examples.tiny_model import build
+        from runtime.torchvision_compat import load_processor
         import numpy as np
         from PIL import Image
         out = build({str(tmp_path / "m")!r}, "qwen2_vl")

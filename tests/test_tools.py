@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from trl import GRPOTrainer
 
+from runtime.torchvision_compat import load_processor
 from tests.tool_model import ANSWER, IMAGE_SEED, QUESTION, ZOOMED_SEED, ZoomEnvironment, zoom
 from tests.utils import ServerProcess, random_image
-from torchvision_compat import load_processor
 from trainer_client.cli import run
 from trainer_client.client import AlignClient, collapse_image_runs
 from trainer_client.config import parse_args

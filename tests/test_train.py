@@ -12,11 +12,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from examples.demo import make_dataset
 from tests.utils import ServerProcess, random_image
 from trainer_client import AlignClient
 from trainer_client.cli import run
 from trainer_client.config import parse_args
-from trainer_client.demo import make_dataset
 
 SMALL = ["--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
          "--seed", "0"]
@@ -82,7 +82,7 @@ def test_presets_yaml_and_flags(tmp_path):
 def test_colocate_kv_cache_size_flag():
     base = ["grpo", "--model", "m", "--dataset", "d", "--vllm-mode", "colocate"]
     assert parse_args([*base, "--vllm_kv_cache_memory_bytes", "2G"])[2].vllm_kv_cache_memory_bytes == 2 * 2**30
-    assert parse_args(base)[2].vllm_kv_cache_memory_bytes is None  # the default is the model's (kv_cache.py)
+    assert parse_args(base)[2].vllm_kv_cache_memory_bytes is None  # the default is the model's (runtime/kv_cache.py)
     with pytest.raises(SystemExit, match="--vllm_kv_cache_memory_bytes: not a size: 'lots'"):
         parse_args([*base, "--vllm_kv_cache_memory_bytes", "lots"])
 
@@ -253,8 +253,8 @@ def test_eval_during_training_is_greedy(mode, tiny_vlm, data, tmp_path, request)
 def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, data, tmp_path, vllm_vlm):
     from transformers import AutoModelForImageTextToText
 
+    from runtime.torchvision_compat import load_processor
     from tests.utils import random_image
-    from torchvision_compat import load_processor
 
     v = server_version(vllm_vlm)  # the suite's shared vLLM server (conftest.py): its versions go on counting
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "3",
@@ -283,7 +283,7 @@ def test_server_mode_on_the_vllm_engine_serves_the_trained_weights(tiny_vlm, dat
 def test_grpo_colocate(tiny_vlm, data, tmp_path):
     from vllm import SamplingParams
 
-    import kv_cache
+    from runtime import kv_cache
     from tests.utils import random_image
     from trainer_client import collapse_image_runs
 
@@ -329,7 +329,7 @@ def test_grpo_colocate(tiny_vlm, data, tmp_path):
 def test_demo_reward_rises(tmp_path):
     """`make demo` on its default seed: MPO warm-up, then GRPO through align-serve with async
     rollouts and dynamic sampling."""
-    from trainer_client.demo import main as demo
+    from examples.demo import main as demo
 
     result = demo(["--work-dir", str(tmp_path)])
     rewards = result["rewards"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
-from server.tiny_model import build
+from examples.tiny_model import build
+from runtime.torchvision_compat import load_processor
 from tests.utils import random_image
-from torchvision_compat import load_processor
 
 TOOLS = [{"type": "function", "function": {
     "name": "zoom", "description": "Zoom into the image",

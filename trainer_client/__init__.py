@@ -2,10 +2,7 @@
 
 import warnings
 
-import quiet_logs
-
-quiet_logs.install()  # before anything imports vLLM (TRL does, in every mode)
-
+import runtime  # noqa: F401  (its start-up fixes, before anything imports vLLM: TRL does, in every mode)
 from trainer_client.client import (  # noqa: E402
     AlignClient,
     AlignConnectionError,

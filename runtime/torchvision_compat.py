@@ -6,9 +6,10 @@ library would have defined; with every torchvision import broken, transformers' 
 and vLLM's Qwen-VL models fail too. Defining the two schemas first lets the pure-Python parts
 (transforms, the ones those libraries use) import.
 
-Installed as a `.pth` hook (`make install` writes it), so it runs in every process of the
-environment, vLLM's spawned engine processes included. It is lazy: torch is only imported when
-something imports torchvision.
+Installed when `runtime` is imported (by `server` and `trainer_client` at their import), so it runs in
+every process of ours, vLLM's engine processes included: a forked one inherits it, a spawned one
+re-imports the server's entry module first. It is lazy: torch is only imported when something imports
+torchvision.
 """
 
 import importlib.abc

@@ -244,7 +244,7 @@ def build(out_dir: str | Path, arch: str = "qwen2_vl", text_only: bool = False, 
     import torch
     import transformers as T
 
-    from torchvision_compat import torchvision_importable
+    from runtime.torchvision_compat import torchvision_importable
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")

@@ -20,17 +20,14 @@ called on the quadrant asked about, and only by chance (one in four) without it.
 
 import argparse
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from trainer_client.demo import _free_port, _run, start_demo
+from examples.common import BIN, StepLines, plot_steps, run, serving, start_demo, train_here
 
 SIZE = 256
 MAX_PIXELS = 64 * 64  # what the model's processor keeps of any image: a 4x downscale of the task image
@@ -182,87 +179,40 @@ def evaluate(model, processor, n: int, seed: int, enlarge: bool) -> float:
     return sum(text.strip().lower() == colour for text, (colour, _, _) in zip(answers, fresh, strict=True)) / n
 
 
-class StepPrinter:
-    def __init__(self, started: float):
-        from transformers import TrainerCallback
-
-        printer = self
-
-        class Callback(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "reward" in logs:
-                    printer.steps.append(logs)
-                    print(f"step {state.global_step:3d}  reward {logs['reward']:.3f}  "
-                          f"tool calls per sample {logs.get('tools/call_frequency', 0):.2f}  "
-                          f"accuracy {logs.get('rewards/accuracy_reward/mean', 0):4.0%}  "
-                          f"{time.monotonic() - printer.started:4.0f} s", flush=True)
-
-        self.callback, self.started, self.steps = Callback(), started, []
+def step_line(step: int, logs: dict, seconds: float) -> str:
+    return (f"step {step:3d}  reward {logs['reward']:.3f}  "
+            f"tool calls per sample {logs.get('tools/call_frequency', 0):.2f}  "
+            f"accuracy {logs.get('rewards/accuracy_reward/mean', 0):4.0%}  {seconds:4.0f} s")
 
 
 def plot(path: Path, steps: list[dict]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a server or in CI
-    import matplotlib.pyplot as plt
-
-    x = range(1, len(steps) + 1)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.plot(x, [s["reward"] for s in steps], color="tab:blue", label="mean reward (right colour)")
-    ax.plot(x, [s.get("tools/call_frequency", 0) for s in steps], color="tab:green", label="tool calls per sample")
-    ax.axhline(0.25, color="tab:red", linestyle="--", label="chance (one colour in four)")
-    ax.set(xlabel="GRPO step", ylabel="per sample", ylim=(0, max(1.02, *[s.get("tools/call_frequency", 0) for s in steps])),
-           title="GRPO with a zoom tool, through align-serve")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    x = list(range(1, len(steps) + 1))
+    return plot_steps(path, "GRPO with a zoom tool, through align-serve", "per sample", [
+        (x, [s["reward"] for s in steps], "mean reward (right colour)", {"color": "tab:blue"}),
+        (x, [s.get("tools/call_frequency", 0) for s in steps], "tool calls per sample", {"color": "tab:green"}),
+    ])
 
 
 def grpo(model: Path, data: Path, out: Path, steps: int, seed: int, engine: str, started: float) -> list[dict]:
     """GRPO with the zoom tool against an align-serve started on `model`; the logged steps."""
-    from transformers import PrinterCallback
-
-    from trainer_client.client import AlignClient
-    from trainer_client.config import parse_args
-    from trainer_client.trainers import build_trainer
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_log = open(out.parent / "server.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "align-serve"), "--model", str(model), "--engine",
-                               engine, "--port", str(port), "--seed", str(seed), "--log-level", "warning"],
-                              stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        AlignClient(url).wait_ready(timeout=600)
-        print(f"$ align-train grpo --vllm-mode server --environment trainer_client.demo_agent:ZoomEnv "
+    with serving(model, engine, seed, out.parent / "server.log") as url:
+        print(f"$ align-train grpo --vllm-mode server --environment examples.demo_agent:ZoomEnv "
               f"{' '.join(ROLLOUTS)} ... ({steps} steps)", flush=True)
-        # In this process (not a subprocess) so that every step prints a line as it ends.
-        method, align, config, _ = parse_args([
+        lines = StepLines(step_line, started)
+        train_here([
             "grpo", "--model", str(model), "--dataset", str(data), "--output_dir", str(out),
             "--vllm-mode", "server", "--server-url", url, *ROLLOUTS,
-            "--environment", "trainer_client.demo_agent:ZoomEnv", "--max_tool_calling_iterations", "2",
+            "--environment", "examples.demo_agent:ZoomEnv", "--max_tool_calling_iterations", "2",
             "--reward_funcs", "accuracy", "--max_steps", str(steps), "--learning_rate", "2e-4",
             "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "192",
             "--temperature", "0.8", "--beta", "0.0", "--gradient_checkpointing", "false", "--seed", str(seed),
-            "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"])
-        trainer = build_trainer(method, align, config)
-        trainer.remove_callback(PrinterCallback)  # its dict per step would bury the lines below
-        printer = StepPrinter(started)
-        trainer.add_callback(printer.callback)
-        trainer.train()
-        trainer.save_model(config.output_dir)
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
-        server_log.close()
-    return printer.steps
+            "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"],
+            lines.callback)
+    return lines.steps
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m trainer_client.demo_agent", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m examples.demo_agent", description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default=None, help="where the model, data and runs go (default: a temp dir)")
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--sft-steps", type=int, default=80)
@@ -274,13 +224,13 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from torchvision_compat import load_processor
+    from runtime.torchvision_compat import load_processor
 
-    work, bin_dir, started = start_demo("demo-agent", args.work_dir, "qwen3_vl", args.seed)
+    work, started = start_demo("demo-agent", args.work_dir, "qwen3_vl", args.seed)
     limit_pixels(work / "tiny", MAX_PIXELS)
     sft_data, grpo_data = make_datasets(work / "data", 256, 256, args.seed)
-    _run([str(bin_dir / "align-train"), "sft", "--model", str(work / "tiny"), "--dataset", str(sft_data),
-          "--environment", "trainer_client.demo_agent:ZoomEnv", "--output_dir", str(work / "sft"),
+    run([str(BIN / "align-train"), "sft", "--model", str(work / "tiny"), "--dataset", str(sft_data),
+          "--environment", "examples.demo_agent:ZoomEnv", "--output_dir", str(work / "sft"),
           "--max_steps", str(args.sft_steps), "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
           "--lr_scheduler_type", "constant", "--gradient_checkpointing", "false", "--seed", str(args.seed),
           "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"],
