@@ -98,8 +98,8 @@ elif ! "$DOCKER" image inspect "$default_base" >/dev/null 2>&1 \
   if ! "$DOCKER" image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
     say "no registry serves $default_base: making $LOCAL_BASE from Debian's archive (debootstrap)"
     start=$(date +%s)
-    debootstrap --variant=minbase bookworm "$WORK/rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
-      >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; fail "debootstrap"; }
+    # shellcheck disable=SC2086  # DEBIAN_MIRROR: a mirror URL, or empty for debootstrap's default
+    debootstrap --variant=minbase bookworm "$WORK/rootfs" ${DEBIAN_MIRROR:-} >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; fail "debootstrap"; }
     tar -C "$WORK/rootfs" -c . | "$DOCKER" import - "$LOCAL_BASE" >/dev/null
     rm -rf "$WORK/rootfs"
     say "made $LOCAL_BASE in $(elapsed "$start") s"
