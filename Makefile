@@ -16,7 +16,7 @@ PYTEST := $(PY) -m pytest
 # this machine's pip config names local index folders that may be absent: drop that noise only
 QUIET := sed -e '/^WARNING: Location/d'
 
-.PHONY: install check-install test test-fast test-vllm test-fault test-gpu demo demo-agent bench lint clean check-gpu-stack gpu-venv
+.PHONY: install check-install test test-fast test-vllm test-fault test-gpu test-compose demo demo-agent bench lint clean check-gpu-stack gpu-venv
 
 install: $(STAMP)
 
@@ -64,6 +64,13 @@ test-gpu: install
 
 test-fault: install
 	$(PYTEST) -m fault tests
+
+# The compose deployment built and run on this machine: the cpu image, then the cpu stack (align-serve and
+# align-train as separate services) over http, tcp and shm, and with two server replicas. Installs docker,
+# compose and debootstrap when missing and starts a daemon when none runs (docs/deployment.md). Not part
+# of `make test`: it needs root, a registry or Debian's archive, and PyPI.
+test-compose:
+	scripts/test-compose.sh
 
 demo: install
 	$(PY) -m examples.demo
