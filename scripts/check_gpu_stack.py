@@ -333,7 +333,7 @@ def checks() -> list:
         # the server's route passes the client's pickled CUDA IPC handles on under vLLM's own name
         Attr(f"{VW}.ipc_engine.IPCWeightTransferUpdateInfo", "ipc_handles"),
         Attr(f"{VW}.ipc_engine.IPCWeightTransferUpdateInfo", "ipc_handles_pickled"),
-        # ---- torch.distributed: the tcp transport (server/weights.py, trainer_client/weights.py) -----
+        # ---- torch.distributed: the tcp transport (server/staging.py, trainer_client/weights.py) -----
         Check("torch.distributed gloo: TCPStore, PrefixStore, ProcessGroupGloo", _gloo),
         # ---- TRL's seams (trainer_client/) -----------------------------------------------------------
         Same("trainer_client.generation.ServerGeneration.generate", "trl.generation.vllm_generation.VLLMGeneration.generate"),

@@ -164,7 +164,8 @@ def _report_load_failure(args: argparse.Namespace, exc: Exception) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from server.app import ServeConfig, create_app
+    from server.app import create_app
+    from server.config import ServeConfig
     from server.engines import create_engine
 
     started = time.perf_counter()

@@ -14,3 +14,10 @@ class APIError(Exception):
 def envelope(status: int, code: ErrorCode, message: str, detail=None) -> JSONResponse:
     body = ErrorEnvelope(error=ErrorBody(code=code, message=message, detail=detail))
     return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+
+class WeightSyncError(APIError):
+    """A refused weight-sync call; `field` (and any more detail) lands in the envelope's detail."""
+
+    def __init__(self, status: int, code: ErrorCode, message: str, field: str | None = None, **detail):
+        super().__init__(status, code, message, {"field": field, **detail} if field else (detail or None))

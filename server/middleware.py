@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 
+from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from protocol import ErrorCode
@@ -21,6 +22,12 @@ log = logging.getLogger("align-serve")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # a caller's own id is echoed only if it is this tame
+
+
+def internal_error(request_id: str) -> JSONResponse:
+    """The 500 answer: it names the id the server log has the traceback under."""
+    return envelope(500, ErrorCode.internal, f"internal error (request id {request_id}); the server log has the "
+                    "traceback under this id", {"request_id": request_id})
 
 
 class RequestLifecycle:
@@ -74,9 +81,7 @@ class RequestLifecycle:
                 log.exception("request %s (%s %s) failed", request_id, scope["method"], scope["path"])
                 if status is None:
                     status = 500
-                    await self._send(send, envelope(
-                        500, ErrorCode.internal, f"internal error (request id {request_id}); the server log has the "
-                        "traceback under this id", {"request_id": request_id}), request_id)
+                    await self._send(send, internal_error(request_id), request_id)
         finally:
             self.metrics.inflight.dec()
         if timed_out and status is None:

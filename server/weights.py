@@ -1,4 +1,5 @@
-"""The weight receiver: `POST /v1/weights/init` -> buckets -> `POST /v1/weights/commit`.
+"""The weight receiver: `POST /v1/weights/init` -> buckets -> `POST /v1/weights/commit`, one sync
+at a time (its routes: server/routes/weights.py; where the bytes land: server/staging.py).
 
 Byte transports (http, tcp, shm) land every bucket in one staging file (in /dev/shm when there is
 one), never in the live model: the engine swaps the staged tensors in only at commit, so an aborted
@@ -17,130 +18,30 @@ the adapter: it carries the whole model, and a merged model must not get the ada
 """
 
 import asyncio
-import datetime
 import logging
-import mmap
-import os
 import secrets
-import shutil
-import socket
-import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
-from fastapi import Depends, FastAPI, Request
-from starlette.requests import ClientDisconnect
 
 from protocol import (
-    API_PREFIX,
     BYTE_TRANSPORTS,
     ENGINE_TRANSPORTS,
-    SESSION_HEADER,
     ErrorCode,
-    TensorSpec,
     WeightsCommitted,
     WeightsEngineCall,
     WeightsInit,
     WeightsSession,
-    WeightsSessionRef,
     WeightsStatus,
 )
-from server.errors import APIError
+from server.engines import TransferStep
+from server.errors import WeightSyncError
 from server.lora import AdapterRefused, check_adapter, lora_targets
+from server.manifest import check_manifest, served_manifest
+from server.staging import StagedWeights, StagingArea, tcp_rendezvous
 
 log = logging.getLogger("align-serve.weights")
-PREFIX = f"{API_PREFIX}/weights"
-
-
-class WeightSyncError(APIError):
-    def __init__(self, status: int, code: ErrorCode, message: str, field: str | None = None, **detail):
-        super().__init__(status, code, message, {"field": field, **detail} if field else (detail or None))
-
-
-def served_manifest(model_path: str) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], set[str]]:
-    """(every tensor a sync may name -> (dtype, shape), the names a full sync must carry).
-
-    Names are the HF module's parameter names, as a trainer's `named_parameters()` gives them; built
-    on the meta device, so this costs no memory. Tied weights (a text model's `lm_head`) are
-    accepted under either name but required once.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(model_path)
-    cls = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = cls.from_config(config)
-    accepted = {n: (t.dtype, tuple(t.shape)) for n, t in model.state_dict().items()}
-    required = {n for n, _ in model.named_parameters()}
-    return accepted, required
-
-
-STAGING_PREFIX = "align-weights-"
-
-
-def staging_root() -> Path:
-    return Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-
-
-def remove_dead_servers_files(root: Path, prefix: str) -> None:
-    """/dev/shm is memory: what a server killed before it could clean up (SIGKILL, OOM) left there
-    (`<prefix><pid>...`) goes when the next server on this host starts."""
-    for path in root.glob(f"{prefix}*"):
-        pid = path.name.removeprefix(prefix).split("-", 1)[0].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
-class StagedWeights:
-    """Every bucket of one sync, back to back in one file-backed buffer (bucket i at sum(sizes[:i]))."""
-
-    def __init__(self, specs: list[TensorSpec], bucket_sizes: list[int]):
-        self.specs, self.bucket_sizes = specs, bucket_sizes
-        self.bucket_offsets = [sum(bucket_sizes[:i]) for i in range(len(bucket_sizes))]
-        self.nbytes = sum(bucket_sizes)
-        # The pid in the name: a server killed before it could clean up is known by it (below).
-        fd, path = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", suffix=".bin", dir=staging_root())
-        self.path = Path(path)
-        try:
-            os.ftruncate(fd, self.nbytes)
-            self._mmap = mmap.mmap(fd, self.nbytes)
-        finally:
-            os.close(fd)
-        self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8, count=self.nbytes)
-
-    def bucket(self, i: int) -> torch.Tensor:
-        start = self.bucket_offsets[i]
-        return self.buffer[start : start + self.bucket_sizes[i]]
-
-    def tensors(self):
-        """(name, tensor) views into the staging buffer, in manifest order."""
-        for t in self.specs:
-            start = self.bucket_offsets[t.bucket] + t.offset
-            raw = self.buffer[start : start + t.nbytes]
-            yield t.name, raw.view(getattr(torch, t.dtype)).view(t.shape)
-
-    def layout(self) -> dict:
-        """What a process that maps the file itself (a vLLM worker) needs: path and absolute offsets."""
-        return {"path": str(self.path), "tensors": [
-            [t.name, t.dtype, t.shape, self.bucket_offsets[t.bucket] + t.offset] for t in self.specs]}
-
-    def close(self) -> None:
-        # No explicit munmap: a receive still writing into a view (a tcp thread, an http upload) keeps
-        # the mapping alive; it goes with its last user. The file goes now.
-        self.buffer = self._mmap = None
-        self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -170,16 +71,12 @@ class _Session:
 class WeightReceiver:
     """One sync at a time, from init to commit or abort."""
 
-    def __init__(self, app: FastAPI, engine):
-        self.app, self.engine = app, engine
-        self.metrics = app.state.metrics
+    def __init__(self, state, engine):
+        """`state`: the app's state, whose `ready` and `committing` a sync moves, and its `metrics`."""
+        self.state, self.engine = state, engine
+        self.metrics = state.metrics
         self.session: _Session | None = None
-        # The staging file of the last committed sync, kept for the next one with the same bucket
-        # layout (every RL step): a fresh /dev/shm file pays a page fault per 4 KB on first touch,
-        # which cut streaming from ~1.4 to ~0.33 GB/s here. Only a committed sync's file is kept:
-        # no writer of an aborted or failed sync can still be filling it.
-        self._spare: StagedWeights | None = None
-        remove_dead_servers_files(staging_root(), STAGING_PREFIX)
+        self.staging = StagingArea()
         self.lock = asyncio.Lock()
         self._manifest: tuple[dict, set] | None = None
         self._lora_targets: tuple[dict, set] | None = None
@@ -197,7 +94,7 @@ class WeightReceiver:
         else:
             if self._manifest is None:
                 self._manifest = await asyncio.to_thread(served_manifest, self.engine.model_path)
-            self._check_manifest(spec)
+            check_manifest(spec.tensors, *self._manifest)
         async with self.lock:
             current = self.session
             if current is not None:
@@ -211,7 +108,7 @@ class WeightReceiver:
                 if current.engine_started:
                     # nccl/ipc sender gone after `start`: end vLLM's update as /abort does, or the
                     # worker refuses this sync's `start` ("a weight update is already active").
-                    await self.engine.transfer_weights("abort", {})
+                    await self.engine.transfer_weights(TransferStep.ABORT, {})
             version = self.engine.weight_version
             target = spec.target_version if spec.target_version is not None else version + 1
             if target <= version:
@@ -222,7 +119,7 @@ class WeightReceiver:
                                  target_version=target, buckets=len(spec.buckets),
                                  session_timeout_s=spec.session_timeout_s)
             if spec.transport in BYTE_TRANSPORTS:
-                session.staged = await asyncio.to_thread(self._staging, spec)
+                session.staged = await asyncio.to_thread(self.staging.stage, spec.tensors, spec.buckets)
                 if spec.transport == "shm":
                     out.shm_path = str(session.staged.path)
                 if spec.transport == "tcp":
@@ -230,21 +127,12 @@ class WeightReceiver:
             elif spec.engine_init_info is not None:
                 # vLLM's nccl rendezvous blocks until the trainer joins; the trainer calls us from a
                 # side thread while it opens its end, exactly as vLLM's own trainer engines do.
-                await self.engine.transfer_weights("init", {"transport": spec.transport,
-                                                            "info": spec.engine_init_info})
+                await self.engine.transfer_weights(TransferStep.INIT, {"transport": spec.transport,
+                                                                       "info": spec.engine_init_info})
             self.session = session
             log.info("weight sync %s: %s, %d tensors, %d buckets, %.1f MB -> version %d", session.id[:8],
                      spec.transport, len(spec.tensors), len(spec.buckets), sum(spec.buckets) / 1e6, target)
             return out
-
-    def _staging(self, spec: WeightsInit) -> StagedWeights:
-        spare, self._spare = self._spare, None
-        if spare is not None and spare.bucket_sizes == spec.buckets:
-            spare.specs = spec.tensors
-            return spare
-        if spare is not None:
-            spare.close()
-        return StagedWeights(spec.tensors, spec.buckets)
 
     async def _check_adapter(self, spec: WeightsInit) -> None:
         if self.engine.max_lora_rank is None:
@@ -261,54 +149,13 @@ class WeightReceiver:
         except AdapterRefused as exc:
             raise WeightSyncError(422, ErrorCode.invalid_request, str(exc), exc.field) from None
 
-    def _check_manifest(self, spec: WeightsInit) -> None:
-        accepted, required = self._manifest
-        names = set()
-        for i, t in enumerate(spec.tensors):
-            if t.name not in accepted:
-                raise WeightSyncError(422, ErrorCode.invalid_request,
-                                      f"tensors[{i}].name {t.name!r} is not a parameter of the served model "
-                                      "(names are the HF module's, as `named_parameters()` gives them)",
-                                      f"tensors[{i}].name")
-            dtype, shape = accepted[t.name]
-            if tuple(t.shape) != shape:
-                raise WeightSyncError(422, ErrorCode.invalid_request,
-                                      f"tensors[{i}].shape {list(t.shape)} for {t.name} does not match the served "
-                                      f"model's {list(shape)}", f"tensors[{i}].shape")
-            if dtype.is_floating_point != getattr(torch, t.dtype).is_floating_point:
-                raise WeightSyncError(422, ErrorCode.invalid_request,
-                                      f"tensors[{i}].dtype {t.dtype} cannot load into {t.name} ({dtype})",
-                                      f"tensors[{i}].dtype")
-            names.add(t.name)
-        missing = sorted(n for n in required if n not in names)
-        if missing:
-            raise WeightSyncError(422, ErrorCode.invalid_request,
-                                  f"the manifest misses {len(missing)} of the model's {len(required)} parameters "
-                                  f"(first: {missing[0]}); a sync carries the whole model", "tensors",
-                                  missing=missing[:20])
-
     def _start_tcp(self, session: _Session, host: str) -> int:
-        """Open a gloo group (TCPStore here, the sender is rank 0) and receive every bucket in order.
-
-        Everything listens on `host`, the address the API answered this init on (loopback by default),
-        never on all interfaces as TCPStore and gloo do by themselves: whoever reaches that address
-        can reach the API anyway, where the API key guards init."""
-        from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
-
-        timeout = datetime.timedelta(seconds=session.spec.session_timeout_s)
-        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        listener.bind((host, 0))
-        listener.listen()
-        store = TCPStore(host, listener.getsockname()[1], 2, True, timeout, wait_for_workers=False,
-                         master_listen_fd=listener.detach())  # the store owns and closes it
-        options = ProcessGroupGloo._Options()
-        options._timeout = timeout
-        options._devices = [ProcessGroupGloo.create_device(hostname=host)]
+        """Receive every bucket in order on a side thread; a broken stream fails the session."""
+        port, join = tcp_rendezvous(host, session.spec.session_timeout_s, session.id)
 
         def receive() -> None:
             try:
-                # The session id prefixes the store: only the sender that got it from init can join.
-                group = ProcessGroupGloo(PrefixStore(session.id, store), 1, 2, options)
+                group = join()
                 session.touch()
                 for i in range(len(session.spec.buckets)):
                     if session.state != "receiving":
@@ -323,10 +170,12 @@ class WeightReceiver:
 
         session.receiver = threading.Thread(target=receive, name=f"weights-tcp-{session.id[:8]}", daemon=True)
         session.receiver.start()
-        return store.port
+        return port
 
     # ---- buckets (http) ----------------------------------------------------------------------------
-    async def put_bucket(self, index: int, session_id: str | None, request: Request) -> dict:
+    async def put_bucket(self, index: int, session_id: str | None, declared: str | None,
+                         body: AsyncIterator[bytes]) -> dict:
+        """`declared`: the request's Content-Length."""
         session = self._get(session_id)
         if session.spec.transport != "http":
             raise WeightSyncError(409, ErrorCode.conflict, f"this sync uses the {session.spec.transport} transport; "
@@ -336,51 +185,40 @@ class WeightReceiver:
             raise WeightSyncError(404, ErrorCode.not_found, f"bucket {index} is out of range: this sync has "
                                   f"{n} buckets (0..{n - 1})", "index")
         size = session.spec.buckets[index]
-        declared = request.headers.get("content-length")
         if declared is None or not declared.isdigit() or int(declared) != size:
             raise WeightSyncError(400, ErrorCode.invalid_request, f"bucket {index} is {size} bytes per the manifest "
                                   f"but the request declares Content-Length {declared}", "content-length",
                                   expected=size)
-        staged = session.staged
-        view = memoryview(staged._mmap)[staged.bucket_offsets[index] :][:size]
-        got = 0
-        try:
-            async for chunk in request.stream():
-                if got + len(chunk) > size:
-                    raise WeightSyncError(400, ErrorCode.invalid_request,
-                                          f"bucket {index} body is longer than its {size} bytes", "body")
-                view[got : got + len(chunk)] = chunk
-                got += len(chunk)
-        except ClientDisconnect:
-            got = -1
-        finally:
-            view.release()
+        got = await session.staged.write_bucket(index, body)
+        if got > size:
+            raise WeightSyncError(400, ErrorCode.invalid_request,
+                                  f"bucket {index} body is longer than its {size} bytes", "body")
         session.touch()
         if got != size:
             session.received.discard(index)
             raise WeightSyncError(400, ErrorCode.invalid_request,
-                                  f"bucket {index} body ended after {max(got, 0)} of {size} bytes", "body")
+                                  f"bucket {index} body ended after {got} of {size} bytes", "body")
         session.received.add(index)
         return {"bucket": index, "bytes": size, "received": len(session.received), "total": n}
 
     # ---- nccl / ipc: vLLM's own weight-transfer calls --------------------------------------------------
-    async def engine_call(self, step: str, call: WeightsEngineCall) -> dict:
+    async def engine_call(self, step: TransferStep, call: WeightsEngineCall) -> dict:
         session = self._get(call.session_id)
         if session.spec.transport not in ENGINE_TRANSPORTS:
             raise WeightSyncError(409, ErrorCode.conflict, f"this sync uses the {session.spec.transport} transport; "
                                   "the engine routes serve nccl and ipc", "transport")
         session.touch()
-        if step == "init":
-            await self.engine.transfer_weights("init", {"transport": session.spec.transport, "info": call.info})
-        elif step == "start":
+        if step == TransferStep.INIT:
+            await self.engine.transfer_weights(step, {"transport": session.spec.transport, "info": call.info})
+        elif step == TransferStep.START:
             # The live model is written from here on: nothing is served until the commit lands.
-            self.app.state.ready, self.app.state.committing = False, True
+            self.state.ready, self.state.committing = False, True
             session.engine_started = True
-            await self.engine.transfer_weights("start", call.info)
+            await self.engine.transfer_weights(step, call.info)
         else:
             if not session.engine_started:
                 raise WeightSyncError(409, ErrorCode.conflict, "call engine/start before engine/update")
-            await self.engine.transfer_weights("update", call.info)
+            await self.engine.transfer_weights(step, call.info)
         session.touch()
         return {"ok": True}
 
@@ -404,33 +242,30 @@ class WeightReceiver:
                                       "and engine/update first")
             session.state = "committing"
         previous = self.engine.weight_version
-        self.app.state.committing = True
+        self.state.committing = True
         try:
             if session.spec.adapter is not None:
                 await self.engine.commit_adapter(session.staged, session.spec.adapter, session.target_version)
             elif session.staged is not None:
                 await self.engine.commit_weights(session.staged, session.target_version)
             else:
-                await self.engine.transfer_weights("finish", {"weight_version": session.target_version})
+                await self.engine.transfer_weights(TransferStep.FINISH, {"weight_version": session.target_version})
         except Exception:
             # An adapter commit is all or nothing in both engines: the old adapter still serves. A
             # full one may have touched the live model: refuse traffic until a full sync lands.
-            self.app.state.committing = False
-            if session.spec.adapter is not None:
-                self.metrics.weight_syncs.labels("failed").inc()
-                async with self.lock:
-                    self._close(session, None)
-                log.exception("weight sync %s: adapter commit failed; the previous version still serves",
-                              session.id[:8])
-                raise
-            self.app.state.ready = False
+            self.state.committing = False
+            adapter = session.spec.adapter is not None
+            if not adapter:
+                self.state.ready = False
             self.metrics.weight_syncs.labels("failed").inc()
             async with self.lock:
                 self._close(session, None)
-            log.exception("weight sync %s: commit failed; serving nothing until a full sync lands", session.id[:8])
+            log.exception("weight sync %s: %s", session.id[:8],
+                          "adapter commit failed; the previous version still serves" if adapter
+                          else "commit failed; serving nothing until a full sync lands")
             raise
-        self.app.state.committing = False
-        self.app.state.ready = True
+        self.state.committing = False
+        self.state.ready = True
         seconds = time.perf_counter() - session.started
         nbytes = sum(t.nbytes for t in session.spec.tensors)
         async with self.lock:
@@ -446,7 +281,7 @@ class WeightReceiver:
             session = self._get(session_id, allow_failed=True)
             self._close(session, "aborted")
         if session.engine_started:
-            await self.engine.transfer_weights("abort", {})
+            await self.engine.transfer_weights(TransferStep.ABORT, {})
         return {"aborted": True, "weight_version": self.engine.weight_version}
 
     def status(self) -> WeightsStatus:
@@ -473,65 +308,18 @@ class WeightReceiver:
     def _close(self, session: _Session, outcome: str | None) -> None:
         if session.engine_started and outcome != "committed":
             # nccl/ipc wrote part of the live model: /ready stays 503 until a full sync lands.
-            self.app.state.committing = False
+            self.state.committing = False
         if session.state != "failed":
             session.state = "closed"
         if session.staged is not None:
-            if outcome == "committed":
-                if self._spare is not None:
-                    self._spare.close()
-                self._spare = session.staged
-            else:
-                session.staged.close()
+            self.staging.release(session.staged, reuse=outcome == "committed")
         if outcome is not None:
             self.metrics.weight_syncs.labels(outcome).inc()
         if self.session is session:
             self.session = None
 
-
-def _close_all(receiver: "WeightReceiver") -> None:
-    """Server shutdown (SIGTERM included: uvicorn runs this before it exits): no staging file stays."""
-    for staged in (receiver._spare, receiver.session.staged if receiver.session else None):
-        if staged is not None:
-            staged.close()
-
-
-def add_weight_routes(app: FastAPI, engine, auth) -> WeightReceiver:
-    """Mount the weight-sync routes; all of them require the API key when one is set."""
-    receiver = WeightReceiver(app, engine)
-    app.router.on_shutdown.append(lambda: _close_all(receiver))
-    app.state.weights = receiver
-    guarded = [Depends(auth)]
-
-    def require_loaded() -> None:  # not `ready`: after a failed commit a new sync is how to recover
-        if not hasattr(engine, "max_model_len"):
-            raise WeightSyncError(503, ErrorCode.not_ready, "the model is still loading; poll GET /ready")
-
-    @app.post(f"{PREFIX}/init", dependencies=[*guarded, Depends(require_loaded)])
-    async def weights_init(spec: WeightsInit, request: Request) -> WeightsSession:
-        return await receiver.init(spec, request.scope["server"][0])
-
-    @app.put(PREFIX + "/buckets/{index}", dependencies=guarded)
-    async def weights_bucket(index: int, request: Request):
-        return await receiver.put_bucket(index, request.headers.get(SESSION_HEADER), request)
-
-    @app.post(PREFIX + "/engine/{step}", dependencies=guarded)
-    async def weights_engine(step: str, call: WeightsEngineCall):
-        if step not in ("init", "start", "update"):
-            raise WeightSyncError(404, ErrorCode.not_found, f"no engine step {step!r}: use init, start or update",
-                                  "step")
-        return await receiver.engine_call(step, call)
-
-    @app.post(f"{PREFIX}/commit", dependencies=guarded)
-    async def weights_commit(ref: WeightsSessionRef) -> WeightsCommitted:
-        return await receiver.commit(ref.session_id)
-
-    @app.post(f"{PREFIX}/abort", dependencies=guarded)
-    async def weights_abort(ref: WeightsSessionRef):
-        return await receiver.abort(ref.session_id)
-
-    @app.get(f"{PREFIX}/version", dependencies=guarded)
-    async def weights_version() -> WeightsStatus:
-        return receiver.status()
-
-    return receiver
+    def close(self) -> None:
+        """Server shutdown (SIGTERM included: uvicorn runs this before it exits): no staging file stays."""
+        self.staging.close()
+        if self.session is not None and self.session.staged is not None:
+            self.session.staged.close()

@@ -381,7 +381,7 @@ def test_no_staging_file_outlives_its_server(tiny_vlm, trainer, log_dir):
     """/dev/shm is memory. A server stopped with SIGTERM removes the staging file it keeps between
     syncs as it shuts down; one killed with SIGKILL leaves it, and the next server on this host
     removes it when it starts."""
-    from server.weights import STAGING_PREFIX, staging_root
+    from server.staging import STAGING_PREFIX, staging_root
 
     def files(server: ServerProcess) -> list:
         return sorted(staging_root().glob(f"{STAGING_PREFIX}{server.proc.pid}-*"))

@@ -4,6 +4,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
@@ -13,7 +14,18 @@ from protocol import SamplingParams
 if TYPE_CHECKING:
     from protocol import LoraAdapter
     from server.engines.processing import ModelProcessing
-    from server.weights import StagedWeights
+    from server.staging import StagedWeights
+
+
+class TransferStep(StrEnum):
+    """The steps of vLLM's weight transfer (nccl/ipc), in order; ABORT ends one half way. The values
+    are the wire's: the trainer names init, start and update in `POST /v1/weights/engine/{step}`."""
+
+    INIT = "init"
+    START = "start"
+    UPDATE = "update"
+    FINISH = "finish"
+    ABORT = "abort"
 
 
 class EngineUnavailable(RuntimeError):
@@ -75,7 +87,7 @@ class Engine(ABC):
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    # ---- weight sync: server/weights.py stages the bytes, the engine swaps them in -------------
+    # ---- weight sync: server/weights.py runs it, the engine swaps the staged bytes in -----------
     weight_transports: tuple[str, ...] = ("http", "tcp", "shm")
     weight_sync_refused: str | None = None  # why this engine takes no weight sync at all, if it takes none
     weight_workers: int = 1  # processes an nccl weight group spans on this side
@@ -92,8 +104,8 @@ class Engine(ABC):
         previous adapter and carry the previous version."""
         raise NotImplementedError(f"the {self.name} engine cannot serve adapters")
 
-    async def transfer_weights(self, step: str, info) -> None:
-        """nccl/ipc: one step (init, start, update, finish, abort) of vLLM's weight transfer."""
+    async def transfer_weights(self, step: TransferStep, info) -> None:
+        """nccl/ipc: one step of vLLM's weight transfer."""
         raise NotImplementedError(f"the {self.name} engine has no nccl/ipc weight transfer")
 
     def prompt_len(self, prompt: EnginePrompt) -> int:

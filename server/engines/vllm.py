@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -20,9 +19,16 @@ import torch
 
 from protocol import SamplingParams
 from runtime import kv_cache
-from server.engines import Engine, EngineCompletion, EnginePrompt, EngineStartError, EngineUnavailable
+from server.engines import (
+    Engine,
+    EngineCompletion,
+    EnginePrompt,
+    EngineStartError,
+    EngineUnavailable,
+    TransferStep,
+)
 from server.engines.processing import ModelProcessing
-from server.weights import remove_dead_servers_files
+from server.staging import remove_dead_servers_files, staging_root
 
 log = logging.getLogger("align-serve.vllm")
 
@@ -301,7 +307,7 @@ class VLLMEngine(Engine):
         from safetensors.torch import save_file
 
         if self._lora_root is None:
-            root = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+            root = staging_root()
             remove_dead_servers_files(root, "align-lora-")
             self._lora_root = root / f"align-lora-{os.getpid()}"
             self._lora_root.mkdir(mode=0o700)
@@ -324,7 +330,7 @@ class VLLMEngine(Engine):
             await self.llm.remove_lora(lora_id)
             shutil.rmtree(self._lora_root / f"v{lora_id}", ignore_errors=True)
 
-    async def transfer_weights(self, step: str, info) -> None:
+    async def transfer_weights(self, step: TransferStep, info) -> None:
         """nccl/ipc: vLLM's own engines receive straight into the live model between `start` and
         `finish`, so traffic is held for that whole span (the server reports not ready)."""
         from vllm.distributed.weight_transfer.base import (
@@ -332,19 +338,19 @@ class VLLMEngine(Engine):
             WeightTransferUpdateRequest,
         )
 
-        if step == "init":
+        if step == TransferStep.INIT:
             await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=info))
-        elif step == "start":
+        elif step == TransferStep.START:
             await self._hold_traffic()
             await self.llm.start_weight_update()
-        elif step == "update":
+        elif step == TransferStep.UPDATE:
             await self.llm.update_weights(WeightTransferUpdateRequest(update_info={"engine": info}))
-        elif step == "finish":
+        elif step == TransferStep.FINISH:
             try:
                 await self._finish_weights(info["weight_version"])
             finally:
                 await self._release_traffic()
-        elif step == "abort":
+        elif step == TransferStep.ABORT:
             # Layers the sender never reached get their old tensors back; the ones it did stay new,
             # which is why the server stays not ready until a full sync lands.
             with contextlib.suppress(Exception):

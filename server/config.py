@@ -1,0 +1,16 @@
+"""What `align-serve`'s flags set for the routes (the engine's flags go to the engine)."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    api_key: str | None = None
+    max_pixels: int = 4096 * 4096
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_images_per_prompt: int = 8
+    image_cache_bytes: int = 2 * 1024**3
+    body_timeout_s: float = 300.0
+    generate_timeout_s: float = 600.0
+    chat_template: str | None = None  # --chat-template: replaces the model's own for every chat

@@ -1,0 +1,145 @@
+"""From a request's prompts to the engine's completions, for /v1/generate and the OpenAI routes alike:
+`prepare` refuses (4xx) whatever it can before any generation starts, `execute` runs the engine
+under the server's deadline and counts what it did."""
+
+import asyncio
+import base64
+import binascii
+
+from PIL import Image
+from starlette.datastructures import State
+
+from protocol import API_PREFIX, ErrorCode, GeneratePrompt, SamplingParams
+from server.config import ServeConfig
+from server.engines import Engine, EngineCompletion, EnginePrompt
+from server.errors import APIError
+from server.images import ImageCache, ImageError
+
+Inline = dict[tuple[int, int], Image.Image]  # (prompt, image) index -> an image sent inline, decoded
+
+
+def check_image_count(prompt: GeneratePrompt, i: int, limit: int) -> None:
+    if len(prompt.images) > limit:
+        raise APIError(400, ErrorCode.invalid_request,
+                       f"prompts[{i}].images has {len(prompt.images)} images; the server accepts up to "
+                       f"{limit} per prompt (see --max-images-per-prompt)",
+                       {"field": f"prompts[{i}].images", "limit": limit})
+
+
+def decode_inline(prompts: list[GeneratePrompt], cache: ImageCache, config: ServeConfig) -> Inline:
+    """The images sent inline (`data`), decoded into the cache. Run off the event loop: a batch of
+    big images takes a while to decode, and health checks and other requests go on meanwhile."""
+    out = {}
+    for i, prompt in enumerate(prompts):
+        check_image_count(prompt, i, config.max_images_per_prompt)
+        for j, ref in enumerate(prompt.images):
+            if ref.data is None:
+                continue
+            what = f"prompts[{i}].images[{j}]"
+            try:
+                data = base64.b64decode(ref.data, validate=True)
+                _, out[i, j] = cache.add_bytes(data, what, config.max_image_bytes, config.max_pixels)
+            except binascii.Error:
+                raise APIError(400, ErrorCode.invalid_image, f"{what}.data is not valid base64",
+                               {"field": what}) from None
+            except ImageError as exc:
+                raise APIError(exc.status, exc.code, exc.message, {"field": what}) from None
+    return out
+
+
+def prompt_images(prompt: GeneratePrompt, i: int, inline: Inline, cache: ImageCache, max_images: int,
+                  text_only: bool) -> list[Image.Image]:
+    """Prompt i's images, in order: decoded inline ones, or the cache's for a `sha256` reference."""
+    if prompt.images and text_only:
+        raise APIError(400, ErrorCode.invalid_request, f"prompts[{i}].images: the served model is text-only",
+                       {"field": f"prompts[{i}].images"})
+    check_image_count(prompt, i, max_images)
+    out = []
+    for j, ref in enumerate(prompt.images):
+        what = f"prompts[{i}].images[{j}]"
+        if ref.sha256 is None:
+            out.append(inline[i, j])
+            continue
+        img = cache.get(ref.sha256)
+        if img is None:
+            raise APIError(400, ErrorCode.unknown_image,
+                           f"{what}: the server holds no image {ref.sha256}; PUT it to "
+                           f"{API_PREFIX}/images/{ref.sha256} first",
+                           {"field": what, "sha256": ref.sha256})
+        out.append(img)
+    return out
+
+
+def to_engine_prompt(engine: Engine, prompt: GeneratePrompt, i: int, sampling: SamplingParams,
+                     images: list[Image.Image], chat_template: str | None) -> EnginePrompt:
+    """Prompt i with its `images` as the engine takes it: token ids with one placeholder per image
+    (messages rendered by `chat_template`, or the model's own), refused unless the placeholders match
+    the images and the prompt leaves room for `sampling.max_tokens`."""
+    if prompt.messages is not None:
+        msgs = [m.model_dump() for m in prompt.messages]
+        n_parts = sum(1 for m in msgs if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+        if n_parts != len(images):
+            raise APIError(400, ErrorCode.invalid_request,
+                           f"prompts[{i}].messages has {n_parts} image parts but {len(images)} images",
+                           {"field": f"prompts[{i}].images"})
+        ids = engine.processing.chat_prompt_ids(msgs, chat_template=chat_template)
+    else:
+        ids = prompt.prompt_ids
+        vocab = len(engine.processing.tokenizer)
+        bad = next((t for t in ids if t < 0 or t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, ErrorCode.invalid_request,
+                           f"prompts[{i}].prompt_ids holds token id {bad}, outside the vocabulary [0, {vocab})",
+                           {"field": f"prompts[{i}].prompt_ids"})
+        placeholders = ids.count(engine.image_token_id) if engine.image_token_id is not None else 0
+        if placeholders != len(images):
+            raise APIError(
+                400, ErrorCode.invalid_request,
+                f"prompts[{i}].prompt_ids has {placeholders} image placeholder tokens "
+                f"(id {engine.image_token_id}) but {len(images)} images; send exactly one placeholder per "
+                "image, not the processor-expanded run (AlignClient collapses runs for you)",
+                {"field": f"prompts[{i}].prompt_ids"})
+    ep = EnginePrompt(prompt_ids=list(ids), images=images)
+    length = engine.prompt_len(ep)
+    if length + sampling.max_tokens > engine.max_model_len:
+        raise APIError(
+            400, ErrorCode.context_length,
+            f"prompts[{i}] takes {length} tokens (images expanded) and sampling.max_tokens is "
+            f"{sampling.max_tokens}: {length + sampling.max_tokens} is over max_model_len {engine.max_model_len}",
+            {"field": f"prompts[{i}]", "prompt_tokens": length, "max_tokens": sampling.max_tokens,
+             "max_model_len": engine.max_model_len})
+    return ep
+
+
+async def prepare(state: State, prompts: list[GeneratePrompt], sampling: SamplingParams) -> list[EnginePrompt]:
+    """Everything that can refuse a request (a 4xx) before any generation starts."""
+    engine, config, cache = state.engine, state.config, state.images
+    inline = (await asyncio.to_thread(decode_inline, prompts, cache, config)
+              if any(r.data for p in prompts for r in p.images) else {})
+    text_only = engine.image_token_id is None
+    return [to_engine_prompt(engine, p, i, sampling,
+                             prompt_images(p, i, inline, cache, config.max_images_per_prompt, text_only),
+                             config.chat_template)
+            for i, p in enumerate(prompts)]
+
+
+def count_generated(state: State, prompts: int, prompt_tokens: int, completion_tokens: int) -> None:
+    """Into the server's metrics: what a request generated (prompt tokens with images expanded)."""
+    metrics = state.metrics
+    metrics.prompts.inc(prompts)
+    metrics.prompt_tokens.inc(prompt_tokens)
+    metrics.completion_tokens.inc(completion_tokens)
+
+
+async def execute(state: State, eprompts: list[EnginePrompt], sampling: SamplingParams) -> list[list[EngineCompletion]]:
+    """`sampling.n` completions per prompt, within the server's --generate-timeout (a 504 past it)."""
+    engine, timeout_s = state.engine, state.config.generate_timeout_s
+    try:
+        outs = await asyncio.wait_for(engine.generate(eprompts, sampling), timeout_s)
+    except TimeoutError:
+        raise APIError(504, ErrorCode.timeout, f"generation took longer than {timeout_s:g} s "
+                       "(the server's --generate-timeout); send fewer prompts, a smaller n or max_tokens, or "
+                       "retry when the server is less busy", {"timeout_s": timeout_s}) from None
+    count_generated(state, len(eprompts), sum(engine.prompt_len(p) for p in eprompts),
+                    sum(len(c.token_ids) for cs in outs for c in cs))
+    return outs
