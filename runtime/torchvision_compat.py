@@ -63,6 +63,29 @@ def install() -> None:
         sys.meta_path.insert(0, _TorchvisionFinder())
 
 
+def inspect_vllm_models_here(model_dir) -> None:
+    """vLLM inspects a model class it has not cached (`$VLLM_CACHE_ROOT/modelinfos`) in a fresh
+    `python -m vllm.model_executor.models.registry`, which imports torchvision before anything of ours
+    runs: where the schemas above are needed, that process dies (`operator torchvision::nms does not
+    exist`) and the engine refuses to start ("failed to be inspected"), on every fresh machine. So, there,
+    the model's architectures are registered as classes, which vLLM inspects in this process, fixed.
+    Call before building the engine (vLLM's registry is per process; a forked engine inherits it)."""
+    if not _needs_schemas():
+        return
+    import importlib
+    import json
+    from pathlib import Path
+
+    from vllm import ModelRegistry
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for arch in config.get("architectures") or []:
+        lazy = ModelRegistry.models.get(arch)
+        module, name = getattr(lazy, "module_name", None), getattr(lazy, "class_name", None)
+        if module and name:
+            ModelRegistry.register_model(arch, getattr(importlib.import_module(module), name))
+
+
 def torchvision_importable() -> bool:
     install()
     try:

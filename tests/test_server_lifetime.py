@@ -34,8 +34,11 @@ def _assert_all_end(server: ServerProcess, children: list[psutil.Process]) -> No
     # vLLM starts its engine core by spawn on CUDA: nothing is inherited from the parent there
     (signal.SIGKILL, "spawn"),
 ], ids=["sigterm", "sigint", "sigkill", "sigkill-spawned-engine"])
-def test_no_child_outlives_a_signal_to_the_server_pid_alone(tiny_vlm, log_dir, sig, start_method):
-    server = ServerProcess(tiny_vlm, "vllm", log_dir=log_dir, env={"VLLM_WORKER_MULTIPROC_METHOD": start_method})
+def test_no_child_outlives_a_signal_to_the_server_pid_alone(tiny_vlm, log_dir, tmp_path, sig, start_method):
+    # An empty vLLM cache, as on a fresh machine: vLLM then inspects the model's class anew, which must
+    # work with the CPU torch (runtime.torchvision_compat.inspect_vllm_models_here).
+    server = ServerProcess(tiny_vlm, "vllm", log_dir=log_dir,
+                           env={"VLLM_WORKER_MULTIPROC_METHOD": start_method, "VLLM_CACHE_ROOT": str(tmp_path)})
     try:
         server.wait_ready()
         children = _engine_processes(server)

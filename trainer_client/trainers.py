@@ -20,7 +20,7 @@ from transformers.trainer_utils import _is_peft_model
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from runtime import kv_cache
-from runtime.torchvision_compat import load_processor
+from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
 from trainer_client.async_rollouts import AsyncRollouts
 from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError, collapse_image_runs
 from trainer_client.config import AlignArguments, RunConfig
@@ -143,6 +143,7 @@ class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
     placeholder per image (`_collapsed_generate`)."""
 
     def __init__(self, *args, **kwargs):
+        inspect_vllm_models_here(kwargs["model"])
         with _fixed_kv_cache(kwargs["args"].vllm_kv_cache_memory_bytes):
             super().__init__(*args, **kwargs)
         if not torch.cuda.is_available():

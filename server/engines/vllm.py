@@ -19,6 +19,7 @@ import torch
 
 from protocol import SamplingParams
 from runtime import kv_cache
+from runtime.torchvision_compat import inspect_vllm_models_here
 from server.engines import (
     Engine,
     EngineCompletion,
@@ -107,6 +108,7 @@ class VLLMEngine(Engine):
             args["kv_cache_memory_bytes"] = self._cpu_kv_cache_bytes()
         if self.processing.is_vlm:
             args["limit_mm_per_prompt"] = {"image": self.max_images_per_prompt, "video": 0}
+        await asyncio.to_thread(inspect_vllm_models_here, self.model_path)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         c = self.llm.vllm_config
         # What vLLM made of the flags (its own resolved config, not what we asked for).
