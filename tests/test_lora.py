@@ -296,7 +296,7 @@ def data(tmp_path_factory):
 
 @pytest.mark.parametrize("flags", [[], ["--async_rollouts"]], ids=["sync", "async"])
 def test_grpo_run_pushes_its_adapter(flags, server, client, tiny_vlm, data, tmp_path, caplog):
-    caplog.set_level("WARNING", logger="trainer_client.generation")
+    caplog.set_level("WARNING", logger="trainer_client.weight_pusher")
     run_grpo_with_adapter_sync(server, client, tiny_vlm, data, tmp_path / "out", *flags)
     # TRL's default lora_dropout is 0.05: said once, since the server applies none.
     assert sum("the server applies none" in r.getMessage() for r in caplog.records) == 1

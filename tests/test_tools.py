@@ -23,6 +23,7 @@ from trainer_client.cli import run
 from trainer_client.client import AlignClient, collapse_image_runs
 from trainer_client.config import parse_args
 from trainer_client.generation import ServerGeneration
+from trainer_client.sampler import Sampler
 from trainer_client.trainers import build_trainer
 
 TOOLS = ["--tools", "tests.tool_model:zoom"]
@@ -92,38 +93,6 @@ def test_bad_tools_fail_at_start_in_one_line(flags, message, tmp_path):
 def test_tool_flag_values_refused(flags, message):
     with pytest.raises(SystemExit, match=message):
         parse_args(["grpo", "--model", "m", "--dataset", "d", *flags])
-
-
-def test_trl_tool_loop_seams_exist():
-    """The TRL 1.16 private names the async rollout worker runs TRL's tool loop with (tools.run_tool_loop);
-    an upgrade that moves them fails here, not mid-run."""
-    import inspect
-
-    loop = inspect.signature(GRPOTrainer._tool_call_loop).parameters
-    assert list(loop) == ["self", "prompts", "prompt_ids", "completion_ids", "completions", "logprobs", "images",
-                          "multimodal_fields"]
-    source = inspect.getsource(GRPOTrainer._tool_call_loop)
-    for name in ("self._sync_tool_dicts[idx_with_tool]", "self._async_tool_dicts[idx_with_tool]",
-                 "self._generate_single_turn(", "self.max_tool_calling_iterations", "self._get_tool_suffix_ids(",
-                 "return tool_mask, completions, completion_ids, logprobs, tool_call_count, tool_failure_count, "
-                 "tool_images"):
-        assert name in source, name
-    assert "self._standalone_tools = tools" in inspect.getsource(GRPOTrainer.__init__)
-    # --environment: the worker resets its own instances and parses with each environment's tools as TRL does
-    # (tools.reset_environments, tools.environment_names), and hands the instances to the rewards
-    init, score = inspect.getsource(GRPOTrainer.__init__), inspect.getsource(GRPOTrainer._generate_and_score_completions)
-    for name in ("self.environment_factories = {None: environment_factory}", "self._multi_environment =",
-                 "self._env_tools[name] = tools + methods"):
-        assert name in init, name
-    for name in ('self._batch_environments = [x.get("environment") if self._multi_environment else None',
-                 "environment.reset(**reset_kwargs)",
-                 'prompts[i] = prompt[:-1] + [{**prompt[-1], "content": content + observation}]',
-                 'if member_name not in ("reset", "get_reward") and not member_name.startswith("_")'):
-        assert name in score, name
-    assert "self._env_tools[self._batch_environments[i]]" in source
-    assert 'reward_kwargs["environments"] = self.environments' in inspect.getsource(GRPOTrainer._calculate_rewards)
-    assert list(inspect.signature(GRPOTrainer._generate_single_turn).parameters) == [
-        "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"]
 
 
 def test_a_template_without_tools_is_refused_before_loading(tiny_vlm, data, tmp_path):
@@ -296,16 +265,16 @@ def sampled_turns(monkeypatch) -> list[tuple[str, list]]:
     """Every turn the server sampled, whichever thread asked: (thread name, [(prompt ids, sampled ids,
     logprobs) per completion])."""
     calls = []
-    sample = ServerGeneration._sample
+    sample = Sampler.sample
 
-    def recorded(self, prompts, images, used, sampling, check):
-        out = sample(self, prompts, images, used, sampling, check)
-        repeated = [p for p in prompts for _ in range(sampling["n"])]
+    def recorded(self, prompts, images, used, params, check, empty_version):
+        out = sample(self, prompts, images, used, params, check, empty_version)
+        repeated = [p for p in prompts for _ in range(params["n"])]
         calls.append((threading.current_thread().name,
                       [(list(p), list(c.token_ids), list(c.logprobs)) for p, c in zip(repeated, out, strict=True)]))
         return out
 
-    monkeypatch.setattr(ServerGeneration, "_sample", recorded)
+    monkeypatch.setattr(Sampler, "sample", recorded)
     return calls
 
 
@@ -366,15 +335,15 @@ def test_a_tool_trajectory_older_than_max_staleness_is_generated_again(two_call_
                                            "server", "--server-url", server.url, "--async_rollouts"])
     rollouts = build_trainer(method, align, config).vllm_generation
     rows = list(next(iter(rollouts.trainer.get_train_dataloader())))[::2]
-    request = rollouts._request(rows, 2)
-    rollouts._push_at_start()
+    request = rollouts.prepare(rows, 2)
+    rollouts.push_at_start()
     start = rollouts.policy_version
-    rollouts._launch(request)
+    rollouts.launch(request)
     assert [[r.versions for r in group] for group in request.future.result()] == [[[start] * 3] * 2]
     for _ in range(2):
         rollouts.client.push_weights(rollouts.trainer.model)
     rollouts.policy_version = start + 2
-    _, _, versions, stats, trajectories = rollouts._collect(request.prompt_ids, request.images, 2, None)
+    _, _, versions, stats, trajectories = rollouts.collect(request.prompt_ids, request.images, 2)
     assert stats == {"staleness_max": 0.0, "stale_groups_dropped": 1.0, "prefetch_hits": 1.0,
                      "policy_version": float(start + 2)}
     assert versions == [start + 2] * 2 and [r.versions for r in trajectories] == [[start + 2] * 3] * 2
@@ -411,13 +380,13 @@ def test_a_server_restart_mid_trajectory_drops_the_batch_and_generates_it_again(
                                                "tests.test_tools:zoom_restarting", "--vllm-mode", "server",
                                                "--server-url", server.url, "--async_rollouts"])
         rollouts = build_trainer(method, align, config).vllm_generation
-        request = rollouts._request(list(next(iter(rollouts.trainer.get_train_dataloader())))[::2], 2)
-        rollouts._push_at_start()
+        request = rollouts.prepare(list(next(iter(rollouts.trainer.get_train_dataloader())))[::2], 2)
+        rollouts.push_at_start()
         start = rollouts.policy_version
         tool = importlib.import_module("tests.test_tools")  # as --tools loaded it (pytest names this file apart)
         tool._RESTART.append((two_call_vlm, server, log_dir))
-        rollouts._launch(request)
-        _, _, versions, stats, trajectories = rollouts._collect(request.prompt_ids, request.images, 2, None)
+        rollouts.launch(request)
+        _, _, versions, stats, trajectories = rollouts.collect(request.prompt_ids, request.images, 2)
         server = tool._RESTARTED.pop()
         assert rollouts.restarts == 1
         assert AlignClient(server.url).info(refresh=True).weight_version == 1  # the new instance got our weights
@@ -499,17 +468,17 @@ def test_an_environment_batch_generated_again_gets_new_instances(two_call_vlm, d
                                            "--output_dir", str(tmp_path / "out"), *FLAGS, *ENVIRONMENT, "--vllm-mode",
                                            "server", "--server-url", transformers_server.url, "--async_rollouts"])
     rollouts = build_trainer(method, align, config).vllm_generation
-    request = rollouts._request(list(next(iter(rollouts.trainer.get_train_dataloader())))[::2], 2)
+    request = rollouts.prepare(list(next(iter(rollouts.trainer.get_train_dataloader())))[::2], 2)
     first = [e for group in request.environments for e in group]
-    rollouts._push_at_start()
+    rollouts.push_at_start()
     start = rollouts.policy_version
-    rollouts._launch(request)
+    rollouts.launch(request)
     request.future.result()
     assert [e.calls for e in first] == [2, 2]
     for _ in range(2):
         rollouts.client.push_weights(rollouts.trainer.model)
     rollouts.policy_version = start + 2
-    _, _, _, stats, trajectories = rollouts._collect(request.prompt_ids, request.images, 2, None)
+    _, _, _, stats, trajectories = rollouts.collect(request.prompt_ids, request.images, 2)
     assert stats["stale_groups_dropped"] == 1.0
     again = [r.environment for r in trajectories]
     assert not {id(e) for e in again} & {id(e) for e in first}
@@ -569,14 +538,14 @@ def test_an_environment_with_dynamic_sampling_in_server_mode(two_call_vlm, two_r
     from trainer_client.dynamic_sampling import DynamicSampling
 
     trained = []
-    informative_batch = DynamicSampling._informative_batch
+    informative_batch = DynamicSampling.training_batch
 
     def recorded(self, generation_batch):
         batch = informative_batch(self, generation_batch)
         trained.append(batch)
         return batch
 
-    monkeypatch.setattr(DynamicSampling, "_informative_batch", recorded)
+    monkeypatch.setattr(DynamicSampling, "training_batch", recorded)
     server = transformers_server
     v = version(server)
     trainer = train(two_call_vlm, two_rows, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url,

@@ -1,7 +1,9 @@
 """Asynchronous rollouts (`--async_rollouts --max_staleness K`): the server generates the next
 batches while the trainer trains on this one.
 
-`AsyncRollouts` stands in TRL's `vllm_generation` seam like `ServerGeneration`, which it wraps. When
+`AsyncRollouts` stands in TRL's `vllm_generation` seam like `ServerGeneration`, which it wraps (for
+evaluation, and for tool turns run on the training thread), and pushes and samples through the same
+`WeightPusher` and `Sampler`. When
 TRL asks for batch t's completions it gets the ones generated in the background, and the rollouts of
 the next K generation batches (peeked from `GenerationBatches`) are already queued on the server.
 One worker thread talks to the server, in order: generate(t+1) ... then the push of the weights
@@ -18,7 +20,7 @@ A server that restarts mid-run (SIGKILL, OOM, a redeploy) comes back serving its
 versions counting from 0 again. The run waits it out: an answer from an instance this trainer has not
 pushed to is refused, everything queued is dropped, the trainer's weights (those of the newest
 version, at the step boundary where this happens) are pushed again, and the batch is generated again.
-A push that meets the restart pushes its snapshot to the new instance (`ServerGeneration._push_one`).
+A push that meets the restart pushes its snapshot to the new instance (`WeightPusher.push_one`).
 Versions are counted in the trainer's sequence (`policy_version`): each server's own numbers are
 mapped onto it by the offset its last push recorded, so staleness holds across restarts.
 
@@ -50,23 +52,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from accelerate.utils import broadcast_object_list, gather_object
 from trl.data_utils import prepare_multimodal_messages
 
+from trainer_client import trl_seam
 from trainer_client.client import collapse_image_runs
-from trainer_client.generation import MAX_REFUSALS, ServerGeneration, Trajectories
+from trainer_client.generation import ServerGeneration, log_oldest_turns
+from trainer_client.sampler import Trajectories
 from trainer_client.tools import Rollout, environment_names, reset_environments, run_tool_loop
+from trainer_client.weight_pusher import MAX_REFUSALS, ServerMoved
 from trainer_client.weights import host_copy
 
 log = logging.getLogger(__name__)
 
 
-class ServerRestarted(RuntimeError):
-    """An answer from a server instance this trainer has not pushed weights to."""
-
-    def __init__(self, server: int, message: str):
-        super().__init__(message)
-        self.server = server
-
-
-class _Request:
+class Request:
     """One generation batch as the server sees it: unique prompts (one placeholder per image), and the
     sampling parameters as the training thread set them when it asked. With tools, also per prompt TRL's
     ids (expanded image runs) and chat messages, which the tool loop continues. With an environment, per
@@ -81,11 +78,11 @@ class _Request:
         self.rows, self.observed, self.environments = rows, observed, environments
         self.future: Future | None = None
 
-    def subset(self, rows: list[int]) -> "_Request":
+    def subset(self, rows: list[int]) -> "Request":
         def pick(values):
             return None if values is None else [values[i] for i in rows]
 
-        return _Request(pick(self.prompt_ids), pick(self.images), self.n, self.sampling, pick(self.expanded),
+        return Request(pick(self.prompt_ids), pick(self.images), self.n, self.sampling, pick(self.expanded),
                         pick(self.messages), pick(self.rows), pick(self.observed), pick(self.environments))
 
     def matches(self, prompt_ids, images) -> bool:
@@ -98,7 +95,8 @@ class AsyncRollouts:
         if max_staleness < 1:
             raise ValueError(f"max_staleness must be >= 1 (got {max_staleness}); without --async_rollouts "
                              "rollouts are always on the newest weights")
-        self.sync = generation
+        self.generation = generation  # evaluation, and tool turns on the training thread
+        self.pusher, self.sampler = generation.pusher, generation.sampler
         self.trainer, self.client = generation.trainer, generation.client
         self.max_staleness = max_staleness
         # A generation batch spans this many optimizer steps (weight versions): read ahead as many
@@ -106,20 +104,22 @@ class AsyncRollouts:
         args = self.trainer.args
         spans = -(-args.steps_per_generation // args.gradient_accumulation_steps)
         self.depth = max(1, max_staleness // spans)
-        self._pending: deque[_Request] = deque()
+        self._pending: deque[Request] = deque()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="align-rollouts") if self.client else None
         # The version of the trainer's newest pushed weights; None until the push at train() start
         # (ServerGeneration's rule: the trainer cannot know what a server holds before it pushes).
         self.policy_version: int | None = None
+        self.pushed_step: int | None = None  # None: nothing pushed by this train() yet
         # per server: policy_version - the server's own weight_version, as its last push recorded
-        self._offset = [0] * len(self.sync.pushed)
+        self._offset = [0] * self.pusher.servers
         self._push: Future | None = None
         self._last_snapshot: tuple[list, object] | None = None  # (pairs, adapter)
         self.restarts = 0
         self.tools = bool(self.trainer.tools)
         # The worker's own processor for the tool loop: tokenizers are not safe to share across threads.
         self._processor = copy.deepcopy(self.trainer.processing_class) if self.tools else None
-        self._finished: list | None = None  # the tool loop's output for this process's samples of the last batch
+        # the tool loop's result for this process's samples of the last batch, when the worker ran it
+        self._finished: trl_seam.ToolLoopResult | None = None
         self.turn_versions: list[list[int]] = []  # per local sample of the last batch with tools: each turn's version
 
     @property
@@ -128,29 +128,29 @@ class AsyncRollouts:
 
     # ---- generation (TRL's `VLLMGeneration.generate` contract) ----------------------------------
     def generate(self, prompts, images, num_generations, profiler=None):
-        if self.sync.turns is not None:  # a tool turn of a batch whose loop runs on this thread
-            return self.sync.generate(prompts, images, num_generations, profiler)
+        if self.generation.in_tool_turns:  # a tool turn of a batch whose loop runs on this thread
+            return self.generation.generate(prompts, images, num_generations, profiler)
         self._finished = None
         if not self.trainer.model.training:  # evaluation: the newest weights, no read-ahead
             self._drain()
-            return self.sync.generate(prompts, images, num_generations, profiler)
+            return self.generation.generate(prompts, images, num_generations, profiler)
         all_prompts = gather_object(prompts)
         all_images = gather_object(images if images is not None else [None] * len(prompts))
         # The next generation batches, read ahead on every process (a collective).
-        upcoming = [gather_object(list(self.trainer._batches.peek(k))) for k in range(self.depth)]
+        upcoming = [gather_object(list(self.trainer.generation_batches.peek(k))) for k in range(self.depth)]
         payload = None
         if self.accelerator.is_main_process:
             token = self.client.info().image_token_id
             unique = [collapse_image_runs(p, token) if token is not None else list(p)
                       for p in all_prompts[::num_generations]]
             unique_images = [imgs or [] for imgs in all_images[::num_generations]]
-            payload = self._collect(unique, unique_images, num_generations, profiler)
+            payload = self.collect(unique, unique_images, num_generations, profiler)
             if payload is not None:
                 self._read_ahead(upcoming, num_generations)
         payload = broadcast_object_list([payload], from_process=0)[0]
-        metrics = self.trainer._metrics["train"]
+        metrics = trl_seam.metrics(self.trainer, "train")
         if payload is None:  # tools, and this batch was not read ahead: its turns run here, synchronously
-            out = self.sync.generate(prompts, images, num_generations, profiler)
+            out = self.generation.generate(prompts, images, num_generations, profiler)
             if self.accelerator.is_main_process:
                 self._read_ahead(upcoming, num_generations)
             for name in ("staleness_max", "stale_groups_dropped", "prefetch_hits"):
@@ -161,7 +161,7 @@ class AsyncRollouts:
         for name, value in stats.items():
             metrics[f"async/{name}"].append(value)
         mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
-        self.sync._log_versions(versions[mine], pushed)
+        self.generation.log_versions(versions[mine], pushed)
         if rollouts is not None:
             self._hand_over(rollouts[mine])
             if self.trainer.environment_factories is not None:
@@ -172,65 +172,63 @@ class AsyncRollouts:
 
     def _read_ahead(self, upcoming: list[list[dict]], n: int) -> None:
         for rows in upcoming[len(self._pending):]:
-            self._launch(self._request(rows[::n], n))
+            self.launch(self.prepare(rows[::n], n))
 
     def _hand_over(self, rollouts: list[Rollout]) -> None:
-        """What TRL's `_tool_call_loop` returns, for this process's samples (`finished_tool_loop`)."""
-        self._finished = ([r.tool_mask for r in rollouts], [r.messages for r in rollouts],
-                          [r.completion_ids for r in rollouts], [r.logprobs for r in rollouts],
-                          sum(r.calls for r in rollouts), sum(r.failures for r in rollouts),
-                          [r.images for r in rollouts])
+        """TRL's tool loop's result, for this process's samples (`finished_tool_loop`)."""
+        self._finished = trl_seam.ToolLoopResult(
+            [r.tool_mask for r in rollouts], [r.messages for r in rollouts], [r.completion_ids for r in rollouts],
+            [r.logprobs for r in rollouts], sum(r.calls for r in rollouts), sum(r.failures for r in rollouts),
+            [r.images for r in rollouts])
         self.turn_versions = [r.versions for r in rollouts]
-        # A trajectory is as stale as its oldest turn.
-        oldest = [min(v) for v in self.turn_versions]
-        self.trainer._log_metric("weight_version_oldest_turn", sum(oldest) / max(1, len(oldest)))
+        log_oldest_turns(self.trainer, self.turn_versions)
 
     # ---- TRL's tool loop (tools.LogsToolTurns) --------------------------------------------------
-    def finished_tool_loop(self) -> tuple | None:
+    def finished_tool_loop(self) -> trl_seam.ToolLoopResult | None:
         """The tool loop's output for the batch just generated, when the worker ran it (else None: the
         loop runs on the training thread, through `ServerGeneration`)."""
         out, self._finished = self._finished, None
         return out
 
     def start_tool_turns(self, prompt_ids, completion_ids) -> None:
-        self.sync.start_tool_turns(prompt_ids, completion_ids)
+        self.generation.start_tool_turns(prompt_ids, completion_ids)
 
     def join_tool_turns(self) -> None:
-        self.sync.join_tool_turns()
+        self.generation.join_tool_turns()
 
     def end_tool_turns(self) -> None:
-        self.sync.end_tool_turns()
-        self.turn_versions = self.sync.turn_versions
+        self.generation.end_tool_turns()
+        self.turn_versions = self.generation.turn_versions
 
-    def _request(self, rows: list[dict], n: int) -> _Request:
-        # The same prompt preparation as TRL's `_generate_and_score_completions` -> `_tokenize_prompts`,
-        # on one row per group.
+    def prepare(self, rows: list[dict], n: int) -> Request:
+        """The request for a generation batch's `rows` (one per group of `n`): its prompts prepared as TRL's
+        `_generate_and_score_completions` prepares them, and with an environment this batch's own instances."""
         images = [r.get("images") if "images" in r else ([r["image"]] if r.get("image") is not None else None)
                   for r in rows]
         has_images = any(images)
-        trainer, environment = self.trainer, {}
-        if trainer.environment_factories is not None:
+        environment, names = {}, None
+        if self.trainer.environment_factories is not None:
             # this batch's own instances, n per prompt, reset as TRL resets its pool; the prompt with the
             # observation of a group's first (TRL's server mode, too, sends each group's first prompt)
-            instances, observed = reset_environments(trainer, [r for r in rows for _ in range(n)])
+            instances, observed = reset_environments(self.trainer, [r for r in rows for _ in range(n)])
             environment = dict(rows=rows, observed=observed[::n],
                                environments=[instances[g * n:(g + 1) * n] for g in range(len(rows))])
-            trainer = copy.copy(trainer)  # `_tokenize_prompts` renders each prompt with its environment's tools
-            trainer._batch_environments = environment_names(trainer, rows)
+            names = environment_names(self.trainer, rows)  # each prompt rendered with its environment's tools
         chats = environment.get("observed") or [r["prompt"] for r in rows]
         prompts = [prepare_multimodal_messages(chat, images=imgs) if has_images else chat
                    for chat, imgs in zip(chats, images, strict=True)]
-        prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
+        prompt_ids = trl_seam.tokenize_prompts(self.trainer, prompts, names)
         token = self.client.info().image_token_id
         ids = [collapse_image_runs(p, token) if token is not None else list(p) for p in prompt_ids]
-        return _Request(ids, [imgs or [] for imgs in images], n, self.sync.sampling(n),
+        return Request(ids, [imgs or [] for imgs in images], n, self.sampler.params(n),
                         *((list(prompt_ids), prompts) if self.tools else ()), **environment)
 
-    def _launch(self, request: _Request) -> None:
+    def launch(self, request: Request) -> None:
+        """Queue `request` on the worker (its answer: `request.future`)."""
         request.future = self._worker.submit(self._call_server, request)
         self._pending.append(request)
 
-    def _call_server(self, request: _Request) -> list[list]:
+    def _call_server(self, request: Request) -> list[list]:
         """Worker: the groups of `request`, Completions, or with tools Rollouts (every turn done)."""
         if request.messages is not None:
             return self._tool_rollouts(request)
@@ -238,19 +236,20 @@ class AsyncRollouts:
                                    **request.sampling)
         return [list(r.completions) for r in out.results]
 
-    def _tool_rollouts(self, request: _Request) -> list[list[Rollout]]:
+    def _tool_rollouts(self, request: Request) -> list[list[Rollout]]:
         """Worker: the first turns, then TRL's tool loop on them, each later turn asked of the server here
         with what its trajectory has left of the token budgets (as in synchronous mode)."""
         n, check = request.n, self._check_instance
-        first = self.sync._sample(request.expanded, request.images, [0] * len(request.expanded), request.sampling,
-                                  check)
+        first = self.sampler.sample(request.expanded, request.images, [0] * len(request.expanded), request.sampling,
+                                    check, self.pusher.last_push(0)[1])
         rows = [i for i in range(len(request.expanded)) for _ in range(n)]
         prompt_ids = [list(request.expanded[i]) for i in rows]
         turns = Trajectories(prompt_ids, [c.token_ids for c in first], [c.weight_version for c in first])
 
         def generate_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
             images = [imgs or [] for imgs in images] if images is not None else [[] for _ in prompt_ids]
-            out = self.sync._sample(prompt_ids, images, turns.used(prompt_ids), {**request.sampling, "n": 1}, check)
+            out = self.sampler.sample(prompt_ids, images, turns.used(prompt_ids), {**request.sampling, "n": 1}, check,
+                                      self.pusher.last_push(0)[1])
             turns.sampled(prompt_ids, [c.token_ids for c in out], [c.weight_version for c in out])
             return [list(c.token_ids) for c in out], [list(c.logprobs) for c in out]
 
@@ -265,7 +264,7 @@ class AsyncRollouts:
             rollout.versions = versions
         return [rollouts[g * n:(g + 1) * n] for g in range(len(request.expanded))]
 
-    def _environments(self, request: _Request) -> list | None:
+    def _environments(self, request: Request) -> list | None:
         """Worker: per sample its environment instance: those reset when the batch was read ahead, or for a
         batch generated again (their state is spent) new ones, reset with the same rows."""
         if request.rows is None:
@@ -283,65 +282,67 @@ class AsyncRollouts:
     def _check_instance(self, server: int, answer) -> None:
         """Refuse a restarted server's answers until this trainer has pushed to it; put the versions of
         the others in the trainer's sequence."""
-        instance = self.sync.pushed[server][0]
+        instance = self.pusher.last_push(server)[0]
         if answer.instance_id != instance:
-            raise ServerRestarted(server, f"{self.client.base_urls[server]} restarted (instance "
-                                          f"{answer.instance_id[:8]}, was {instance[:8]}) and serves weights "
-                                          "this trainer did not push")
+            raise ServerMoved(server, f"{self.client.base_urls[server]} restarted (instance "
+                                      f"{answer.instance_id[:8]}, was {instance[:8]}) and serves weights "
+                                      "this trainer did not push")
         for result in answer.results:
             for c in result.completions:
                 c.weight_version += self._offset[server]
 
-    def _push_at_start(self, snapshot: list | None = None, adapter=None) -> None:
+    def push_at_start(self, snapshot: list | None = None, adapter=None) -> None:
         """Every server gets `snapshot` (with its adapter), or what the trainer's weights push now (the
-        training loop waits meanwhile)."""
-        def push_all(pairs, adapter) -> None:
-            for server in range(len(self.sync.pushed)):
-                self.sync.pushed[server] = self.sync._push_one(server, pairs, adapter)
+        training loop waits meanwhile); their common version is the trainer's `policy_version`."""
+        def push_all(pairs, adapter) -> list[int]:
+            versions = []
+            for server in range(self.pusher.servers):
+                versions.append(self.pusher.push_one(server, pairs, adapter)[1])
                 log.info("train() starts: pushed %s, %s weight_version %d", "the adapter" if adapter else "weights",
-                         self.client.base_urls[server], self.sync.pushed[server][1])
+                         self.client.base_urls[server], versions[-1])
+            return versions
 
         if snapshot is not None:
-            self._worker.submit(push_all, snapshot, adapter).result()
+            versions = set(self._worker.submit(push_all, snapshot, adapter).result())
         else:
-            with self.sync.weights(self.accelerator.unwrap_model(self.trainer.model)) as (pairs, adapter):
-                self._worker.submit(push_all, pairs, adapter).result()
-        versions = {version for _, version in self.sync.pushed}
+            with self.pusher.weights() as (pairs, adapter):
+                versions = set(self._worker.submit(push_all, pairs, adapter).result())
         if len(versions) > 1:
             raise RuntimeError(f"the servers hold different weight versions after the start push ({sorted(versions)}): "
                                "--async_rollouts counts staleness in one version sequence; restart them together")
         self.policy_version = versions.pop()
 
-    def _record(self, server: int, pushed: tuple[str, int], policy_version: int) -> None:
-        """`server` holds the weights of `policy_version` (ServerGeneration's record too: its greedy
-        eval then finds the weights it expects)."""
-        before = self.sync.pushed[server]
-        self.sync.pushed[server] = pushed
-        if before is not None and pushed[0] != before[0]:
-            self._offset[server] = policy_version - pushed[1]
-        elif pushed[1] + self._offset[server] != policy_version:
-            raise RuntimeError(f"{self.client.base_urls[server]} committed weight_version {pushed[1]}, expected "
+    def _push_as(self, server: int, pairs, adapter, policy_version: int) -> int:
+        """Push `pairs` to `server`, which then holds the weights of `policy_version` (the pusher's record,
+        which ServerGeneration's greedy eval reads too); returns the server's own weight_version."""
+        before = self.pusher.last_push(server)
+        instance, version = self.pusher.push_one(server, pairs, adapter)
+        if before is not None and instance != before[0]:
+            self._offset[server] = policy_version - version
+        elif version + self._offset[server] != policy_version:
+            raise RuntimeError(f"{self.client.base_urls[server]} committed weight_version {version}, expected "
                                f"{policy_version - self._offset[server]}: another trainer pushes to this server")
+        return version
 
     def _recover(self) -> None:
         """A server restarted: drop everything queued, then push the trainer's weights to every server
         that has not had them since. Called between steps, where they are `policy_version`'s."""
         self.restarts += 1
         self._drain()
-        for server in range(len(self.sync.pushed)):
-            if self.client.info(refresh=True, server=server).instance_id != self.sync.pushed[server][0]:
+        for server in range(self.pusher.servers):
+            if self.client.info(refresh=True, server=server).instance_id != self.pusher.last_push(server)[0]:
                 self._worker.submit(self._push_live, server).result()
 
     def _push_live(self, server: int) -> None:
         if self._last_snapshot is not None:  # sharded: the other processes are not here to gather
-            self._record(server, self.sync._push_one(server, *self._last_snapshot), self.policy_version)
+            self._push_as(server, *self._last_snapshot, self.policy_version)
         else:
-            with self.sync.weights(self.accelerator.unwrap_model(self.trainer.model)) as (pairs, adapter):
-                self._record(server, self.sync._push_one(server, pairs, adapter), self.policy_version)
+            with self.pusher.weights() as (pairs, adapter):
+                self._push_as(server, pairs, adapter, self.policy_version)
         log.warning("%s restarted: pushed this trainer's weights (version %d) to it again",
                     self.client.base_urls[server], self.policy_version)
 
-    def _generate_now(self, request: _Request, pending: Future | None = None) -> list:
+    def _generate_now(self, request: Request, pending: Future | None = None) -> list:
         """This batch's groups from `pending` (a read-ahead) or a new request; a restart met on the way
         (mid-trajectory too) is recovered from and the batch generated again, every turn."""
         for refusals in range(MAX_REFUSALS + 1):
@@ -349,13 +350,13 @@ class AsyncRollouts:
             pending = None
             try:
                 return future.result()
-            except ServerRestarted as exc:
+            except ServerMoved as exc:
                 if refusals == MAX_REFUSALS:
                     raise RuntimeError(f"{exc}; {MAX_REFUSALS + 1} restarts in a row") from None
                 log.warning("async rollouts: %s; dropping what was queued, pushing the weights again", exc)
                 self._recover()
 
-    def _collect(self, prompt_ids, images, n, profiler) -> tuple | None:
+    def collect(self, prompt_ids, images, n, profiler=None) -> tuple | None:
         """This batch's completions: the prefetched ones if they are for these prompts, minus groups
         staler than max_staleness, which are generated again on the newest weights. None: tools, and
         nothing read ahead for this batch (its turns then run on the training thread)."""
@@ -368,8 +369,8 @@ class AsyncRollouts:
             self._drain()
             if self.tools:  # the messages the tool loop continues are not here, only TRL's ids
                 return None
-        request = self._pending.popleft() if hit else _Request(prompt_ids, images, n, self.sync.sampling(n))
-        with profiler if profiler is not None else _null():
+        request = self._pending.popleft() if hit else Request(prompt_ids, images, n, self.sampler.params(n))
+        with profiler if profiler is not None else contextlib.nullcontext():
             groups = self._generate_now(request, request.future)
             stale = [i for i, g in enumerate(groups) if self.policy_version - _oldest(g) > self.max_staleness]
             if stale:
@@ -396,14 +397,14 @@ class AsyncRollouts:
     def sync_weights(self) -> None:
         """Queue a push of the trainer's weights if they changed since the last one; returns at once."""
         step = self.trainer.state.global_step
-        if step == self.sync.pushed_step:
+        if step == self.pushed_step:
             return
-        self.sync.pushed_step = step
-        sharded = self.sync.sharded
+        self.pushed_step = step
+        sharded = self.pusher.sharded
         if not (self.accelerator.is_main_process or sharded):
             return
         if self.policy_version is None and not sharded:  # train() starts: TRL syncs before its first generation
-            self._push_at_start()
+            self.push_at_start()
             return
         if self._push is not None:
             self._push.result()  # a failed push surfaces here, one step late, not never
@@ -411,19 +412,19 @@ class AsyncRollouts:
         if snapshot is None:  # a sharded model's other processes: their part was the gather
             return
         if self.policy_version is None:
-            self._push_at_start(snapshot, adapter)
+            self.push_at_start(snapshot, adapter)
             return
         self.policy_version += 1
         self._push = self._worker.submit(self._push_snapshot, snapshot, adapter, step, self.policy_version)
 
     def _snapshot(self) -> tuple[list | None, object]:
-        """What the step's push carries (ServerGeneration.weights: the model or its LoRA adapter), as it
+        """What the step's push carries (WeightPusher.weights: the model or its LoRA adapter), as it
         is now, for the worker to stream while training goes on (the optimizer changes the parameters
         in place). A sharded model's full tensors are gathered by every process together, into host
         memory on the main one, which keeps the newest snapshot to push again to a server that restarts
         (the other processes are not there to gather then)."""
-        with self.sync.weights(self.accelerator.unwrap_model(self.trainer.model)) as (pairs, adapter):
-            if not self.sync.sharded:
+        with self.pusher.weights() as (pairs, adapter):
+            if not self.pusher.sharded:
                 return [(name, t.clone()) for name, t in pairs], adapter
             full = host_copy(pairs, keep=self.accelerator.is_main_process)
         if full is not None:
@@ -431,17 +432,17 @@ class AsyncRollouts:
         return full, adapter
 
     def _push_snapshot(self, pairs, adapter, step: int, expected: int) -> None:
-        for server in range(len(self.sync.pushed)):
+        for server in range(self.pusher.servers):
             # A server that restarted before or during this push gets the snapshot on its new instance.
-            self._record(server, self.sync._push_one(server, pairs, adapter), expected)
+            version = self._push_as(server, pairs, adapter, expected)
             log.info("step %d: pushed %s, %s weight_version %d", step, "the adapter" if adapter else "weights",
-                     self.client.base_urls[server], self.sync.pushed[server][1])
+                     self.client.base_urls[server], version)
 
     def _drain(self) -> None:
         """Wait for everything queued (prefetches are discarded, whoever answered them; the last push
         must land)."""
         while self._pending:
-            with contextlib.suppress(ServerRestarted):
+            with contextlib.suppress(ServerMoved):
                 self._pending.popleft().future.result()
         if self._push is not None:
             self._push.result()
@@ -456,11 +457,3 @@ class AsyncRollouts:
 def _oldest(samples) -> int:
     """The oldest weight version among completions, or among every turn of tool trajectories."""
     return min(min(s.versions) if isinstance(s, Rollout) else s.weight_version for s in samples)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -18,12 +18,9 @@ import logging
 from collections import deque
 
 import torch
-from trl.trainer.utils import (
-    shuffle_sequence_dict,
-    split_pixel_values_by_grid,
-    split_tensor_dict,
-    unsplit_pixel_values_by_grid,
-)
+from trl.trainer.utils import split_pixel_values_by_grid
+
+from trainer_client import trl_seam
 
 log = logging.getLogger(__name__)
 
@@ -135,27 +132,24 @@ def _select(batch: dict, rows: list[int]) -> dict:
     return out
 
 
-class DynamicSampling:
-    """Mixin for a GRPOTrainer: the stream of generation batches, and DAPO's dynamic sampling."""
+class DynamicSampling(trl_seam.PrepareInputsSeam):
+    """Mixin for a GRPOTrainer: the stream of generation batches (`generation_batches`, with dynamic
+    sampling or async rollouts), and DAPO's dynamic sampling: TRL buffers and hands out a generation batch
+    with no zero-advantage group (`training_batch`) in place of the one it would generate and score."""
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
         if not (self.args.dynamic_sampling or getattr(self.args, "async_rollouts", False)):
             return loader
-        self._batches = GenerationBatches(loader, self.args.steps_per_generation * self.num_iterations)
-        return self._batches
+        self.generation_batches = GenerationBatches(loader, self.args.steps_per_generation * self.num_iterations)
+        return self.generation_batches
 
-    def _prepare_inputs(self, generation_batch):
-        if not (self.model.training and self.args.dynamic_sampling):
-            return super()._prepare_inputs(generation_batch)
-        # TRL's own buffering (GRPOTrainer._prepare_inputs), around a batch with no zero-advantage group.
-        steps = self.args.steps_per_generation
-        if self._step % (steps * self.num_iterations) == 0 or self._buffered_inputs is None:
-            batch = shuffle_sequence_dict(self._informative_batch(generation_batch))
-            self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in split_tensor_dict(batch, steps)]
-        return self._buffered_inputs[self._step % steps]
+    def owns_training_batches(self) -> bool:
+        return self.args.dynamic_sampling
 
-    def _informative_batch(self, generation_batch) -> dict:
+    def training_batch(self, generation_batch) -> dict:
+        """The groups of `generation_batch` whose rewards differ, topped up from the next generation batches
+        (scored, pixel values split per sample), or the last round's batch if none had any."""
         n, target = self.num_generations, len(generation_batch)
         if target % n:
             raise ValueError(f"--dynamic_sampling needs whole groups on each process: the local generation batch "
@@ -163,7 +157,7 @@ class DynamicSampling:
         gather = self.accelerator.gather
         kept_parts, kept_rows, generated, dropped, last, rounds = [], 0, 0, 0, None, 0
         while True:
-            out = split_pixel_values_by_grid(self._generate_and_score_completions(generation_batch))
+            out = split_pixel_values_by_grid(trl_seam.generate_and_score(self, generation_batch))
             adv = out["advantages"].view(-1, n)
             informative = (adv.abs() > 1e-6).any(dim=1).tolist()
             groups = [g for g, keep in enumerate(informative) if keep][: (target - kept_rows) // n]
@@ -178,7 +172,7 @@ class DynamicSampling:
             if not short or rounds == self.args.max_resample_rounds:
                 break
             rounds += 1
-            generation_batch = self._batches.take()
+            generation_batch = self.generation_batches.take()
 
         zero_groups = 0
         steps = self.args.steps_per_generation
@@ -188,14 +182,14 @@ class DynamicSampling:
                         "batch (zero advantage everywhere, no policy gradient)", rounds + 1)
             batch, zero_groups = last, len(last["advantages"]) // n
         else:
-            batch = _select(_concat(kept_parts, self._tokenizer.pad_token_id,
-                                           self.vllm_importance_sampling_mode.startswith("sequence")), list(range(usable)))
+            batch = _select(_concat(kept_parts, trl_seam.tokenizer(self).pad_token_id,
+                                    self.vllm_importance_sampling_mode.startswith("sequence")), list(range(usable)))
         mask = batch["completion_mask"] if batch.get("tool_mask") is None else batch["completion_mask"] * batch["tool_mask"]
         batch["num_items_in_batch"] = gather(mask.sum()).sum()
 
         totals = gather(torch.tensor([generated, dropped, zero_groups], dtype=torch.float32,
                                      device=self.accelerator.device)).view(-1, 3).sum(0).tolist()
-        metrics = self._metrics["train"]
+        metrics = trl_seam.metrics(self, "train")
         metrics["dynamic_sampling/dropped_group_ratio"].append(totals[1] / totals[0])
         metrics["dynamic_sampling/resample_rounds"].append(float(rounds))
         metrics["dynamic_sampling/zero_advantage_groups_trained"].append(totals[2])

@@ -10,52 +10,29 @@ TRL already uses `per_token_logps.detach()` as `old_per_token_logps` there when 
 costs one forward + backward, as TRL's local step does. Same loss, same metrics; other settings
 (steps_per_generation > gradient_accumulation_steps, GSPO's preset, VESPO) keep TRL's path.
 
-TRL private names this leans on (`_generate_and_score_completions`, `_compute_loss`,
-`_get_per_token_logps_and_entropies`) are checked by tests/test_async.py::test_trl_seams_exist.
+The overrides of TRL's scoring and loss are `trl_seam.LossForwardRatioSeam`'s; this mixin decides when
+they apply and forms the ratio.
 """
 
 import math
 
 import torch
 
+from trainer_client import trl_seam
 
-class LossForwardImportanceSampling:
+
+class LossForwardImportanceSampling(trl_seam.LossForwardRatioSeam):
     """Mixin for a GRPOTrainer that generates through `vllm_generation` (use_vllm and its IS correction)."""
 
-    def _ratio_from_loss_forward(self) -> bool:
+    def ratio_from_loss_forward(self) -> bool:
+        """Whether the ratio comes from the loss's own forward: each generation batch is trained within one
+        optimizer step (TRL's own test for old logprobs == the current ones), and neither VESPO's loss nor
+        a correction that is off needs TRL's path."""
         generate_every = self.args.steps_per_generation * self.num_iterations
         return (self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo"
                 and self.args.gradient_accumulation_steps % generate_every == 0)
 
-    def _generate_and_score_completions(self, inputs):
-        if not self._ratio_from_loss_forward():
-            return super()._generate_and_score_completions(inputs)
-        # TRL skips the old-logprob forward (and the ratio) when the correction is off; the server's
-        # `sampling_per_token_logps` still go into the batch, and `_compute_loss` forms the ratio.
-        self.vllm_importance_sampling_correction = False
-        try:
-            return super()._generate_and_score_completions(inputs)
-        finally:
-            self.vllm_importance_sampling_correction = True
-
-    def _compute_loss(self, model, inputs):
-        if not self._ratio_from_loss_forward() or "old_per_token_logps" in inputs:
-            return super()._compute_loss(model, inputs)
-        forward = self._get_per_token_logps_and_entropies
-
-        def forward_then_ratio(*args, **kwargs):
-            logps, entropies, aux = forward(*args, **kwargs)
-            inputs["importance_sampling_ratio"] = self._sampling_ratio(logps.detach(), inputs)
-            return logps, entropies, aux
-
-        # TRL reads inputs["importance_sampling_ratio"] after its forward: hook that one call.
-        self._get_per_token_logps_and_entropies = forward_then_ratio
-        try:
-            return super()._compute_loss(model, inputs)
-        finally:
-            del self._get_per_token_logps_and_entropies
-
-    def _sampling_ratio(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor:
+    def sampling_ratio(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor:
         """TRL's vLLM importance-sampling ratio and its metrics (grpo_trainer.py, same modes and clips)."""
         sampling = inputs["sampling_per_token_logps"]
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
@@ -73,7 +50,7 @@ class LossForwardImportanceSampling:
         else:
             raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}")
 
-        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics = trl_seam.metrics(self)
         bool_mask = mask.bool()
         delta = torch.abs(logps - sampling)[bool_mask]
         delta = delta[~torch.isnan(delta)]

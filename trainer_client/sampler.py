@@ -1,0 +1,83 @@
+"""What the trainer asks its servers to sample: the parameters its mode sets, and each trajectory's token
+budget (what it has left of max_completion_length across tool turns, and what fits in the server's
+max_model_len), so a later tool turn is never refused for length."""
+
+from protocol.schemas import Completion
+from trainer_client.client import AlignClient
+
+
+class Sampler:
+    def __init__(self, trainer, client: AlignClient | None):
+        self.trainer = trainer
+        self.client = client  # None on every process but the main one
+
+    def params(self, n: int) -> dict:
+        """The sampling parameters as the trainer's mode sets them now, `n` completions per prompt, for a
+        whole first turn (`sample` lowers `max_tokens` per turn to what each trajectory has left)."""
+        t = self.trainer
+        max_tokens = t.max_completion_length
+        if not t.model.training:
+            # Evaluation is greedy (TRL samples there too): two evals of the same weights score the same.
+            return dict(n=n, temperature=0.0, max_tokens=max_tokens, logprobs=True)
+        return dict(n=n, temperature=t.temperature, top_p=t.top_p,
+                    top_k=t.top_k if t.top_k is not None else -1, min_p=t.min_p or 0.0,
+                    repetition_penalty=t.repetition_penalty, max_tokens=max_tokens, logprobs=True)
+
+    def sample(self, prompts, images, used, params: dict, check, empty_version: int) -> list[Completion]:
+        """`params["n"]` completions per prompt (expanded image runs), each asked for no more tokens than its
+        trajectory has left of max_completion_length (`used`: per prompt, the completion tokens it already
+        holds) and than fit in the server's max_model_len; `check` sees each answer (it may refuse it). A
+        tool turn with nothing left gets an empty completion, of weight_version `empty_version`; a first turn
+        whose prompt alone fills max_model_len is asked as it is, for the server's 400."""
+        n = params["n"]
+        max_model_len = self.client.info().limits.max_model_len
+        limit = self.trainer.max_completion_length
+        budgets = [max(0, min(limit - u, max_model_len - len(p))) for p, u in zip(prompts, used, strict=True)]
+        budgets = [limit if b == 0 and u == 0 else b for b, u in zip(budgets, used, strict=True)]
+        out: list[list[Completion] | None] = [None] * len(prompts)
+        for budget in sorted(set(budgets)):
+            rows = [i for i, b in enumerate(budgets) if b == budget]
+            if budget == 0:
+                empty = Completion(token_ids=[], logprobs=[], text="", finish_reason="length",
+                                   weight_version=empty_version)
+                for i in rows:
+                    out[i] = [empty] * n
+                continue
+            answer = self.client.generate(prompt_ids=[prompts[i] for i in rows], images=[images[i] for i in rows],
+                                          check=check, **{**params, "max_tokens": budget})
+            for i, result in zip(rows, answer.results, strict=True):
+                out[i] = result.completions
+        return [c for cs in out for c in cs]
+
+
+class Trajectories:
+    """The local samples of one batch across TRL's tool turns. A tool turn's prompt is a trajectory's
+    ids so far (prompt + every turn as sampled) followed by the tool suffix: that prefix says which
+    trajectory it continues, hence how much of max_completion_length it has used."""
+
+    def __init__(self, prompt_ids, completion_ids, first_versions: list[int]):
+        self.ids = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        self.prompt_lens = [len(p) for p in prompt_ids]
+        self.versions = [[v] for v in first_versions]
+        self._current: list[int] = []
+
+    def used(self, prompts) -> list[int]:
+        """Completion tokens (sampled and from tools) each of these turn prompts already holds."""
+        self._current, taken = [], set()
+        for prompt in prompts:
+            # The longest: a trajectory identical so far to a shorter one's continuation is the one continued.
+            matches = [i for i, ids in enumerate(self.ids)
+                       if i not in taken and len(ids) <= len(prompt) and prompt[: len(ids)] == ids]
+            match = max(matches, key=lambda i: len(self.ids[i]), default=None)
+            if match is None:
+                raise RuntimeError("a tool turn's prompt does not continue any trajectory of this batch as sampled: "
+                                   "the earlier turns were re-rendered")
+            taken.add(match)
+            self._current.append(match)
+        return [len(p) - self.prompt_lens[i] for p, i in zip(prompts, self._current, strict=True)]
+
+    def sampled(self, prompts, completion_ids, versions) -> None:
+        for i, prompt, ids, version in zip(self._current, prompts, completion_ids, versions, strict=True):
+            self.ids[i] = list(prompt) + list(ids)
+            if ids:  # a turn with no tokens left sampled nothing: no weights made it
+                self.versions[i].append(version)
