@@ -339,8 +339,6 @@ class AsyncRollouts:
         else:
             with self.pusher.weights() as (pairs, adapter):
                 self._push_as(server, pairs, adapter, self.policy_version)
-        log.warning("%s restarted: pushed this trainer's weights (version %d) to it again",
-                    self.client.base_urls[server], self.policy_version)
 
     def _generate_now(self, request: Request, pending: Future | None = None) -> list:
         """This batch's groups from `pending` (a read-ahead) or a new request; a restart met on the way

@@ -142,6 +142,11 @@ class WeightPusher:
                           "(this run waits up to --server_timeout)") if main else None
         while True:
             instance = self.client.info(refresh=True, server=server).instance_id if main else ""
+            before = self._pushed[server]
+            if main and before is not None and before[0] not in ("", instance):
+                # Said whenever it is seen, however the restart fell between this trainer's calls.
+                log.warning("%s restarted (instance %s, was %s): pushing this trainer's weights to the new instance",
+                            self.client.base_urls[server], instance[:8], before[0][:8])
             try:
                 if adapter is not None:
                     base_needed = [self._base_pushed[server] != instance if main else None]
