@@ -9,6 +9,7 @@ Nothing here touches the live model: the engine reads the staged tensors only at
 """
 
 import datetime
+import fcntl
 import mmap
 import os
 import shutil
@@ -33,22 +34,34 @@ def staging_root() -> Path:
     return Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
 
 
+def claim(path: Path) -> int:
+    """Hold `path` (a file or a directory) as this live server's: a shared lock, kept while the returned
+    descriptor stays open; the kernel drops it when the process dies, however it dies."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
 def remove_dead_servers_files(root: Path, prefix: str) -> None:
-    """/dev/shm is memory: what a server killed before it could clean up (SIGKILL, OOM) left there
-    (`<prefix><pid>...`) goes when the next server on this host starts."""
+    """/dev/shm is memory: what a server killed before it could clean up (SIGKILL, OOM) left there goes
+    when the next server on this host starts. A live server holds each of its files (`claim`); one nobody
+    holds is a dead server's. Locks, not the pid in the name: containers sharing one /dev/shm (`ipc: host`)
+    each number their processes anew, so a pid says nothing about another container's files."""
     for path in root.glob(f"{prefix}*"):
-        pid = path.name.removeprefix(prefix).split("-", 1)[0].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        except PermissionError:  # alive, another user's
-            pass
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # held: its server lives
+        finally:
+            os.close(fd)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 class StagedWeights:
@@ -58,14 +71,13 @@ class StagedWeights:
         self.specs, self.bucket_sizes = specs, bucket_sizes
         self.bucket_offsets = [sum(bucket_sizes[:i]) for i in range(len(bucket_sizes))]
         self.nbytes = sum(bucket_sizes)
-        # The pid in the name: a server killed before it could clean up is known by it (above).
+        # Held for its whole life (`claim`'s lock, on the descriptor kept open): a server killed before it
+        # could clean up leaves a file nobody holds, which the next one removes. The pid is for people.
         fd, path = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", suffix=".bin", dir=staging_root())
-        self.path = Path(path)
-        try:
-            os.ftruncate(fd, self.nbytes)
-            self._mmap = mmap.mmap(fd, self.nbytes)
-        finally:
-            os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self.path, self._fd = Path(path), fd
+        os.ftruncate(fd, self.nbytes)
+        self._mmap = mmap.mmap(fd, self.nbytes)
         self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8, count=self.nbytes)
 
     def bucket(self, i: int) -> torch.Tensor:
@@ -107,6 +119,9 @@ class StagedWeights:
         # the mapping alive; it goes with its last user. The file goes now.
         self.buffer = self._mmap = None
         self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class StagingArea:

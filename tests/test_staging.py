@@ -5,6 +5,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,14 @@ from server.engines import TransferStep
 from server.errors import WeightSyncError
 from server.manifest import check_manifest, served_manifest
 from server.routes.weights import ROUTE_STEPS
-from server.staging import STAGING_PREFIX, StagedWeights, StagingArea, remove_dead_servers_files, staging_root
+from server.staging import (
+    STAGING_PREFIX,
+    StagedWeights,
+    StagingArea,
+    claim,
+    remove_dead_servers_files,
+    staging_root,
+)
 
 # two buckets: a float32 [2, 3] (24 bytes) and an int64 [2] (16 bytes) in bucket 0, a float32 [4] in bucket 1
 SPECS = [TensorSpec(name="a", dtype="float32", shape=[2, 3], bucket=0, offset=0),
@@ -80,18 +88,41 @@ def test_the_last_committed_file_is_staged_again_for_the_same_layout():
     assert not kept.path.exists()
 
 
+HOLDER = """
+import sys
+from pathlib import Path
+from pathlib import Path
+from server.staging import claim
+fds = [claim(Path(p)) for p in sys.argv[1:]]
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
 def test_files_of_dead_servers_go_and_the_living_ones_stay(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    dead_pid = int(dead.stdout)
-    files = {f"p-{dead_pid}-x.bin": False, f"p-{os.getpid()}-x.bin": True, f"p-{os.getppid()}.bin": True,
-             "p-notapid.bin": True, "other-1.bin": True}
-    for name in files:
-        (tmp_path / name).write_bytes(b"x")
-    (tmp_path / f"p-{dead_pid}").mkdir()
-    (tmp_path / f"p-{dead_pid}" / "v1").write_bytes(b"x")
-    remove_dead_servers_files(tmp_path, "p-")
-    assert {p.name for p in tmp_path.iterdir()} == {name for name, stays in files.items() if stays}
+    # A live server holds its files, whatever its pid: one in another container sharing this /dev/shm
+    # (`ipc: host`) has a pid this process cannot see (999999 here), and its files must stay.
+    held_elsewhere = [tmp_path / "p-999999-x.bin", tmp_path / "p-999999-lora"]
+    held_here, unheld = tmp_path / f"p-{os.getpid()}-x.bin", tmp_path / f"p-{os.getpid()}-y.bin"
+    for path in (held_elsewhere[0], held_here, unheld, tmp_path / "p-notapid.bin", tmp_path / "other-1.bin"):
+        path.write_bytes(b"x")
+    held_elsewhere[1].mkdir()
+    (held_elsewhere[1] / "v1").write_bytes(b"x")
+    dead_dir = tmp_path / "p-123-lora"
+    dead_dir.mkdir()
+    (dead_dir / "v1").write_bytes(b"x")
+    ours = claim(held_here)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *map(str, held_elsewhere)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout.readline() == "held\n"
+        remove_dead_servers_files(tmp_path, "p-")
+        assert {p.name for p in tmp_path.iterdir()} == {"p-999999-x.bin", "p-999999-lora", held_here.name, "other-1.bin"}
+    finally:
+        holder.communicate("")
+        os.close(ours)
+    remove_dead_servers_files(tmp_path, "p-")  # its holder gone, nothing of it stays
+    assert {p.name for p in tmp_path.iterdir()} == {"other-1.bin"}
 
 
 @pytest.fixture(scope="module")

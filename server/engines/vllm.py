@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -29,7 +30,7 @@ from server.engines import (
     TransferStep,
 )
 from server.engines.processing import ModelProcessing
-from server.staging import remove_dead_servers_files, staging_root
+from server.staging import claim, remove_dead_servers_files, staging_root
 
 log = logging.getLogger("align-serve.vllm")
 
@@ -311,8 +312,9 @@ class VLLMEngine(Engine):
         if self._lora_root is None:
             root = staging_root()
             remove_dead_servers_files(root, "align-lora-")
-            self._lora_root = root / f"align-lora-{os.getpid()}"
-            self._lora_root.mkdir(mode=0o700)
+            # Unique, and held while we live (`claim`): another container on this /dev/shm may run a pid of ours.
+            self._lora_root = Path(tempfile.mkdtemp(prefix=f"align-lora-{os.getpid()}-", dir=root))
+            self._lora_claim = claim(self._lora_root)
             atexit.register(shutil.rmtree, self._lora_root, ignore_errors=True)
         path = self._lora_root / f"v{version}"
         path.mkdir()
