@@ -6,6 +6,7 @@ weights that produced it.
 """
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -404,3 +405,37 @@ def test_no_staging_file_outlives_its_server(tiny_vlm, trainer, log_dir):
         assert files(killed) == []
     finally:
         successor.stop()
+
+
+OTHER_SHM_SENDER = """
+import sys
+from transformers import AutoModelForImageTextToText
+from trainer_client import AlignClient
+from trainer_client.weights import TransportError
+url, key, model_dir = sys.argv[1:4]
+try:
+    AlignClient(url, api_key=key).push_weights(AutoModelForImageTextToText.from_pretrained(model_dir), transport="shm")
+except TransportError as exc:
+    print("REFUSED", exc, flush=True)
+"""
+
+
+def _can_unshare_mounts() -> bool:
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs `unshare -m` (root) to give the sender its own /dev/shm")
+def test_shm_to_a_server_behind_another_dev_shm_is_refused_in_one_line(server, client, trainer, tiny_vlm):
+    """A sender whose /dev/shm is not the server's (a container without a shared IPC namespace)
+    gets one line naming the way out, and the server is free for the next sync at once."""
+    before = version(client)
+    sender = ("mount -t tmpfs tmpfs /dev/shm && exec " + shlex.join(
+        [sys.executable, "-c", OTHER_SHM_SENDER, server.url, KEY, str(tiny_vlm)]))
+    run = subprocess.run(["unshare", "-m", "sh", "-c", sender], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "REFUSED shm: the server's staging file" in run.stdout and "--weight-transport http or tcp" in run.stdout
+    assert version(client) == before
+    client.push_weights(trainer.model, transport="http", bucket_bytes=SMALL_BUCKET)  # not held by the refused one
+    assert version(client) == before + 1

@@ -10,6 +10,7 @@ from trainer_client.config import parse_args
 from trainer_client.data import DatasetError
 from trainer_client.rewards import RewardSetupError
 from trainer_client.tools import ToolSetupError
+from trainer_client.weights import TransportError
 
 
 def run(argv: list[str] | None = None):
@@ -35,7 +36,10 @@ def run(argv: list[str] | None = None):
         sys.exit(f"align-train: --reward_funcs: {exc}")
     except ToolSetupError as exc:
         sys.exit(f"align-train: {exc}")
-    trainer.train(resume_from_checkpoint=resume_arg(config))
+    try:
+        trainer.train(resume_from_checkpoint=resume_arg(config))
+    except TransportError as exc:
+        sys.exit(f"align-train: --weight-transport: {exc}")
     trainer.save_model(config.output_dir)
     trainer.save_state()  # trainer_state.json: the metrics history (reward curve) beside the model
     if config.process_index == 0:

@@ -47,6 +47,10 @@ _ALIGN = 64  # every tensor starts on a 64-byte boundary inside its bucket
 _HTTP_CHUNK = 16 * 1024**2
 PREFIX = f"{API_PREFIX}/weights"
 
+class TransportError(ValueError):
+    """A weight transport that cannot work between this trainer and that server: one line to show."""
+
+
 Weights = torch.nn.Module | dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 Progress = Callable[[int, int], None]  # (bytes sent so far, total bytes)
 
@@ -380,7 +384,7 @@ def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transpo
         chosen = "shm" if "shm" in status.transports and _is_loopback(
             urlparse(client.base_urls[server]).hostname or "") else "http"
     if chosen not in status.transports:
-        raise ValueError(f"{client.base_urls[server]} does not take the {chosen} transport; it takes "
+        raise TransportError(f"{client.base_urls[server]} does not take the {chosen} transport; it takes "
                          f"{', '.join(status.transports)}")
     if chosen in ("nccl", "ipc"):
         init = WeightsInit(transport=chosen, target_version=target_version, session_timeout_s=session_timeout_s,
@@ -398,8 +402,11 @@ def push_one(client, server: int, pairs: list[tuple[str, torch.Tensor]], transpo
             try:
                 _send_shm(session, tensors, init.tensors, init.buckets, progress)
             except (FileNotFoundError, PermissionError) as exc:
-                if transport != "auto":
-                    raise
+                if transport != "auto":  # (the session is aborted below, as for any failure)
+                    raise TransportError(
+                        f"shm: the server's staging file {session.shm_path} is not reachable from here ({exc.strerror}): "
+                        "the server sees another /dev/shm (another container or host). Use --weight-transport http "
+                        "or tcp, or share the server's IPC namespace (compose: ipc: service:SERVER)") from None
                 # The server sees another /dev/shm (a container): fall back to bytes over the API port.
                 log.info("shm staging file not reachable from here (%s); using http", exc)
                 client._request(server, "POST", f"{PREFIX}/abort", json={"session_id": session.session_id})
