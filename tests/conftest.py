@@ -1,9 +1,26 @@
+import os
 from pathlib import Path
 
 import pytest
 
 import runtime  # noqa: F401  (as in every process of ours: torchvision importable on the CPU torch)
 from examples.tiny_model import build
+
+# What TRL's colocate mode writes into this process's environment for vLLM (RANK, ..., MASTER_PORT, the
+# port its store keeps listening on): a later align-train subprocess of the same pytest run would inherit
+# it and fail to bind that port. Each test gets the environment back as it found it.
+_DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _distributed_environment_restored():
+    saved = {k: os.environ.get(k) for k in _DISTRIBUTED_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
