@@ -12,7 +12,8 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # torch's source, and TORCH_INDEX to override it (read by the script): see docs/install.md
 INSTALL_DEPS := PIP_QUIET=1 PIP_PROGRESS_BAR=off PIP_DISABLE_PIP_VERSION_CHECK=1 scripts/install-deps.sh
 STAMP := $(VENV)/.installed-$(EXTRA)
-PYTEST := $(PY) -m pytest
+# the slowest tests of each run, named at its end: where the suite's time goes
+PYTEST := $(PY) -m pytest --durations=25
 # this machine's pip config names local index folders that may be absent: drop that noise only
 QUIET := sed -e '/^WARNING: Location/d'
 
