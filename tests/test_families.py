@@ -237,11 +237,15 @@ def check_serves(served: Served, model) -> list[int]:
 def test_grpo_in_server_mode_moves_the_served_model_to_the_trainers_weights(family, data, tmp_path,
                                                                           trained_sequences):
     before = check_serves(family, family.model)
+    with family.client() as client:
+        v = client.info(refresh=True).weight_version  # a shared server's versions go on counting
     trainer = run(["grpo", "--model", str(family.path), "--dataset", str(data / "grpo.jsonl"),
                    "--output_dir", str(tmp_path / "out"), *SMALL, *REWARD, "--learning_rate", "0.5",
                    "--vllm-mode", "server", "--server-url", family.server.url,
                    *(["--api_key", family.server.api_key] if family.server.api_key else [])])
     assert trainer.state.global_step == 2
+    # the start push, then one per step: each step trained on the version the step before pushed
+    assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [v + 1, v + 2]
     # TRL's importance-sampling correction ran on the server's logprobs
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -343,7 +347,8 @@ def test_colocate_serves_the_trained_weights(arch, models, data, tmp_path):
     assert llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == \
         kv_cache.default_kv_cache_bytes(str(path), 512)
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
-    # the in-process vLLM answers as the trained model: every weight was synced, under vLLM's names
+    # the in-process vLLM answers as the trained model once synced: every weight loaded, under vLLM's names
+    trainer.vllm_generation.sync_weights()
     model, processor = trainer.accelerator.unwrap_model(trainer.model).eval(), trainer.processing_class
     tokens = ImageTokens(processor, model.config)
     messages, images = chats(arch)[0]
@@ -406,13 +411,10 @@ def test_expansion_round_trips_beside_any_neighbour(arch, models):
 
 @pytest.mark.vllm
 def test_the_family_table_agrees_with_vllm_on_lora(models):
-    import importlib
-
     from vllm import ModelRegistry
     from vllm.model_executor.models.interfaces import supports_lora
 
     for arch in ARCHS:
         config = AutoConfig.from_pretrained(models(arch))
-        lazy = ModelRegistry.models[config.architectures[0]]
-        cls = getattr(importlib.import_module(lazy.module_name), lazy.class_name)
+        cls = ModelRegistry.models[config.architectures[0]].load_model_cls()
         assert supports_lora(cls) == family_of(config).vllm_lora, arch

