@@ -345,6 +345,29 @@ def test_none_mode_grpo_mpo_and_sft_train_every_family(arch, models, data, tmp_p
         assert any(not torch.equal(base[k], trained[k]) for k in base), type(trainer).__name__
 
 
+def test_gemma3_trains_with_token_type_ids_on_its_own_image_tokens(models, data, tmp_path, monkeypatch):
+    """TRL builds Gemma 3's `token_type_ids` (bidirectional attention within each image) from a second processor
+    call; with the template's BOS doubled there they lay one position off the ids (trl_seam.processor_for_trl)."""
+    import functools
+
+    import transformers
+
+    seen = []
+    forward = transformers.Gemma3ForConditionalGeneration.forward
+
+    @functools.wraps(forward)  # generate() reads the model's inputs off forward's signature
+    def recorded(self, *args, **kwargs):
+        ids, types = kwargs.get("input_ids"), kwargs.get("token_type_ids")
+        if ids is not None and types is not None:
+            seen.append((ids.shape == types.shape and bool((types == (ids == self.config.image_token_id)).all())))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Gemma3ForConditionalGeneration, "forward", recorded)
+    run(["grpo", "--model", str(models("gemma3")), "--dataset", str(data / "grpo.jsonl"), "--output_dir",
+         str(tmp_path / "out"), *SMALL, *REWARD, "--vllm-mode", "none", "--max_steps", "1"])
+    assert seen and all(seen)  # generation's forwards and the loss's
+
+
 # ---- colocate: TRL's vLLM in the trainer process -----------------------------------------------------------
 
 @pytest.mark.vllm
@@ -394,6 +417,22 @@ def test_each_arch_is_its_own_family_and_other_vlms_are_refused_by_model_type(mo
     assert family_of({"model_type": "qwen2"}) is None  # text-only: no vision_config
     with pytest.raises(UnknownFamily, match=r"'paligemma' is not a VLM family .*qwen2_vl.*docs/models.md"):
         family_of({"model_type": "paligemma", "vision_config": {}})
+
+
+def test_a_vlm_of_another_family_is_refused_at_start_in_one_line(tmp_path, data, log_dir):
+    from transformers import PaliGemmaConfig
+
+    PaliGemmaConfig().save_pretrained(tmp_path / "paligemma")
+    server = ServerProcess(tmp_path / "paligemma", "transformers", log_dir=log_dir)
+    try:
+        assert server.proc.wait(120) == 1
+    finally:
+        server.stop()
+    lines = [line for line in server.log_path.read_text().splitlines() if "ERROR" in line]
+    assert len(lines) == 1 and "'paligemma' is not a VLM family vlm-align serves and trains" in lines[0], lines
+    with pytest.raises(SystemExit, match=r"--model .*paligemma: 'paligemma' is not a VLM family .*--vllm-mode none"):
+        run(["grpo", "--model", str(tmp_path / "paligemma"), "--dataset", str(data / "grpo.jsonl"), "--output_dir",
+             str(tmp_path / "out"), *SMALL, *REWARD, "--vllm-mode", "server", "--server-url", "http://127.0.0.1:9"])
 
 
 def test_siglip_towers_are_renamed_for_vllm_and_nothing_else():

@@ -18,7 +18,7 @@ from transformers import AutoConfig, TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from runtime import kv_cache
-from runtime.families import family_of
+from runtime.families import UnknownFamily, family_of
 from runtime.image_tokens import ImageTokens
 from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
 from runtime.vllm_reload import retie_embeddings
@@ -228,9 +228,15 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
     generates = method in ("grpo", "gspo")
     rewards = load_rewards(align.reward_funcs) if generates else []  # fails in a second, not after loading
     tools, environment = (load_tools(align.tools), load_environment(align.environment)) if method != "mpo" else ([], None)
+    try:
+        family, unknown = family_of(AutoConfig.from_pretrained(align.model, trust_remote_code=config.trust_remote_code)), None
+    except UnknownFamily as exc:  # TRL's own generation needs no family; a vLLM, ours or TRL's, does
+        family, unknown = None, exc
+    if unknown is not None and generates and config.vllm_mode in ("server", "colocate"):
+        raise SystemExit(f"align-train: --model {align.model}: {unknown} (--vllm-mode none trains it with TRL's "
+                         "own generation)")
     processor = trl_seam.processor_for_trl(load_processor(align.model, trust_remote_code=config.trust_remote_code))
     if tools or environment:
-        family = family_of(AutoConfig.from_pretrained(align.model, trust_remote_code=config.trust_remote_code))
         check_template(processor, align.model, family.name if family else None)
     dataset, eval_dataset = load_datasets(align, method)
     if method == "sft":
