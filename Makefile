@@ -73,8 +73,11 @@ test-fault: install
 test-compose:
 	scripts/test-compose.sh
 
+# ARCH: the tiny model's family (qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3, idefics3, internvl, llava_onevision)
+ARCH ?= qwen2_vl
+
 demo: install
-	$(PY) -m examples.demo
+	$(PY) -m examples.demo --arch $(ARCH)
 
 # SFT on tool-use traces, then GRPO with a zoom tool through align-serve (docs/training.md#the-agent-demo)
 demo-agent: install

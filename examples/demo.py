@@ -1,6 +1,6 @@
 """`make demo`: teach a tiny random VLM to name the colour of a shape, by GRPO through align-serve.
 
-1. `align-tiny-model` writes a tiny random Qwen2-VL.
+1. `align-tiny-model` writes a tiny random VLM of `--arch` (default Qwen2-VL; any family of docs/models.md).
 2. A generated dataset: grey 64x64 images with a square or circle in red, green, blue or yellow.
 3. A short MPO warm-up (`align-train mpo`): GRPO alone on a random tiny VLM learns to say *a*
    colour, then collapses to one colour for every image (docs/training.md, The demo).
@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from examples.common import BIN, StepLines, plot_steps, run, serving, start_demo, train_here
+from examples.tiny_model import ARCHS
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 PROMPT = "What colour is the shape? Answer with one word."
@@ -120,6 +121,8 @@ class EveryStep:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default=None, help="where the model, data and runs go (default: a temp dir)")
+    parser.add_argument("--arch", default="qwen2_vl", choices=ARCHS,
+                        help="the tiny model's family (`align-tiny-model --arch`; docs/models.md)")
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--warmup-steps", type=int, default=60)
     parser.add_argument("--grpo-steps", type=int, default=80)
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from trainer_client.client import AlignClient
 
-    work, started = start_demo("demo", args.work_dir, "qwen2_vl", args.seed)
+    work, started = start_demo("demo", args.work_dir, args.arch, args.seed)
     grpo_data = make_dataset(work / "data", 256, seed=args.seed, method="grpo")
     mpo_data = make_dataset(work / "data", 256, seed=args.seed + 1, method="mpo")
 

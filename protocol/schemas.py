@@ -174,6 +174,8 @@ class ServerInfo(BaseModel):
     engine: Literal["vllm", "transformers"]
     weight_version: int
     instance_id: str  # random per server process start (see GenerateResponse)
+    # the marker a prompt holds once per image, as the chat template renders it (not always the feature
+    # token the processor expands it to: Gemma 3's is <start_of_image>); None for a text-only model
     image_token_id: int | None
     eos_token_ids: list[int]
     limits: Limits

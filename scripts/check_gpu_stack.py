@@ -372,9 +372,16 @@ def checks() -> list:
             Call(f"{engine_class('WeightTransferEngineFactory', backend)}.receive_weights", 1),
             Call(f"{engine_class('WeightTransferEngineFactory', backend)}.shutdown"),
         )),
+        # a family's weight names for vLLM (runtime/families.py), renamed in nccl/ipc updates too
+        Attr(f"{VW}.nccl_engine.NCCLWeightTransferUpdateInfo", "names"),
+        Attr(f"{VW}.ipc_engine.IPCWeightTransferUpdateInfo", "names"),
         Call("vllm.model_executor.model_loader.reload.initialize_layerwise_reload", 1),
         Call("vllm.model_executor.model_loader.reload.finalize_layerwise_reload", 2),
         Call("vllm.config.set_current_vllm_config", 1),
+        # ---- trainer_client/trainers.py: colocate mode's sync clears what the old weights computed ----
+        Call("vllm.LLM.reset_prefix_cache"),
+        Call("vllm.LLM.reset_mm_cache"),
+        Call("vllm.v1.engine.llm_engine.LLMEngine.reset_encoder_cache"),
         # ---- trainer_client/weights.py: vLLM's trainer-side engines ----------------------------------
         Call(f"{VW}.base.ParamMeta", 3),
         Check("WeightSource's abstract methods are the two our Source implements", _weight_source_abstracts),

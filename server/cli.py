@@ -221,6 +221,7 @@ async def serve(args: argparse.Namespace) -> int:
         except Exception as exc:
             _report_load_failure(args, exc)
             return 1
+        _family_limits(engine, app.state.config)
         app.state.ready = True
         log.info("ready: %s on the %s engine at http://%s:%d (%.1f s to load)", model_name, args.engine,
                  args.host, args.port, time.perf_counter() - started)
@@ -235,6 +236,17 @@ async def serve(args: argparse.Namespace) -> int:
         server.should_exit = True
         await serving
         await engine.shutdown()
+
+
+def _family_limits(engine, config) -> None:
+    """The served family's own limits on what a request holds, where lower than the flags'."""
+    family = engine.processing.family
+    if family is None:
+        return
+    config.max_images_per_prompt, why = family.images_limit(config.max_images_per_prompt)
+    if why:
+        config.max_images_why = why
+        log.info("at most %d image(s) per prompt: %s", config.max_images_per_prompt, why)
 
 
 def _uvicorn_server(app, args: argparse.Namespace):

@@ -10,6 +10,7 @@ class ServeConfig:
     max_pixels: int = 4096 * 4096
     max_image_bytes: int = 16 * 1024 * 1024
     max_images_per_prompt: int = 8
+    max_images_why: str = "see --max-images-per-prompt"  # or the model family's reason for a lower limit
     image_cache_bytes: int = 2 * 1024**3
     body_timeout_s: float = 300.0
     generate_timeout_s: float = 600.0

@@ -15,14 +15,15 @@ from server.engines import Engine, EngineCompletion, EnginePrompt
 from server.errors import APIError
 from server.images import ImageCache, ImageError
 
-Inline = dict[tuple[int, int], Image.Image]  # (prompt, image) index -> an image sent inline, decoded
+Inline = dict[tuple[int, int], Image.Image]
+LIMIT_FLAG = ServeConfig.max_images_why  # (prompt, image) index -> an image sent inline, decoded
 
 
-def check_image_count(prompt: GeneratePrompt, i: int, limit: int) -> None:
+def check_image_count(prompt: GeneratePrompt, i: int, limit: int, why: str = LIMIT_FLAG) -> None:
     if len(prompt.images) > limit:
         raise APIError(400, ErrorCode.invalid_request,
                        f"prompts[{i}].images has {len(prompt.images)} images; the server accepts up to "
-                       f"{limit} per prompt (see --max-images-per-prompt)",
+                       f"{limit} per prompt ({why})",
                        {"field": f"prompts[{i}].images", "limit": limit})
 
 
@@ -31,7 +32,7 @@ def decode_inline(prompts: list[GeneratePrompt], cache: ImageCache, config: Serv
     big images takes a while to decode, and health checks and other requests go on meanwhile."""
     out = {}
     for i, prompt in enumerate(prompts):
-        check_image_count(prompt, i, config.max_images_per_prompt)
+        check_image_count(prompt, i, config.max_images_per_prompt, config.max_images_why)
         for j, ref in enumerate(prompt.images):
             if ref.data is None:
                 continue
@@ -48,12 +49,12 @@ def decode_inline(prompts: list[GeneratePrompt], cache: ImageCache, config: Serv
 
 
 def prompt_images(prompt: GeneratePrompt, i: int, inline: Inline, cache: ImageCache, max_images: int,
-                  text_only: bool) -> list[Image.Image]:
+                  text_only: bool, why: str = LIMIT_FLAG) -> list[Image.Image]:
     """Prompt i's images, in order: decoded inline ones, or the cache's for a `sha256` reference."""
     if prompt.images and text_only:
         raise APIError(400, ErrorCode.invalid_request, f"prompts[{i}].images: the served model is text-only",
                        {"field": f"prompts[{i}].images"})
-    check_image_count(prompt, i, max_images)
+    check_image_count(prompt, i, max_images, why)
     out = []
     for j, ref in enumerate(prompt.images):
         what = f"prompts[{i}].images[{j}]"
@@ -91,12 +92,21 @@ def to_engine_prompt(engine: Engine, prompt: GeneratePrompt, i: int, sampling: S
             raise APIError(400, ErrorCode.invalid_request,
                            f"prompts[{i}].prompt_ids holds token id {bad}, outside the vocabulary [0, {vocab})",
                            {"field": f"prompts[{i}].prompt_ids"})
-        placeholders = ids.count(engine.image_token_id) if engine.image_token_id is not None else 0
+        marker = engine.image_token_id
+        expansion = next((t for t in ids if t != marker and t in engine.processing.suppressed_token_ids), None)
+        if expansion is not None:
+            raise APIError(
+                400, ErrorCode.invalid_request,
+                f"prompts[{i}].prompt_ids holds token id {expansion} "
+                f"({engine.processing.tokenizer.convert_ids_to_tokens(expansion)}), a token of an image's expansion "
+                f"(or of a video): send each image as its one marker (id {marker}), as the chat template renders "
+                "it, never the processor-expanded ids", {"field": f"prompts[{i}].prompt_ids"})
+        placeholders = ids.count(marker) if marker is not None else 0
         if placeholders != len(images):
             raise APIError(
                 400, ErrorCode.invalid_request,
                 f"prompts[{i}].prompt_ids has {placeholders} image placeholder tokens "
-                f"(id {engine.image_token_id}) but {len(images)} images; send exactly one placeholder per "
+                f"(id {marker}) but {len(images)} images; send exactly one placeholder per "
                 "image, not the processor-expanded run (AlignClient collapses runs for you)",
                 {"field": f"prompts[{i}].prompt_ids"})
     ep = EnginePrompt(prompt_ids=list(ids), images=images)
@@ -118,7 +128,8 @@ async def prepare(state: State, prompts: list[GeneratePrompt], sampling: Samplin
               if any(r.data for p in prompts for r in p.images) else {})
     text_only = engine.image_token_id is None
     return [to_engine_prompt(engine, p, i, sampling,
-                             prompt_images(p, i, inline, cache, config.max_images_per_prompt, text_only),
+                             prompt_images(p, i, inline, cache, config.max_images_per_prompt, text_only,
+                                           config.max_images_why),
                              config.chat_template)
             for i, p in enumerate(prompts)]
 

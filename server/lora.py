@@ -7,6 +7,7 @@ apply only in part is refused here, naming the tensor or the PEFT feature, on bo
 transformers engine serves exactly what vLLM would, so the two stay comparable.
 """
 
+import os
 import re
 
 import torch
@@ -84,9 +85,12 @@ def check_adapter(adapter: LoraAdapter, tensors: list[TensorSpec], targets: dict
                                         "get_peft_model_state_dict gives them)")
         module = t.name[len(PEFT_PREFIX):-len(part)]
         if module in others:
+            within = os.path.commonprefix(sorted(targets)).rpartition(".")[0]
             raise AdapterRefused(field, f"{t.name} targets {module}, which is not a linear layer of the language "
                                         "model (vision tower, projector or lm_head): vLLM does not apply LoRA "
-                                        "there; leave it out of target_modules")
+                                        "there; leave it out of target_modules (where the vision tower names its "
+                                        "layers as the language model does, give one regular expression, e.g. "
+                                        f"'{re.escape(within)}\\..*\\.(q_proj|v_proj)')")
         if module not in targets:
             raise AdapterRefused(field, f"{t.name} targets {module}, which is not a linear layer of the served "
                                         "model (is this the adapter of another model?)")

@@ -69,8 +69,12 @@ def test_prompt_ids_with_one_placeholder_per_image_become_the_engine_prompt(engi
     ids = _ids(engine, images=1)
     ep = to_engine_prompt(engine, GeneratePrompt(prompt_ids=ids, images=[{"data": "eA=="}]), 0, SAMPLING, [img], None)
     assert ep.prompt_ids == ids and ep.images == [img]
-    # the image's placeholder counts as the tokens it expands to
-    assert engine.prompt_len(ep) == len(ids) - 1 + engine.processing.image_tokens(img)
+    # the image's placeholder counts as the tokens it expands to: the processor's own expansion
+    processor = engine.processing.processor
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": "What colour?"}]}],
+                                         add_generation_prompt=True)
+    assert engine.prompt_len(ep) == len(processor(text=[text], images=[img])["input_ids"][0]) > len(ids)
 
 
 def test_messages_are_rendered_by_the_given_template(engine):
@@ -92,6 +96,14 @@ def test_placeholders_must_match_the_images(engine):
     err = _refusal(lambda: to_engine_prompt(engine, prompt, 1, SAMPLING, [random_image(3)], None))
     assert (err.status, err.code, err.detail) == (400, ErrorCode.invalid_request, {"field": "prompts[1].prompt_ids"})
     assert f"2 image placeholder tokens (id {engine.image_token_id}) but 1 images" in err.message
+
+
+def test_an_expanded_image_is_refused_naming_the_token(engine):
+    video = engine.processing.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    prompt = GeneratePrompt(prompt_ids=[1, video, 2])
+    err = _refusal(lambda: to_engine_prompt(engine, prompt, 4, SAMPLING, [], None))
+    assert (err.status, err.detail) == (400, {"field": "prompts[4].prompt_ids"})
+    assert f"holds token id {video} (<|video_pad|>), a token of an image's expansion (or of a video)" in err.message
 
 
 def test_a_token_outside_the_vocabulary_is_named(engine):

@@ -53,7 +53,6 @@ from accelerate.utils import broadcast_object_list, gather_object
 from trl.data_utils import prepare_multimodal_messages
 
 from trainer_client import trl_seam
-from trainer_client.client import collapse_image_runs
 from trainer_client.generation import ServerGeneration, log_oldest_turns
 from trainer_client.sampler import Trajectories
 from trainer_client.tools import Rollout, environment_names, reset_environments, run_tool_loop
@@ -140,10 +139,9 @@ class AsyncRollouts:
         upcoming = [gather_object(list(self.trainer.generation_batches.peek(k))) for k in range(self.depth)]
         payload = None
         if self.accelerator.is_main_process:
-            token = self.client.info().image_token_id
-            unique = [collapse_image_runs(p, token) if token is not None else list(p)
-                      for p in all_prompts[::num_generations]]
             unique_images = [imgs or [] for imgs in all_images[::num_generations]]
+            unique = [self.sampler.unexpand(p, imgs)
+                      for p, imgs in zip(all_prompts[::num_generations], unique_images, strict=True)]
             payload = self.collect(unique, unique_images, num_generations, profiler)
             if payload is not None:
                 self._read_ahead(upcoming, num_generations)
@@ -218,8 +216,7 @@ class AsyncRollouts:
         prompts = [prepare_multimodal_messages(chat, images=imgs) if has_images else chat
                    for chat, imgs in zip(chats, images, strict=True)]
         prompt_ids = trl_seam.tokenize_prompts(self.trainer, prompts, names)
-        token = self.client.info().image_token_id
-        ids = [collapse_image_runs(p, token) if token is not None else list(p) for p in prompt_ids]
+        ids = [self.sampler.unexpand(p, imgs) for p, imgs in zip(prompt_ids, images, strict=True)]
         return Request(ids, [imgs or [] for imgs in images], n, self.sampler.params(n),
                         *((list(prompt_ids), prompts) if self.tools else ()), **environment)
 

@@ -46,7 +46,9 @@ class AlignTimeoutError(AlignConnectionError):
 
 
 def collapse_image_runs(ids: Sequence[int], image_token_id: int) -> list[int]:
-    """Processor-expanded ids (`<image_pad>` x N per image) -> one placeholder per image."""
+    """Ids a processor expanded into plain runs of the marker (Qwen-VL's `<|image_pad|>` x N, LLaVA-OneVision's
+    `<image>` x N per image) -> one marker per image. Other families wrap their features in other tokens:
+    `runtime.image_tokens.ImageTokens.unexpand` is the inverse for every family."""
     out: list[int] = []
     for t in ids:
         if t == image_token_id and out and out[-1] == image_token_id:
@@ -219,8 +221,9 @@ class AlignClient:
         check: Callable[[int, GenerateResponse], None] | None = None,
         **sampling_kwargs,
     ) -> GenerateResponse:
-        """Generate for a batch of prompts: token ids (expanded image runs are collapsed) or chat
-        messages, each with its images (PIL or encoded bytes). Sampling fields as keywords
+        """Generate for a batch of prompts: token ids (one image marker per image; a prompt holding more
+        markers than images has them collapsed, as in a Qwen-VL processor's runs) or chat messages, each with
+        its images (PIL or encoded bytes). Sampling fields as keywords
         (`n=8, temperature=1.0, max_tokens=64, ...`) or a `SamplingParams`. With several servers
         the batch is split across them and answered in order. `check(server, answer)` sees each
         server's answer before they are merged and may refuse it by raising (the trainer refuses
@@ -234,7 +237,10 @@ class AlignClient:
             raise ValueError(f"{len(rows)} prompts but {len(images)} image lists")
         if prompt_ids is not None and any(images):
             token = self.info().image_token_id
-            rows = [collapse_image_runs(r, token) if token is not None else list(r) for r in rows]
+            # Markers side by side are separate images (Idefics3's template writes `<image><image>`): only a
+            # prompt with more markers than images holds runs.
+            rows = [collapse_image_runs(r, token) if token is not None and list(r).count(token) > len(imgs) else list(r)
+                    for r, imgs in zip(rows, images, strict=True)]
         # One request holds at most MAX_SEQUENCES_PER_REQUEST sequences (prompts x n): bigger
         # batches go as several requests, spread over the servers and answered in order.
         per_request = max(1, min(MAX_PROMPTS_PER_REQUEST, MAX_SEQUENCES_PER_REQUEST // sampling.n))

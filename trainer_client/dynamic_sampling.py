@@ -92,6 +92,20 @@ def _pad_cat(tensors: list[torch.Tensor], left: bool, value) -> torch.Tensor:
     return torch.cat(padded)
 
 
+def _padded(tensors: list) -> list:
+    """Tensors (image inputs of several rounds) zero-padded to one shape past their first dimension: Idefics3
+    pads its tiles, LLaVA-OneVision its anyres patches, to the largest image of each batch, and the model
+    skips an all-zero tile (Idefics3) or reads only the patches its `image_sizes` give (LLaVA-OneVision)."""
+    if not all(isinstance(t, torch.Tensor) and t.ndim > 1 for t in tensors):
+        return tensors
+    shape = [max(t.size(d) for t in tensors) for d in range(1, tensors[0].ndim)]
+    out = []
+    for t in tensors:
+        pad = [p for d in reversed(range(1, t.ndim)) for p in (0, shape[d - 1] - t.size(d))]
+        out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return out
+
+
 def _concat(parts: list[dict], pad_id: int, sequence_ratio: bool) -> dict:
     """Row-wise concatenation of TRL generation outputs (pixel values split per sample) with
     different prompt/completion widths. `sequence_ratio`: the IS ratio is one column per sequence."""
@@ -103,7 +117,7 @@ def _concat(parts: list[dict], pad_id: int, sequence_ratio: bool) -> dict:
         if first is None:
             out[key] = None
         elif isinstance(first, list):
-            out[key] = [v for vs in values for v in vs]
+            out[key] = _padded([v for vs in values for v in vs])
         elif first.ndim == 0:
             out[key] = first  # num_items_in_batch: recomputed by the caller
         elif key in _PROMPT_SIDE:
@@ -115,7 +129,7 @@ def _concat(parts: list[dict], pad_id: int, sequence_ratio: bool) -> dict:
             out[key] = torch.cat([_pad_cat([v[:, :w] for v, w in zip(values, widths, strict=True)], True, 0),
                                   _pad_cat([v[:, w:] for v, w in zip(values, widths, strict=True)], False, 0)], dim=1)
         else:
-            out[key] = torch.cat(values)
+            out[key] = torch.cat(_padded(values))
     return out
 
 

@@ -3,13 +3,28 @@ budget (what it has left of max_completion_length across tool turns, and what fi
 max_model_len), so a later tool turn is never refused for length."""
 
 from protocol.schemas import Completion
+from runtime.image_tokens import ImageTokens
 from trainer_client.client import AlignClient
+
+
+def image_tokens(trainer) -> ImageTokens | None:
+    """The trained model's image tokens (None for a text-only model): TRL's prompt ids hold each image
+    expanded by the processor, the server takes one marker per image."""
+    processor = trainer.processing_class
+    return ImageTokens(processor, trainer.model.config) if getattr(processor, "image_token", None) else None
 
 
 class Sampler:
     def __init__(self, trainer, client: AlignClient | None):
         self.trainer = trainer
         self.client = client  # None on every process but the main one
+        self.images = image_tokens(trainer)
+
+    def unexpand(self, prompt_ids, images) -> list[int]:
+        """TRL's ids of a prompt (each of its `images` expanded by the processor) as the server takes them."""
+        if not images:
+            return list(prompt_ids)
+        return self.images.unexpand(prompt_ids, [image.size for image in images])
 
     def params(self, n: int) -> dict:
         """The sampling parameters as the trainer's mode sets them now, `n` completions per prompt, for a
@@ -43,7 +58,8 @@ class Sampler:
                 for i in rows:
                     out[i] = [empty] * n
                 continue
-            answer = self.client.generate(prompt_ids=[prompts[i] for i in rows], images=[images[i] for i in rows],
+            answer = self.client.generate(prompt_ids=[self.unexpand(prompts[i], images[i]) for i in rows],
+                                          images=[images[i] for i in rows],
                                           check=check, **{**params, "max_tokens": budget})
             for i, result in zip(rows, answer.results, strict=True):
                 out[i] = result.completions

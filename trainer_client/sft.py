@@ -20,9 +20,11 @@ class AssistantTurnsCollator:
     -100 elsewhere (system, user, tool turns, images, padding). `tools` (callables) are rendered in
     the prompt as TRL's GRPO renders them, so a warm-up on traces sees the prompts GRPO will send."""
 
-    def __init__(self, processor, tools: list, assistant_only: bool = True):
+    def __init__(self, processor, tools: list, assistant_only: bool = True, end_token_ids: list[int] | None = None):
+        """`end_token_ids`: the tokens that end an assistant turn (the model's generation eos ids; Gemma 3's turn
+        ends with `<end_of_turn>`, not its tokenizer's `<eos>`); default: the tokenizer's eos."""
         self.processor, self.tools, self.assistant_only = processor, tools or None, assistant_only
-        self.end = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+        self.ends = set(end_token_ids or []) | {processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)}
 
     def _render(self, conversations: list[list[dict]], generation_prompt: bool = False) -> dict:
         return self.processor.apply_chat_template(
@@ -48,17 +50,29 @@ class AssistantTurnsCollator:
         for k, message in enumerate(conversation):
             if message["role"] != "assistant":
                 continue
-            before = self._render([conversation[:k]], generation_prompt=True)["input_ids"][0].tolist()
-            if ids[: len(before)] != before:
-                raise ValueError("the chat template renders the turns before an assistant message differently once "
-                                 "the message follows, so its tokens cannot be told apart; use a template that keeps "
-                                 "earlier turns as rendered (Qwen3-VL's does)")
-            try:
-                stop = ids.index(self.end, len(before)) + 1  # the end-of-turn token is learnt: it stops generation
-            except ValueError:
-                stop = len(ids)
-            spans.append((len(before), stop))
+            start = self._start(conversation, k, ids)
+            # the end-of-turn token is learnt: it stops generation
+            stop = next((i + 1 for i in range(start, len(ids)) if ids[i] in self.ends), len(ids))
+            spans.append((start, stop))
         return spans
+
+    def _start(self, conversation: list[dict], k: int, ids: list[int]) -> int:
+        """Where assistant message k's tokens start in `ids`: after the generation prompt that follows the turns
+        before it (the Qwen-VL templates render an assistant turn so); else where the message first differs from
+        itself with empty text (LLaVA-OneVision's template writes `assistant ` then a newline before a turn's text,
+        but `assistant` and a newline as its generation prompt)."""
+        before = self._render([conversation[:k]], generation_prompt=True)["input_ids"][0].tolist()
+        if ids[: len(before)] == before:
+            return len(before)
+        earlier = len(self._render([conversation[:k]])["input_ids"][0])
+        emptied = [*conversation[:k], {**conversation[k], "content": [{"type": "text", "text": ""}]}]
+        empty = self._render([emptied])["input_ids"][0].tolist()
+        start = next((i for i, (a, b) in enumerate(zip(ids, empty, strict=False)) if a != b), None)
+        if ids[:earlier] != empty[:earlier] or start is None or start < earlier:
+            raise ValueError("the chat template renders the turns before an assistant message differently once "
+                             "the message follows, so its tokens cannot be told apart; use a template that keeps "
+                             "earlier turns as rendered (Qwen3-VL's does)")
+        return start
 
 
 def with_images(messages: list[dict], images: list) -> list[dict]:
@@ -70,8 +84,11 @@ def with_images(messages: list[dict], images: list) -> list[dict]:
     if all(isinstance(m.get("content"), str) or m.get("content") is None for m in messages):
         return prepare_multimodal_messages(messages, images=images)
     pending = iter(images)
+    # a non-empty text as a part too, as TRL hands templates every text (Idefics3's and LLaVA-OneVision's
+    # render a plain string as nothing)
     filled = [{**m, "content": [{**p, "image": next(pending)} if p.get("type") == "image" else p for p in m["content"]]}
-              if isinstance(m.get("content"), list) else m for m in messages]
+              if isinstance(m.get("content"), list) else
+              {**m, "content": [{"type": "text", "text": m["content"]}]} if m.get("content") else m for m in messages]
     return filled
 
 

@@ -72,13 +72,15 @@ def _tool_method_names(cls) -> list[str]:
             if name not in ("reset", "get_reward") and not name.startswith("_")]
 
 
-def check_template(processor, source: str) -> None:
-    """The model's chat template must render a tool call and a tool answer (Qwen2-VL's cannot)."""
+def check_template(processor, source: str, family: str | None = None) -> None:
+    """The model's chat template must render a tool call and a tool answer (of the families in
+    runtime/families.py, only Qwen3-VL's stock template does). `family`: the model's, named in the refusal."""
     from trl.chat_template_utils import supports_tool_calling
 
     if not supports_tool_calling(processor):
-        raise ToolSetupError(f"the chat template of {source} cannot render tool calls and tool results (Qwen2-VL's "
-                             "and Qwen2.5-VL's cannot; Qwen3-VL's can): train a model whose template does "
+        what = f"{source} (a {family} model)" if family else source
+        raise ToolSetupError(f"the chat template of {what} cannot render tool calls and tool results (of the VLM "
+                             "families here only Qwen3-VL's can): train a model whose template does "
                              "(align-tiny-model --arch qwen3_vl writes one)")
 
 

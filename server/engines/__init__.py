@@ -38,7 +38,7 @@ class EngineStartError(RuntimeError):
 
 @dataclass
 class EnginePrompt:
-    prompt_ids: list[int]  # one image placeholder token per image
+    prompt_ids: list[int]  # one image marker per image
     images: list[Image.Image] = field(default_factory=list)
 
 
@@ -109,7 +109,8 @@ class Engine(ABC):
         raise NotImplementedError(f"the {self.name} engine has no nccl/ipc weight transfer")
 
     def prompt_len(self, prompt: EnginePrompt) -> int:
-        return len(prompt.prompt_ids) - len(prompt.images) + sum(self.processing.image_tokens(i) for i in prompt.images)
+        """Positions the prompt takes, its images expanded."""
+        return len(self.processing.expanded_ids(prompt))
 
 
 def create_engine(name: str, **kwargs) -> Engine:

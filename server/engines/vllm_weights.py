@@ -23,6 +23,8 @@ from vllm.config.weight_transfer import WeightTransferConfig
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+from runtime.vllm_reload import retie_embeddings
+
 BACKEND = "align"
 
 
@@ -83,24 +85,7 @@ class AlignWeightTransferEngine(WeightTransferEngine):
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
-        self._retie_embeddings()
-
-    def _retie_embeddings(self) -> None:
-        """A tied `lm_head` keeps computing with its own packed copy after a reload: point it at the
-        new embedding again and re-pack it."""
-        if not getattr(self.model_config.hf_text_config, "tie_word_embeddings", False):
-            return
-        modules = dict(self.model.named_modules())
-        for name, head in modules.items():
-            if name.rsplit(".", 1)[-1] != "lm_head":
-                continue
-            embed = modules.get(name[: -len("lm_head")] + "model.embed_tokens")
-            if embed is None:
-                continue
-            head.weight = embed.weight
-            quant_method = getattr(head, "quant_method", None)
-            if quant_method is not None:
-                quant_method.process_weights_after_loading(head)
+        retie_embeddings(self.model, self.model_config)
 
     def shutdown(self) -> None:
         if self.delegate is not None:

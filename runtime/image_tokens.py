@@ -1,0 +1,162 @@
+"""One model's image tokens, as its own processor writes them.
+
+On the wire a prompt holds each image as one marker, the token the chat template renders for an image
+part (the processor's `image_token`). The HF processor replaces each marker by the image's expansion:
+its feature tokens, wrapped in the family's tokens, and for some families with text on either side that
+joins the neighbouring text (Gemma 3 writes "\\n\\n" around each image, which merges with the template's
+newlines into one token). `ImageTokens` learns the expansion for each image size from the processor
+itself, expanding a lone marker for a blank image of that size, and splices it in (`expand`: the
+transformers engine's input ids, every engine's prompt length) or takes it out (`unexpand`: the trainer's
+processor-expanded ids as the server takes them), leaving every other token as it is (the sampled tokens
+of earlier turns included), but for the text an expansion joins, which is tokenized again with it.
+"""
+
+import threading
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from PIL import Image
+
+from runtime.families import family_of
+
+MAX_SIZES = 4096  # image sizes whose expansion is kept
+
+
+class Span(NamedTuple):
+    """One image's expansion: `core` runs from its first special token to its last; `prefix` and `suffix` are
+    the text the processor writes before and after it, tokenized with the text next to it."""
+
+    prefix: str
+    core: tuple[int, ...]
+    suffix: str
+
+
+class ImageTokens:
+    def __init__(self, processor, config, mm_kwargs: dict | None = None):
+        """`processor`: the model's HF processor; `config`: its transformers config; `mm_kwargs`: call-time
+        overrides of its image processor (align-serve's --mm-processor-kwargs, as vLLM applies them)."""
+        self.family = family_of(config)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.mm_kwargs = dict(mm_kwargs or {})
+        self.marker = processor.image_token
+        self.marker_id = self.tokenizer.convert_tokens_to_ids(self.marker)
+        feature = getattr(config, "image_token_id", None)
+        self.feature_id = feature if feature is not None else config.image_token_index
+        self._special = frozenset(i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special)
+        video = getattr(processor, "video_token", None)
+        media = {self.marker_id, self.feature_id, *processor.image_token_ids, *processor.video_token_ids,
+                 getattr(config, "video_token_id", None), self.tokenizer.convert_tokens_to_ids(video) if video else None}
+        # Never sampled (TRL's local generation suppresses the feature token too): see runtime/families.py.
+        self.never_sampled = sorted({t for t in media if t is not None}
+                                    | self.family.wrapper_tokens(self.tokenizer.get_vocab()))
+        self._spans: dict[tuple[int, int], Span] = {}
+        # The trainer un-expands on its rollout thread and its training thread; a tokenizer is not thread-safe.
+        self._lock = threading.RLock()
+
+    def span(self, size: tuple[int, int]) -> Span:
+        """The processor's expansion of one marker for an image of `size` (width, height): it depends on the
+        size alone, never on the pixels."""
+        with self._lock:
+            span = self._spans.get(size)
+            if span is None:
+                ids = list(self.processor(text=[self.marker], images=[Image.new("RGB", size)], add_special_tokens=False,
+                                          **self.mm_kwargs)["input_ids"][0])
+                first = next(i for i, t in enumerate(ids) if t in self._special)
+                last = max(i for i, t in enumerate(ids) if t in self._special)
+                span = Span(self._decode(ids[:first]), tuple(ids[first:last + 1]), self._decode(ids[last + 1:]))
+                if len(self._spans) >= MAX_SIZES:
+                    self._spans.pop(next(iter(self._spans)))
+                self._spans[size] = span
+            return span
+
+    def expand(self, ids: Sequence[int], sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """`ids` with each marker replaced by the expansion of its image (`sizes`, one per marker, in order):
+        the ids the processor gives for the same text."""
+        markers = sum(1 for t in ids if t == self.marker_id)
+        if markers != len(sizes):
+            raise ValueError(f"{markers} image markers ({self.marker}) for {len(sizes)} images")
+        with self._lock:
+            return self._expand(ids, [self.span(tuple(s)) for s in sizes])
+
+    def _expand(self, ids: Sequence[int], spans: list[Span]) -> list[int]:
+        spans = iter(spans)
+        pieces: list[int | str] = []  # ids as they are, or text tokenized with the text next to it
+        for t in ids:
+            if t != self.marker_id:
+                pieces.append(t)
+                continue
+            span = next(spans)
+            pieces += [p for p in (span.prefix, *span.core, span.suffix) if p != ""]
+        out: list[int] = []
+        run: list[int | str] = []  # non-special pieces in a row
+        for piece in [*pieces, None]:
+            if piece is not None and (isinstance(piece, str) or piece not in self._special):
+                run.append(piece)
+                continue
+            out += self._join(run)
+            run = []
+            if piece is not None:
+                out.append(piece)
+        return out
+
+    def unexpand(self, ids: Sequence[int], sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """The processor's ids (each image expanded; `sizes`: each image's, in order) with one marker per
+        image, as the chat template renders them: the inverse of `expand`."""
+        with self._lock:
+            return self._unexpand(ids, sizes)
+
+    def _unexpand(self, ids: Sequence[int], sizes: Sequence[tuple[int, int]]) -> list[int]:
+        out, cursor = list(ids), 0
+        for size in sizes:
+            span = self.span(tuple(size))
+            start = _find(out, span.core, cursor)
+            if start is None:
+                raise ValueError(f"the processor's expansion of a {size[0]}x{size[1]} image is not in these ids "
+                                 f"(from position {cursor}): were they expanded by this model's processor?")
+            left, right = start, start + len(span.core)
+            before, after = [], []
+            if span.prefix:
+                while left > 0 and out[left - 1] not in self._special:
+                    left -= 1
+                before = self._encode(_without(self._decode(out[left:start]), span.prefix, str.endswith))
+            if span.suffix:
+                end = right
+                while right < len(out) and out[right] not in self._special:
+                    right += 1
+                after = self._encode(_without(self._decode(out[end:right]), span.suffix, str.startswith))
+            out[left:right] = [*before, self.marker_id, *after]
+            cursor = left + len(before) + 1
+        return out
+
+    def _join(self, run: list[int | str]) -> list[int]:
+        if not any(isinstance(p, str) for p in run):
+            return list(run)
+        text, ids = "", []
+        for piece in [*run, ""]:
+            if isinstance(piece, int):
+                ids.append(piece)
+                continue
+            text += self._decode(ids) + piece
+            ids = []
+        return self._encode(text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) if ids else ""
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def _find(ids: list[int], pattern: tuple[int, ...], start: int) -> int | None:
+    first, n = pattern[0], len(pattern)
+    for i in range(start, len(ids) - n + 1):
+        if ids[i] == first and tuple(ids[i:i + n]) == pattern:
+            return i
+    return None
+
+
+def _without(text: str, part: str, has) -> str:
+    if not has(text, part):
+        raise ValueError(f"expected {part!r} beside an image's tokens, found {text!r}")
+    return text[:-len(part)] if has is str.endswith else text[len(part):]
