@@ -347,7 +347,7 @@ def test_a_tool_trajectory_older_than_max_staleness_is_generated_again(two_call_
         rollouts.client.push_weights(rollouts.trainer.model)
     rollouts.policy_version = start + 2
     _, _, versions, stats, trajectories = rollouts.collect(request.prompt_ids, request.images, 2)
-    assert stats == {"staleness_max": 0.0, "stale_groups_dropped": 1.0, "prefetch_hits": 1.0,
+    assert stats == {"staleness_max": 0.0, "stale_groups_dropped": 1.0, "prefetch_hits": 1.0, "prefetch_misses": 0.0,
                      "policy_version": float(start + 2)}
     assert versions == [start + 2] * 2 and [r.versions for r in trajectories] == [[start + 2] * 3] * 2
     assert [[m["role"] for m in r.messages] for r in trajectories] == [["assistant", "tool"] * 2 + ["assistant"]] * 2

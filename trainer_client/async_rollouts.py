@@ -187,12 +187,13 @@ class AsyncRollouts:
             self.lags = [0] * len(prompts)  # generated now, on the newest weights
             return out
         completion_ids, logprobs, versions, stats, rollouts = payload
-        pushed, lags = stats.pop("policy_version"), stats.pop("lags")
+        pushed = stats.pop("policy_version")
         for name, value in stats.items():
             metrics[f"async/{name}"].append(value)
         mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
         self.generation.log_versions(versions[mine], pushed)
-        self.lags = lags[mine]
+        oldest = [min(r.versions) for r in rollouts] if rollouts is not None else versions  # a trajectory's oldest turn
+        self.lags = [int(pushed) - v for v in oldest[mine]]
         if rollouts is not None:
             self._hand_over(rollouts[mine])
             if self.trainer.environment_factories is not None:
@@ -425,8 +426,7 @@ class AsyncRollouts:
         stats = {"staleness_max": float(self.policy_version - _oldest(samples)),
                  "stale_groups_dropped": float(len(stale)), "prefetch_hits": float(hit), "prefetch_misses": float(miss)}
         return ([c.token_ids for c in completions], [[[lp] for lp in c.logprobs] for c in completions],
-                [c.weight_version for c in completions], {**stats, "policy_version": float(self.policy_version),
-                                                          "lags": [self.policy_version - _oldest([s]) for s in samples]},
+                [c.weight_version for c in completions], {**stats, "policy_version": float(self.policy_version)},
                 rollouts)
 
     # ---- weights --------------------------------------------------------------------------------

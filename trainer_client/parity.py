@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 MODES = ("refuse", "warn", "off")
 
 # Mean |logprob difference| per token (nats) a healthy setup stays under, by the coarser of the two sides'
-# compute dtypes. float32: the largest healthy gap measured here on both engines and colocate (tiny models,
-# CPU) was below 2e-6 (docs/health.md), so 1e-3 leaves a 500x margin and still sits far below the
-# smallest broken setup measured (0.06 with weights not pushed). bfloat16 keeps 8 bits of mantissa: a
-# healthy bf16 run's step-0 gap is about 0.017 nats/token (published, GPU); 0.1 is 6x that, and a
-# silently broken sharded sync measured 1.33 to 66.5. float16 (11 bits) takes bfloat16's, conservatively.
+# compute dtypes (docs/health.md). float32: the largest healthy gap measured here, on both engines and in
+# colocate mode (tiny random VLMs, CPU), was 0.0045, all of it the placeholder tokens the server never
+# samples (2 of a 454-token vocabulary); 0.02 is 4.5x that and 7x under the smallest broken setup measured
+# (0.14, weights not pushed). bfloat16 keeps 8 bits of mantissa: a healthy bf16 run's step-0 gap is about
+# 0.017 nats/token (published, GPU), and 0.1 is 6x that; silently broken sharded syncs measured 1.33 to
+# 66.5. float16 (11 bits) takes bfloat16's, conservatively.
 TOLERANCE = {"float32": 0.02, "bfloat16": 0.1, "float16": 0.1}
 _PRECISION = ("float32", "float16", "bfloat16")  # finest first
 
@@ -69,70 +70,79 @@ def _snippet(tokenizer, ids: list[int], at: int) -> str:
     return repr(tokenizer.decode(ids[max(0, at - 3): at + 5]))
 
 
+def _budget(processor) -> str:
+    """An image processor's size settings (the pixel budget), as it holds them."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    fields = size if isinstance(size, dict) else vars(size) if size is not None else {}
+    return ", ".join(f"{k} {v}" for k, v in fields.items() if v is not None) or "unknown settings"
+
+
 def probe_servers(trainer, client, servers: int, row: dict) -> Probe:
     """Step 1 above, on the main process: `row` is the first of the first batch."""
     from trl.data_utils import prepare_multimodal_messages
 
-    from trainer_client.client import collapse_image_runs
     from trainer_client.tools import environment_names
 
-    probe = Probe()
     prompt = row.get("prompt")
     if not isinstance(prompt, list):  # an environment supplies it, or a plain-text prompt: nothing to render
-        probe.lines = {1: "not checked (the first row has no chat prompt)", 2: "not checked"}
-        return probe
+        return Probe({1: "not checked (the first row has no chat prompt)", 2: "not checked"})
     images = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
     messages = prepare_multimodal_messages(prompt, images=images) if images else prompt
-    tokenizer = trl_seam.tokenizer(trainer)
-    token = getattr(trainer.processing_class, "image_token_id", None)
+    probe = Probe()
+    for cause, (line, differs) in ((1, _template(trainer, client, servers, messages, images)),
+                                   (2, _expansion(trainer, client, servers, messages, images,
+                                                  environment_names(trainer, [row])))):
+        probe.lines[cause] = line
+        if differs:
+            probe.differs.append(cause)
+    return probe
 
+
+def _template(trainer, client, servers: int, messages: list[dict], images: list) -> tuple[str, bool]:
+    """Whether every server renders the chat `messages` to the ids the trainer's template gives them."""
+    tokenizer = trl_seam.tokenizer(trainer)
     rendered = tokenizer(trl_seam.render_chat(trainer, messages), add_special_tokens=False)["input_ids"]
     wire = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
              [{"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
             for m in messages]
-    by_messages = client.generate(messages=[wire] * servers, images=[images] * servers, max_tokens=1,
-                                  temperature=0.0, logprobs=False)
-    theirs = by_messages.results[0].prompt_ids
-    for i, result in enumerate(by_messages.results):
-        if result.prompt_ids != rendered:
-            theirs = result.prompt_ids
+    answer = client.generate(messages=[wire] * servers, images=[images] * servers, max_tokens=1, temperature=0.0,
+                             logprobs=False)
+    for url, result in zip(client.base_urls, answer.results, strict=True):
+        theirs = result.prompt_ids
+        if theirs != rendered:
             at = next((k for k, (a, b) in enumerate(zip(theirs, rendered, strict=False)) if a != b),
                       min(len(theirs), len(rendered)))
-            probe.lines[1] = (f"DIFFERS: {client.base_urls[i]} renders the first row's chat to {len(theirs)} ids, the "
-                              f"trainer's template to {len(rendered)}; from id {at} the server has "
-                              f"{_snippet(tokenizer, theirs, at)}, the trainer {_snippet(tokenizer, rendered, at)}. "
-                              "Rollouts go as token ids, but every client that sends messages (the OpenAI routes, "
-                              "an agent, /v1/generate with messages) prompts the model unlike training: serve with "
-                              "the trainer's chat template (align-serve --chat-template, or none: the model's own)")
-            probe.differs.append(1)
-            break
-    else:
-        probe.lines[1] = f"alike (the server renders the first row's chat to the trainer's {len(rendered)} ids)"
+            return (f"DIFFERS: {url} renders the first row's chat to {len(theirs)} ids, the trainer's template to "
+                    f"{len(rendered)}; from id {at} the server has {_snippet(tokenizer, theirs, at)}, the trainer "
+                    f"{_snippet(tokenizer, rendered, at)}. Rollouts go as token ids, but every client that sends "
+                    "messages (the OpenAI routes, an agent, /v1/generate with messages) prompts the model unlike "
+                    "training: serve with the trainer's chat template (align-serve --chat-template, or none: the "
+                    "model's own)"), True
+    return f"alike (the server renders the first row's chat to the trainer's {len(rendered)} ids)", False
 
-    names = environment_names(trainer, [row])
-    expanded = trl_seam.tokenize_prompts(trainer, [messages], names)[0]
-    by_ids = client.generate(prompt_ids=[expanded] * servers, images=[images] * servers, max_tokens=1,
+
+def _expansion(trainer, client, servers: int, messages: list[dict], images: list, environments) -> tuple[str, bool]:
+    """Whether every server expands the trainer's ids of `messages` and their `images` to as many positions."""
+    from trainer_client.client import collapse_image_runs
+
+    expanded = trl_seam.tokenize_prompts(trainer, [messages], environments)[0]
+    answer = client.generate(prompt_ids=[expanded] * servers, images=[images] * servers, max_tokens=1,
                              temperature=0.0, logprobs=False)
-    n_images = len(images)
+    token = getattr(trainer.processing_class, "image_token_id", None)
     sent = len(collapse_image_runs(expanded, token)) if token is not None else len(expanded)
-    for i, result in enumerate(by_ids.results):
+    for url, result in zip(client.base_urls, answer.results, strict=True):
         if result.prompt_tokens is None:
-            probe.lines[2] = "not checked (the server does not report prompt_tokens)"
-            break
+            return "not checked (the server does not report prompt_tokens)", False
         if result.prompt_tokens != len(expanded):
-            budget = getattr(getattr(trainer.processing_class, "image_processor", None), "size", None)
-            probe.lines[2] = (f"DIFFERS: {client.base_urls[i]} expands the first prompt ({sent} ids, {n_images} "
-                              f"image(s)) to {result.prompt_tokens} positions, the trainer's processor to "
-                              f"{len(expanded)}: each image is cut into another number of patches, so the server's "
-                              "model reads other image tokens than the trainer scores. Give align-serve the "
-                              f"trainer's processor budget (--mm-processor-kwargs; the trainer's image processor has "
-                              f"size {budget}) or the trainer the server's")
-            probe.differs.append(2)
-            break
-    else:
-        probe.lines[2] = (f"alike ({n_images} image(s): {len(expanded)} positions on both sides)" if n_images else
-                          f"alike ({len(expanded)} positions; no image in the first row)")
-    return probe
+            return (f"DIFFERS: {url} expands the first prompt ({sent} ids, {len(images)} image(s)) to "
+                    f"{result.prompt_tokens} positions, the trainer's processor to {len(expanded)}: each image is "
+                    "cut into another number of patches, so the server's model reads other image tokens than the "
+                    "trainer scores. Give align-serve the trainer's processor budget (--mm-processor-kwargs; the "
+                    f"trainer's image processor sizes images by {_budget(trainer.processing_class)}) or the trainer "
+                    "the server's"), True
+    if images:
+        return f"alike ({len(images)} image(s): {len(expanded)} positions on both sides)", False
+    return f"alike ({len(expanded)} positions; no image in the first row)", False
 
 
 class ParityCheck:
@@ -188,7 +198,8 @@ class ParityCheck:
                 ("its weights did not reach the sampler (a push that failed silently, a sharded gather that sent "
                  "shards, a name map that dropped tensors) or the server serves another checkpoint than --model")
         else:
-            weights = "not seen (the logprobs match)" if self.values is not None else "not checked yet"
+            weights = ("not seen (the logprobs match)" if self.values is not None else
+                       "not checked (the logprobs are compared on the first batch)")
         if self.sampler.lora is None:
             adapter = "no LoRA adapter in this run"
         elif not gap:
@@ -203,8 +214,13 @@ class ParityCheck:
                 ((1, probe.lines[1]), (2, probe.lines[2]), (3, weights), (4, adapter))]
 
     def message(self, headline: str) -> str:
-        compared = (f"the first batch's sampled completion tokens, each token's logprob as {self.sampler.what} "
-                    "sampled it against the trainer's forward on the same tokens")
+        if self.values is None:  # stopped at the prompts, before the first batch
+            compared = (f"the first row's prompt as {self.sampler.what} renders it from chat messages and expands "
+                        "it from the trainer's token ids with its images, against the trainer's own rendering and "
+                        "expansion")
+        else:
+            compared = (f"the first batch's sampled completion tokens, each token's logprob as {self.sampler.what} "
+                        "sampled it against the trainer's forward on the same tokens")
         lines = [f"step-0 parity check: {headline}.", f"  compared: {compared}"]
         if self.values is not None:
             lines.append(f"  gap: {self.gap_line()}")

@@ -43,6 +43,9 @@ class RolloutHealth(trl_seam.GenerationBatchSeam):
 
     def watch_rollouts(self, sampler: Side) -> None:
         self.parity = ParityCheck(self.args.parity_check, compute_dtype(self), sampler)
+        if not self.vllm_importance_sampling_correction:
+            log.warning("--vllm_importance_sampling_correction false: no forward compares the sampler's logprobs "
+                        "with the trainer's, so no rollout/* metrics and no step-0 logprob check (docs/health.md)")
 
     def rollout_lags(self) -> list[int] | None:
         """Per local sample of the batch just generated, its weight lag; None: every sample is on the newest
