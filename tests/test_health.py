@@ -97,7 +97,7 @@ def broken_server(model, log_dir, *flags):
 def test_a_server_with_another_pixel_budget_is_refused_before_any_push(tiny_vlm, data, tmp_path, log_dir):
     """The server's processor cuts each image into fewer patches than the trainer's (here 1 token, not 4 of
     the 64x64 demo image): the model would read other image tokens than the trainer scores."""
-    proc = broken_server(tiny_vlm, log_dir, "--mm-processor-kwargs", json.dumps({"max_pixels": 784, "min_pixels": 784}))
+    proc = broken_server(tiny_vlm, log_dir, "--mm-processor-kwargs", json.dumps({"max_pixels": 784}))
     try:
         with pytest.raises(SystemExit) as refused:
             grpo(tiny_vlm, data, tmp_path / "out", proc.url)

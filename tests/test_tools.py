@@ -561,8 +561,9 @@ def test_an_environment_with_dynamic_sampling_in_server_mode(two_call_vlm, two_r
     for batch in trained_batches:
         check_trajectories(batch)
         check_environment_images(batch)
-    # Every turn asked for what its own trajectory had left, round after round.
-    assert [a[0] for a in server_trace["asked"]] == TURN_MAX_TOKENS * 4
+    # Every turn asked for what its own trajectory had left, round after round (after the step-0 parity
+    # check's two one-token probes of the first prompt).
+    assert [a[0] for a in server_trace["asked"]] == [1, 1] + TURN_MAX_TOKENS * 4
     image_token = trained_batches[0]["image_token_id"]
     turns = server_trace["turns"]
     assert len(turns) == 12
