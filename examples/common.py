@@ -67,6 +67,14 @@ def serving(model: Path, engine: str, seed: int, log: Path) -> Iterator[str]:
                 server.wait()
 
 
+def rollout_text(logs: dict) -> str:
+    """A step's rollout health in a few characters: K3 KL and the IS ratio's mean between the server's
+    logprobs and the trainer's (docs/health.md), or nothing when the step logged none."""
+    if "rollout/k3_kl" not in logs:
+        return ""
+    return f"K3 {logs['rollout/k3_kl']:.1e} IS {logs['rollout/is_ratio/mean']:.3f}  "
+
+
 class StepLines:
     """One printed line per logged training step, `line(step, logs, seconds since start)` making it; the
     logs of every step are kept (`steps`)."""

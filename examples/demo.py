@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from examples.common import BIN, StepLines, plot_steps, run, serving, start_demo, train_here
+from examples.common import BIN, StepLines, plot_steps, rollout_text, run, serving, start_demo, train_here
 from examples.tiny_model import ARCHS
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -115,7 +115,7 @@ class EveryStep:
         acc = f"accuracy {self.accuracy[step]:4.0%}" if step in self.accuracy else " " * 13
         return (f"step {step:3d}  reward {logs['reward']:.3f}  "
                 f"dropped groups {logs.get('dynamic_sampling/dropped_group_ratio', 0):4.0%}  "
-                f"staleness {logs.get('async/staleness_max', 0):.1f}  {acc}  {seconds:4.0f} s")
+                f"staleness {logs.get('async/staleness_max', 0):.1f}  {rollout_text(logs)}{acc}  {seconds:4.0f} s")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from examples.common import BIN, StepLines, plot_steps, run, serving, start_demo, train_here
+from examples.common import BIN, StepLines, plot_steps, rollout_text, run, serving, start_demo, train_here
 
 SIZE = 256
 MAX_PIXELS = 64 * 64  # what the model's processor keeps of any image: a 4x downscale of the task image
@@ -182,7 +182,7 @@ def evaluate(model, processor, n: int, seed: int, enlarge: bool) -> float:
 def step_line(step: int, logs: dict, seconds: float) -> str:
     return (f"step {step:3d}  reward {logs['reward']:.3f}  "
             f"tool calls per sample {logs.get('tools/call_frequency', 0):.2f}  "
-            f"accuracy {logs.get('rewards/accuracy_reward/mean', 0):4.0%}  {seconds:4.0f} s")
+            f"accuracy {logs.get('rewards/accuracy_reward/mean', 0):4.0%}  {rollout_text(logs)}{seconds:4.0f} s")
 
 
 def plot(path: Path, steps: list[dict]) -> Path:

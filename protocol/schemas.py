@@ -146,6 +146,9 @@ class Completion(BaseModel):
 
 class PromptResult(BaseModel):
     prompt_ids: list[int]  # one placeholder per image, as the engine was given them
+    # The positions the model reads for this prompt, each image expanded by the server's processor: a
+    # client holding the expanded ids can tell whether both sides expand its images alike.
+    prompt_tokens: int | None = None
     completions: list[Completion]
 
 
@@ -179,3 +182,4 @@ class ServerInfo(BaseModel):
     image_token_id: int | None
     eos_token_ids: list[int]
     limits: Limits
+    dtype: str | None = None  # what the served model computes in (float32, bfloat16, ...)

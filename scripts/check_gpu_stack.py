@@ -409,6 +409,8 @@ def checks() -> list:
         Call(ENGINE_ARGS, kwargs=("enable_lora", "max_lora_rank", "max_loras", "max_cpu_loras")),
         Call("vllm.lora.request.LoRARequest", kwargs=("lora_name", "lora_int_id", "lora_path")),
         Call(f"{ASYNC_LLM}.add_lora", 1),
+        # ... and retires a version once no request uses it (server/engines/vllm.py: _remove_unused_loras)
+        Call(f"{ASYNC_LLM}.remove_lora", 1),
     ]
 
 

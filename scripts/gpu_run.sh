@@ -7,8 +7,9 @@
 # Steps (docs/gpu.md says what each proves): install the gpu extra, the GPU-stack check, the contract
 # and parity tests on CUDA in float32 and bfloat16, the weight-sync and fault tests on the vLLM
 # engine, nccl/ipc sync and a killed nccl sender (tests/test_weights_gpu.py), 20 GRPO steps in
-# server mode over nccl and over ipc with the served answer checked against the trained model,
-# on a machine with 3 GPUs FSDP2 and ZeRO-3 trainers in server mode (issue 20), then the benches. Every step runs even if an earlier one failed; each writes OUT_DIR/<step>.log,
+# server mode over nccl and over ipc with the served answer checked against the trained model, the
+# step-0 parity check's numbers in float32 and bfloat16 (align-train check), on a machine with 3 GPUs
+# FSDP2 and ZeRO-3 trainers in server mode (issue 20), with a LoRA adapter too, then the benches. Every step runs even if an earlier one failed; each writes OUT_DIR/<step>.log,
 # and OUT_DIR/summary.txt lists them. Exit status: the number of failed steps.
 # Not yet run on a GPU: expect to fix it on first contact (docs/gpu.md, "Part 2").
 
@@ -56,9 +57,11 @@ install() {
     $PY -c "import torch, vllm; assert torch.cuda.is_available(), 'torch sees no GPU'; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
 }
 
-serve() {  # serve MODEL PORT: align-serve (vLLM, float32) in its own process group; sets SERVER_PID
-    VLLM_ALLOW_INSECURE_SERIALIZATION=1 setsid $PY -m server.cli --model "$1" --engine vllm --port "$2" \
-        --enforce-eager $SERVE_FP32 >>"$OUT_DIR/server-$2.log" 2>&1 &
+serve() {  # serve MODEL PORT [FLAGS...]: align-serve (vLLM, float32 unless FLAGS say) in its own process group; sets SERVER_PID
+    local model=$1 port=$2
+    shift 2
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 setsid $PY -m server.cli --model "$model" --engine vllm --port "$port" \
+        --enforce-eager $SERVE_FP32 "$@" >>"$OUT_DIR/server-$port.log" 2>&1 &
     SERVER_PID=$!
 }
 
@@ -103,6 +106,44 @@ assert tokens == expected, "the server does not answer as the trained model does
 EOF
 }
 
+check_served_lora() {  # check_served_lora URL ADAPTER_DIR MIN_VERSION: the server answers as base + the trained adapter
+    $PY - "$1" "$2" "$WORK/tiny" "$3" <<'EOF'
+import sys
+
+from peft import PeftModel
+
+from tests.test_weights import Trainer, served
+from trainer_client import AlignClient
+
+url, adapter_dir, start_dir, min_version = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+trainer, before = Trainer(start_dir), Trainer(start_dir).greedy()
+trainer.model = PeftModel.from_pretrained(trainer.model, adapter_dir).merge_and_unload().eval()
+with AlignClient(url) as client:
+    tokens, version = served(client, trainer)
+expected = trainer.greedy()
+print(f"served {tokens} at weight_version {version}; base + trained adapter: {expected}; the base's {before}")
+assert version >= min_version, f"expected a push per step, the server is at weight_version {version}"
+assert expected != before, "training left the greedy answer unchanged: the check below would prove nothing"
+assert tokens == expected, "the server does not answer as the base with the trained adapter does"
+EOF
+}
+
+health() {  # the step-0 parity check's numbers on CUDA (docs/health.md): align-train check against a
+    # float32 server from a float32 trainer, then against a bfloat16 server from a bfloat16 trainer
+    local port=$((8100 + RANDOM % 800)) status=0 dtype bf16
+    tiny_and_data
+    for dtype in float32 bfloat16; do
+        bf16=$([ $dtype = bfloat16 ] && echo true || echo false)
+        serve "$WORK/tiny" "$port" --dtype $dtype
+        $PY -c "from trainer_client import AlignClient; AlignClient('http://127.0.0.1:$port').wait_ready(timeout=900)" &&
+        PYTHONPATH="$WORK:${PYTHONPATH:-}" $PY -m trainer_client.cli check --model "$WORK/tiny" \
+            --dataset "$WORK/data/grpo.jsonl" --output_dir "$WORK/check-$dtype" --vllm-mode server \
+            --server-url "http://127.0.0.1:$port" --bf16 $bf16 $GRPO_FLAGS || status=1
+        stop_server
+    done
+    return $status
+}
+
 grpo() {  # grpo TRANSPORT: 20 server-mode GRPO steps pushing over TRANSPORT, then check the served answer
     local transport=$1 port=$((8100 + RANDOM % 800)) status
     tiny_and_data
@@ -117,10 +158,17 @@ grpo() {  # grpo TRANSPORT: 20 server-mode GRPO steps pushing over TRANSPORT, th
     return $status
 }
 
-sharded() {  # sharded fsdp2|zero3: issue 20 end to end. 2 trainer processes on GPUs 0 and 1, sharded,
+sharded() {  # sharded fsdp2|zero3 [lora]: issue 20 end to end. 2 trainer processes on GPUs 0 and 1, sharded,
     # push to a server on GPU 2: 10 synchronous steps, then 10 with --async_rollouts (every push gathered
-    # by both processes, the async snapshot too), each run checked against the served answer.
-    local kind=$1 port=$((8100 + RANDOM % 800)) status=0 cfg="$WORK/accelerate-$1.yaml" mode min=0
+    # by both processes, the async snapshot too), each run checked against the served answer. With
+    # `lora`: a LoRA adapter, pushed alone (--lora_sync adapter: the base once, then one adapter per step).
+    local kind=$1 lora=${2:-} port=$((8100 + RANDOM % 800)) status=0 cfg="$WORK/accelerate-$1.yaml" mode min=0
+    local serve_flags=() train_flags=() check=check_served
+    if [ -n "$lora" ]; then
+        serve_flags=(--enable-lora --max-lora-rank 8)
+        train_flags=(--use_peft --lora_r 8 --lora_dropout 0 --lora_target_modules q_proj v_proj o_proj --lora_sync adapter)
+        check=check_served_lora
+    fi
     tiny_and_data
     if [ "$kind" = fsdp2 ]; then
         printf '%s\n' "distributed_type: FSDP" "num_processes: 2" "mixed_precision: 'no'" "fsdp_config:" \
@@ -132,22 +180,23 @@ sharded() {  # sharded fsdp2|zero3: issue 20 end to end. 2 trainer processes on 
             "deepspeed_config:" "  zero_stage: 3" "  zero3_init_flag: true" \
             "  zero3_save_16bit_model: true" >"$cfg"
     fi
-    CUDA_VISIBLE_DEVICES=2 serve "$WORK/tiny" "$port"
+    CUDA_VISIBLE_DEVICES=2 serve "$WORK/tiny" "$port" "${serve_flags[@]}"
     $PY -c "from trainer_client import AlignClient; AlignClient('http://127.0.0.1:$port').wait_ready(timeout=900)" || status=1
     for mode in sync async; do
         [ $status = 0 ] || break
-        min=$((min + 11))  # the start push and one per step
+        min=$((min + 11))  # the start push (LoRA: the base, then the adapter) and one per step
         CUDA_VISIBLE_DEVICES=0,1 PYTHONPATH="$WORK:${PYTHONPATH:-}" $PY -m accelerate.commands.launch --config_file "$cfg" \
             -m trainer_client.cli grpo --model "$WORK/tiny" --dataset "$WORK/data/grpo.jsonl" \
             --output_dir "$WORK/$kind-$mode" --vllm-mode server --server-url "http://127.0.0.1:$port" \
-            --weight-transport http --max_steps 10 $GRPO_FLAGS $([ $mode = async ] && echo --async_rollouts) &&
-        check_served "http://127.0.0.1:$port" "$WORK/$kind-$mode" "$min" || status=1
+            --weight-transport http --max_steps 10 $GRPO_FLAGS "${train_flags[@]}" \
+            $([ $mode = async ] && echo --async_rollouts) &&
+        $check "http://127.0.0.1:$port" "$WORK/$kind-$mode" "$min" || status=1
     done
     stop_server
     return $status
 }
 
-export -f machine install serve stop_server tiny_and_data check_served grpo sharded
+export -f machine install serve stop_server tiny_and_data check_served check_served_lora health grpo sharded
 export GRPO_FLAGS
 
 step machine machine
@@ -159,13 +208,16 @@ step parity-bf16 env ALIGN_TEST_SERVE_ARGS="--dtype bfloat16 --gpu-memory-utiliz
     $PY -m pytest -m vllm tests/test_contract.py -k greedy
 step weights-vllm env ALIGN_TEST_SERVE_ARGS="$SERVE_FP32" $PY -m pytest -m vllm tests/test_weights_vllm.py tests/test_faults_vllm.py
 step weights-gpu $PY -m pytest -m gpu tests/test_weights_gpu.py
+step health health
 step grpo-nccl grpo nccl
 step grpo-ipc grpo ipc
 if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 3 ]; then
     step sharded-fsdp2 sharded fsdp2
     step sharded-zero3 sharded zero3
+    step sharded-fsdp2-lora sharded fsdp2 lora
+    step sharded-zero3-lora sharded zero3 lora
 else
-    echo "== sharded-fsdp2, sharded-zero3: not run, they need 3 GPUs (2 sharded trainer processes, 1 server)" \
+    echo "== sharded-fsdp2, sharded-zero3 (and -lora): not run, they need 3 GPUs (2 sharded trainer processes, 1 server)" \
         | tee -a "$OUT_DIR/summary.txt"
 fi
 step bench-sync $PY bench/weight_sync.py --engine vllm --device cuda --dtype bfloat16 --hidden 2048 --layers 16 \

@@ -2,7 +2,8 @@
 by FSDP2's `fully_shard` or DeepSpeed ZeRO-3's `zero.Init` pushes its weights to align-serve with every
 rank taking part (`weights.push_gathered`), on each transport, then as the async snapshot
 (`weights.host_copy`). After every push the main rank checks that the server answers greedily exactly
-as the gathered model does. Prints one JSON line per check on rank 0."""
+as the gathered model does. Then a sharded LoRA model pushes its adapter (tests/sharded_lora_worker.py).
+Prints one JSON line per check on rank 0."""
 
 import json
 import math
@@ -10,19 +11,23 @@ import sys
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from torch.distributed.fsdp import fully_shard
 
+from tests.sharded_lora_worker import push_adapter_from_every_rank
 from tests.test_weights import SMALL_BUCKET, Trainer, served
 from trainer_client import AlignClient
 from trainer_client.cli import end_distributed_process
 from trainer_client.weights import Gathered, full_shape, host_copy, named_weights, push_gathered, push_one
 
 
-def shard(model, sharding: str) -> None:
+def shard(model, sharding: str, root=None) -> None:
+    """Shard `model` (its decoder layers, then `root`: the model itself, or the PEFT model around it)."""
+    root = model if root is None else root
     if sharding == "fsdp2":
         for layer in model.model.language_model.layers:
             fully_shard(layer)
-        fully_shard(model)
+        fully_shard(root)
         return
     import deepspeed
 
@@ -30,7 +35,7 @@ def shard(model, sharding: str) -> None:
     # gloo carries these gathers as well.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
-    deepspeed.zero.Init(module=model, config_dict_or_path={"train_batch_size": 2, "zero_optimization": {"stage": 3}})
+    deepspeed.zero.Init(module=root, config_dict_or_path={"train_batch_size": 2, "zero_optimization": {"stage": 3}})
 
 
 def local(p: torch.Tensor) -> torch.Tensor:
@@ -59,7 +64,7 @@ def gathered_greedy(model, reference: Trainer) -> list[int] | None:
 
 
 def main(sharding: str, model_dir: str, url: str, transports: list[str]) -> None:
-    dist.init_process_group("gloo")
+    PartialState(cpu=True)  # the gloo group, as accelerate sets it up for the trainer's own collectives
     rank = dist.get_rank()
     reference = Trainer(model_dir)  # every rank loads it; the main one keeps it as the unsharded twin
     model = type(reference.model).from_pretrained(model_dir)
@@ -98,6 +103,8 @@ def main(sharding: str, model_dir: str, url: str, transports: list[str]) -> None
     dist.all_gather_object(outcomes, raised)
     if rank == 0:
         print(json.dumps({"failure": outcomes, "version_after": client.info(refresh=True).weight_version}), flush=True)
+    for line in push_adapter_from_every_rank(sharding, model_dir, client, rank == 0, shard, local):
+        print(json.dumps(line), flush=True)
     end_distributed_process()
 
 

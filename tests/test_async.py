@@ -17,7 +17,7 @@ from tests.test_train import (
     train,
     weights,
 )
-from tests.utils import ServerProcess, prompts_served
+from tests.utils import ServerProcess, assert_rollouts_match, logged_rollouts, prompts_served
 from trainer_client.config import parse_args
 
 
@@ -133,7 +133,15 @@ def test_async_rollouts_one_step_off(tiny_vlm, data, tmp_path, server):
     assert logged(trainer, "async/staleness_max") == [0, 1, 1, 1]
     assert logged(trainer, "async/prefetch_hits") == [0, 1, 1, 1]
     assert logged(trainer, "async/stale_groups_dropped") == [0] * 4
+    assert logged(trainer, "async/prefetch_misses") == [0] * 4
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+    # The rollout/* metrics split by staleness: step 1's samples are on the trainer's weights and match
+    # them; the later steps' are one version behind (what staleness costs shows as their gap).
+    steps = [e for e in trainer.state.log_history if "loss" in e]
+    assert [("rollout/lag_0/k3_kl" in e, "rollout/lag_ge1/k3_kl" in e) for e in steps] == \
+        [(True, False)] + [(False, True)] * 3
+    assert [e["step"] for e in assert_rollouts_match(trainer.state.log_history)] == [1]
+    assert all(e["rollout/lag_ge1/k3_kl"] > 0 for e in steps[1:])
 
 
 def test_async_rollouts_with_dynamic_sampling_and_two_versions_of_staleness(tiny_vlm, data, tmp_path, server):
@@ -156,6 +164,7 @@ def test_async_rollouts_on_the_vllm_engine(tiny_vlm, data, tmp_path, vllm_vlm):
     assert server_version(vllm_vlm) == v + 4
     assert logged(trainer, "weight_version") == [v + 1, v + 1, v + 2]
     assert max(logged(trainer, "async/staleness_max")) == 1
+    assert [e["step"] for e in assert_rollouts_match(trainer.state.log_history)] == [1]
 
 
 def test_groups_older_than_max_staleness_are_generated_again(tiny_vlm, data, tmp_path, server):
@@ -188,6 +197,40 @@ def test_groups_older_than_max_staleness_are_generated_again(tiny_vlm, data, tmp
     rollouts.close()
 
 
+def test_a_batch_read_ahead_for_other_rows_is_a_miss_however_alike_they_look(tiny_vlm, data, tmp_path, server):
+    """The demo's data, as many real datasets: one fixed question over same-size images, so two rows' prompt
+    ids and image sizes agree. A batch read ahead for other rows (a resumed run, another sampler order) is
+    not this one: it is counted as a miss and this batch generated now, never trained on against the wrong
+    rows' rewards. Telling them apart takes the images' content, or the rows' identity."""
+    from trainer_client.config import parse_args as parse
+    from trainer_client.trainers import build_trainer
+
+    method, align, config, _ = parse(["grpo", "--model", str(tiny_vlm), "--dataset", str(data / "grpo.jsonl"),
+                                      "--output_dir", str(tmp_path / "out"), *SMALL, "--num_generations", "4",
+                                      "--max_completion_length", "4", "--vllm-mode", "server", "--async_rollouts",
+                                      "--server-url", server.url])
+    rollouts = build_trainer(method, align, config).vllm_generation
+    batches = iter(rollouts.trainer.get_train_dataloader())
+    rows, other_rows = list(next(batches))[::4], list(next(batches))[::4]
+    ahead, asked = rollouts.prepare(rows, 4), rollouts.prepare(other_rows, 4)
+    assert ahead.prompt_ids == asked.prompt_ids  # the same question...
+    assert [[i.size for i in imgs] for imgs in ahead.images] == [[i.size for i in imgs] for imgs in asked.images]
+    assert ahead.row_ids != asked.row_ids  # ...over other rows
+    rollouts.push_at_start()
+
+    def read_ahead_then_ask(request, row_ids) -> dict:
+        rollouts.launch(rollouts.prepare(rows, 4))
+        return rollouts.collect(request.prompt_ids, request.images, 4, row_ids=row_ids)[3]
+
+    stats = read_ahead_then_ask(asked, asked.row_ids)
+    assert (stats["prefetch_hits"], stats["prefetch_misses"]) == (0, 1)
+    stats = read_ahead_then_ask(asked, None)  # the rows unknown: the images' content alone tells them apart
+    assert (stats["prefetch_hits"], stats["prefetch_misses"]) == (0, 1)
+    stats = read_ahead_then_ask(ahead, ahead.row_ids)  # the batch it was read ahead for
+    assert (stats["prefetch_hits"], stats["prefetch_misses"]) == (1, 0)
+    rollouts.close()
+
+
 # ---- async with several servers, LoRA, GSPO and accelerate --------------------------------------
 
 def test_async_rollouts_across_two_servers_with_lora(tiny_vlm, data, tmp_path, log_dir):
@@ -209,6 +252,7 @@ def test_async_rollouts_across_two_servers_with_lora(tiny_vlm, data, tmp_path, l
         assert logged(trainer, "async/staleness_max") == [0, 1, 1]
         assert logged(trainer, "async/stale_groups_dropped") == [0] * 3
         assert prompts_served(server) == prompts_served(second) > 0  # the batches were split between them
+        assert [e["step"] for e in assert_rollouts_match(trainer.state.log_history)] == [1]
 
         check_servers_answer_as_the_merged_adapter(trainer, server, second)
     finally:
@@ -228,6 +272,9 @@ def test_async_gspo_stays_within_its_staleness(tiny_vlm, data, tmp_path, server)
     assert staleness and max(staleness) <= 4
     pushed, used = logged(trainer, "weight_version_pushed"), logged(trainer, "weight_version")
     assert all(p - u <= 4 for p, u in zip(pushed, used, strict=True))
+    # TRL's own "old logprobs" pass forms the ratio here (a generation batch spans 4 steps): the first
+    # generation batch's samples, on the trainer's weights when it was scored, match them
+    assert assert_rollouts_match(trainer.state.log_history)[0]["step"] == 1
 
 
 def test_async_rollouts_under_accelerate_two_processes(tiny_vlm, data, tmp_path, server):
@@ -239,3 +286,4 @@ def test_async_rollouts_under_accelerate_two_processes(tiny_vlm, data, tmp_path,
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))
     used = [float(v) for v in re.findall(r"'weight_version': '([0-9.]+)'", proc.stdout + proc.stderr)]
     assert used == [v + 1, v + 1, v + 2], proc.stdout[-3000:]
+    assert [e["step"] for e in assert_rollouts_match(logged_rollouts(proc.stdout + proc.stderr))] == [1]

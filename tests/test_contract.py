@@ -67,6 +67,8 @@ def test_info_reports_engine_limits_and_version(server, client):
     assert info.weight_version == 0
     assert info.limits.max_model_len == 512 and info.limits.max_image_bytes == 300000
     assert info.image_token_id is not None and info.eos_token_ids
+    # What the served model computes in: float32 here (the default on CPU), or the --dtype a GPU run gives.
+    assert info.dtype == os.environ.get("ALIGN_TEST_DTYPE", "float32")
 
 
 def test_generate_returns_n_completions_with_logprobs_and_version(client):
@@ -95,6 +97,7 @@ def test_greedy_matches_transformers_generate_token_for_token(client, reference)
     with torch.inference_mode():
         ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, len(expanded):].tolist()
     out = client.generate(prompt_ids=[expanded], images=[[image]], temperature=0.0, max_tokens=16)
+    assert out.results[0].prompt_tokens == len(expanded)  # the server expands the image as the processor does
     got = out.results[0].completions[0].token_ids
     assert got == ref[: len(got)] and (len(got) == 16 or got[-1] in client.info().eos_token_ids)
 

@@ -359,7 +359,7 @@ def test_gemma3_trains_with_token_type_ids_on_its_own_image_tokens(models, data,
     def recorded(self, *args, **kwargs):
         ids, types = kwargs.get("input_ids"), kwargs.get("token_type_ids")
         if ids is not None and types is not None:
-            seen.append((ids.shape == types.shape and bool((types == (ids == self.config.image_token_id)).all())))
+            seen.append(ids.shape == types.shape and bool((types == (ids == self.config.image_token_id)).all()))
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(transformers.Gemma3ForConditionalGeneration, "forward", recorded)

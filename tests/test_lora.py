@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -16,7 +18,7 @@ from examples.tiny_model import build
 from server.engines import EnginePrompt
 from server.lora import AdapterRefused, check_adapter, lora_targets
 from tests.test_weights import KEY, MAX_TOKENS, Trainer, served, version
-from tests.utils import ServerProcess, wait_for
+from tests.utils import ServerProcess, assert_rollouts_match, wait_for
 from trainer_client import AlignClient, AlignServerError
 from trainer_client.weights import adapter_weights, named_weights, plan_buckets
 
@@ -142,15 +144,66 @@ def test_full_sync_drops_the_adapter(client, trainer):
     check_full_sync_drops_the_adapter(client, trainer)
 
 
-def test_adapter_config_change_serves_the_new_config(client, tiny_vlm):
+def check_adapter_config_change_serves_the_new_config(client, model_dir) -> None:
     """Another rank, alpha, rsLoRA, target set and per-module patterns (a new run on the same
     server): served as PEFT computes it."""
-    other = LoraTrainer(tiny_vlm, r=4, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "down_proj"],
+    other = LoraTrainer(model_dir, r=4, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "down_proj"],
                         rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 5})
     tokens, v = served(client, other)
     expected = other.perturb_until_changed(21, tokens)
     assert client.push_adapter(other.model) == v + 1
     assert served(client, other) == (expected, v + 1)
+
+
+def test_adapter_config_change_serves_the_new_config(client, tiny_vlm):
+    check_adapter_config_change_serves_the_new_config(client, tiny_vlm)
+
+
+def check_adapter_traffic_during_syncs(client, trainer, loaded=None) -> None:
+    """Generate traffic from three threads while three adapter versions land: no answer fails, and each is,
+    token for token, the PEFT output of the version it is tagged with (a request admitted before a commit
+    finishes on the adapter it started with). `loaded()`: the adapter versions the server holds; once the
+    traffic is done, only the newest: every older one was retired when its last request finished."""
+    expected = {}
+    tokens, v = served(client, trainer)
+    expected[v] = tokens
+    stop = threading.Event()
+    answers, errors = [], []
+
+    def traffic():
+        with AlignClient(client.base_urls[0], api_key=KEY, max_retries=0) as c:
+            while not stop.is_set():
+                try:
+                    out = c.generate(prompt_ids=[trainer.prompt_ids] * 2, images=[trainer.images] * 2,
+                                     temperature=0.0, max_tokens=MAX_TOKENS)
+                except Exception as exc:  # noqa: BLE001 - every failure is a test failure, collected
+                    errors.append(exc)
+                    continue
+                answers.append((out.weight_version, [r.completions[0].token_ids for r in out.results]))
+
+    def seen(version: int) -> bool:
+        return bool(errors) or sum(1 for tagged, _ in list(answers) if tagged == version) >= 2
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(traffic) for _ in range(3)]
+        try:
+            wait_for(lambda: seen(v), f"2 answers at version {v}", timeout=300)
+            for seed in (51, 52, 53):
+                new_tokens = trainer.perturb_until_changed(seed, expected[max(expected)])
+                pushed = client.push_adapter(trainer.model, transport="shm")
+                expected[pushed] = new_tokens
+                wait_for(lambda pushed=pushed: seen(pushed), f"2 answers at version {pushed}", timeout=300)
+        finally:
+            stop.set()
+            for f in futures:
+                f.result()
+    assert not errors, errors[:3]
+    assert sorted(expected) == list(range(v, v + 4))
+    for tagged, rows in answers:
+        assert all(row == expected[tagged] for row in rows), f"version {tagged} answered with another adapter"
+    assert {tagged for tagged, _ in answers} == set(expected)  # the traffic spanned every sync
+    if loaded is not None:
+        assert loaded() == [v + 3]
 
 
 # ---- refusals: a 4xx naming the tensor or feature, and the old adapter still serving ----------------
@@ -160,8 +213,12 @@ def _rename(specs, i, name):
 
 
 def test_each_unsupported_adapter_gets_a_4xx_and_the_old_adapter_keeps_serving(server, client, trainer):
+    check_unsupported_adapters_refused(server.url, client, trainer)
+
+
+def check_unsupported_adapters_refused(url: str, client, trainer) -> None:
+    """Each adapter the server cannot serve as PEFT does gets a 4xx naming the field; the old adapter serves on."""
     tokens, v = served(client, trainer)
-    url = server.url
     a_name = adapter_weights(trainer.model)[0][0][0]  # base_model.model.<module>.lora_A.weight
     refused(init_adapter(url, trainer, {"use_dora": True}), 422, "adapter.use_dora", "DoRA")
     refused(init_adapter(url, trainer, {"bias": "lora_only"}), 422, "adapter.bias", "LoRA bias")
@@ -271,16 +328,19 @@ def test_killed_adapter_sender_leaves_the_old_adapter_serving(server, client, tr
 
 def run_grpo_with_adapter_sync(server, client, model_dir, data, out, *flags):
     """Two GRPO steps with `--use_peft --lora_sync adapter`: the base weights and the adapter at
-    the start, then one adapter per step; the server ends up answering as the trained PEFT model."""
+    the start, then one adapter per step; the server ends up answering as the trained PEFT model, and
+    its logprobs are the PEFT model's (without LoRA dropout, which the trainer's forward would apply and
+    the server never does: it would show as mismatch from the second step)."""
     from tests.test_train import REWARDS, check_servers_answer_as_the_merged_adapter, train
 
     v = version(client)
     trainer = train("grpo", model_dir, data / "grpo.jsonl", out, "--max_steps", "2", "--learning_rate", "0.5",
                     "--vllm-mode", "server", "--server-url", server.url, "--api_key", KEY,
                     "--steps_per_generation", "1", "--use_peft", "--lora_r", "4", "--lora_target_modules", *TARGETS,
-                    "--lora_sync", "adapter", *flags, *REWARDS)
+                    "--lora_dropout", "0", "--lora_sync", "adapter", *flags, *REWARDS)
     assert trainer.state.global_step == 2
     assert version(client) == v + 4  # base, adapter, then one adapter per step (merged would be v + 3)
+    assert_rollouts_match(trainer.state.log_history)
     check_servers_answer_as_the_merged_adapter(trainer, server, api_key=KEY)
     return trainer
 
@@ -295,9 +355,23 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags", [[], ["--async_rollouts"]], ids=["sync", "async"])
-def test_grpo_run_pushes_its_adapter(flags, server, client, tiny_vlm, data, tmp_path, caplog):
-    caplog.set_level("WARNING", logger="trainer_client.weight_pusher")
+def test_grpo_run_pushes_its_adapter(flags, server, client, tiny_vlm, data, tmp_path):
     run_grpo_with_adapter_sync(server, client, tiny_vlm, data, tmp_path / "out", *flags)
+
+
+def test_lora_dropout_is_said_once_since_the_server_applies_none(server, tiny_vlm, data, tmp_path, caplog):
+    from tests.test_train import REWARDS, SMALL
+    from trainer_client.config import parse_args
+    from trainer_client.trainers import build_trainer
+
+    caplog.set_level("WARNING", logger="trainer_client.weight_pusher")
+    method, align, config, model_args = parse_args([
+        "grpo", "--model", str(tiny_vlm), "--dataset", str(data / "grpo.jsonl"), "--output_dir", str(tmp_path),
+        *SMALL, "--num_generations", "4", "--vllm-mode", "server", "--server-url", server.url, "--api_key", KEY,
+        "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--lora_sync", "adapter", *REWARDS])
+    from trl import get_peft_config
+
+    build_trainer(method, align, config, peft_config=get_peft_config(model_args))
     # TRL's default lora_dropout is 0.05: said once, since the server applies none.
     assert sum("the server applies none" in r.getMessage() for r in caplog.records) == 1
 

@@ -1,6 +1,6 @@
-"""Sharded trainers push whole weights: FSDP2 (`fully_shard`) and DeepSpeed ZeRO-3 (`zero.Init`), 2
-processes over gloo on CPU, against a real align-serve. Every rank takes part; the server ends up
-serving exactly the gathered model."""
+"""Sharded trainers push whole weights, and LoRA adapters: FSDP2 (`fully_shard`) and DeepSpeed ZeRO-3
+(`zero.Init`), 2 processes over gloo on CPU, against a real align-serve (--enable-lora). Every rank takes
+part; the server ends up serving exactly the gathered model, or the base with the gathered adapter."""
 
 import importlib.util
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_lora import LORA_SERVER
 from tests.utils import ServerProcess, free_port
 
 ROOT = Path(__file__).parents[1]
@@ -18,7 +19,7 @@ TRANSPORTS = ["http", "tcp", "shm", "snapshot"]
 
 @pytest.fixture(scope="module")
 def server(tiny_vlm, log_dir):
-    s = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir)
+    s = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir, extra=LORA_SERVER)
     try:
         yield s.wait_ready()
     finally:
@@ -34,7 +35,7 @@ def test_sharded_push_from_every_rank_serves_the_gathered_model(sharding, tiny_v
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    pushes, failure = lines[:-1], lines[-1]
+    pushes, failure, adapter, snapshot = lines[:-3], lines[-3], lines[-2], lines[-1]
     assert [p["transport"] for p in pushes] == TRANSPORTS
     for p in pushes:
         assert p["shard_elements"] * 2 == p["full_elements"]  # each rank held half: the model was sharded
@@ -46,6 +47,14 @@ def test_sharded_push_from_every_rank_serves_the_gathered_model(sharding, tiny_v
     assert failure["failure"][0] == "the main rank's push broke"
     assert failure["failure"][1].startswith("the main process's weight push failed: RuntimeError")
     assert failure["version_after"] == pushes[-1]["version"]
+    # A sharded LoRA model (--lora_sync adapter): its adapter tensors are shards too (ZeRO-3's
+    # state_dict() copies lost that, and the main rank gathered alone while the other skipped it), every
+    # rank pushes the base and then the adapter, and the server answers as the unsharded PEFT twin.
+    assert adapter["adapter_sync"] and adapter["adapter_sharded"], adapter
+    assert adapter["shard_elements"] and adapter["changed"]
+    assert adapter["version"] == failure["version_after"] + 2  # the base weights, then the adapter
+    assert adapter["served"] == adapter["expected"], adapter
+    assert snapshot["version"] == adapter["version"] + 1 and snapshot["served"] == snapshot["expected"], snapshot
 
 
 def test_sharded_setups_server_mode_cannot_gather_are_refused_at_start():

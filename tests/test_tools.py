@@ -18,7 +18,7 @@ from trl import GRPOTrainer
 
 from runtime.torchvision_compat import load_processor
 from tests.tool_model import ANSWER, IMAGE_SEED, QUESTION, ZOOMED_SEED, ZoomEnvironment, zoom
-from tests.utils import ServerProcess, random_image
+from tests.utils import ServerProcess, assert_rollouts_match, random_image
 from trainer_client.cli import run
 from trainer_client.client import AlignClient, collapse_image_runs
 from trainer_client.config import parse_args
@@ -250,7 +250,8 @@ def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, dat
     v = version(server)
     trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url)
     assert trainer.state.global_step == 2 and len(trained_batches) == 2
-    assert [a[0] for a in server_trace["asked"]] == TURN_MAX_TOKENS * 2
+    # (first the step-0 parity check's two one-token probes of the first prompt: as messages, as ids)
+    assert [a[0] for a in server_trace["asked"]] == [1, 1] + TURN_MAX_TOKENS * 2
 
     turns = server_trace["turns"]
     check_two_batches_exactly(trained_batches, turns, server_trace["asked"])
@@ -258,6 +259,7 @@ def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, dat
     assert trainer.vllm_generation.turn_versions == [[v + 2] * 3] * 2
     assert metric(trainer, "weight_version_oldest_turn") == [v + 1.0, v + 2.0]
     assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2  # over the model's turns, not the tools'
 
 
 @pytest.fixture()
@@ -325,6 +327,7 @@ def test_async_rollouts_run_the_tool_turns_in_the_worker(two_call_vlm, data, tmp
     assert metric(trainer, "tools/calls_per_sample") == [2.0, 2.0, 2.0]
     assert metric(trainer, "tools/call_frequency") == [2.0, 2.0, 2.0]
     assert metric(trainer, "tools/tool_tokens") == [118.0, 118.0, 118.0]
+    assert [e["step"] for e in assert_rollouts_match(trainer.state.log_history)] == [1]
 
 
 def test_a_tool_trajectory_older_than_max_staleness_is_generated_again(two_call_vlm, data, tmp_path, server):
@@ -344,7 +347,7 @@ def test_a_tool_trajectory_older_than_max_staleness_is_generated_again(two_call_
         rollouts.client.push_weights(rollouts.trainer.model)
     rollouts.policy_version = start + 2
     _, _, versions, stats, trajectories = rollouts.collect(request.prompt_ids, request.images, 2)
-    assert stats == {"staleness_max": 0.0, "stale_groups_dropped": 1.0, "prefetch_hits": 1.0,
+    assert stats == {"staleness_max": 0.0, "stale_groups_dropped": 1.0, "prefetch_hits": 1.0, "prefetch_misses": 0.0,
                      "policy_version": float(start + 2)}
     assert versions == [start + 2] * 2 and [r.versions for r in trajectories] == [[start + 2] * 3] * 2
     assert [[m["role"] for m in r.messages] for r in trajectories] == [["assistant", "tool"] * 2 + ["assistant"]] * 2
@@ -558,8 +561,9 @@ def test_an_environment_with_dynamic_sampling_in_server_mode(two_call_vlm, two_r
     for batch in trained_batches:
         check_trajectories(batch)
         check_environment_images(batch)
-    # Every turn asked for what its own trajectory had left, round after round.
-    assert [a[0] for a in server_trace["asked"]] == TURN_MAX_TOKENS * 4
+    # Every turn asked for what its own trajectory had left, round after round (after the step-0 parity
+    # check's two one-token probes of the first prompt).
+    assert [a[0] for a in server_trace["asked"]] == [1, 1] + TURN_MAX_TOKENS * 4
     image_token = trained_batches[0]["image_token_id"]
     turns = server_trace["turns"]
     assert len(turns) == 12
@@ -652,6 +656,7 @@ def test_tools_with_a_lora_adapter_in_server_mode(two_call_vlm, two_rows, tmp_pa
     # Every turn, the tool turns too, from the adapter pushed for its step (the first one at v + 2).
     assert trainer.vllm_generation.turn_versions == [[v + 3] * 3] * 2
     assert metric(trainer, "weight_version_oldest_turn") == [v + 2.0, v + 3.0]
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2
 
 
 # ---- colocate: TRL's own loop with its vLLM in this process ---------------------------------------------
@@ -684,3 +689,4 @@ def test_two_tool_turns_with_images_train_in_colocate_mode(two_call_vlm, data, t
     assert sent == [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2 + [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2
     check_two_batches_exactly(trained_batches, turns, None)
     assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from examples.demo import make_dataset
-from tests.utils import ServerProcess, random_image
+from tests.utils import ServerProcess, assert_rollouts_match, logged_rollouts, random_image
 from trainer_client import AlignClient
 from trainer_client.cli import run
 from trainer_client.config import parse_args
@@ -179,8 +179,9 @@ def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data
     versions = [(e["weight_version"], e["weight_version_pushed"]) for e in trainer.state.log_history
                 if "weight_version" in e]
     assert versions == [(v + 1, v + 1), (v + 2, v + 2), (v + 3, v + 3)]
-    # TRL's importance-sampling correction ran on the server's logprobs.
+    # TRL's importance-sampling correction ran on the server's logprobs, which are the trainer's model's.
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 3
 
 
 def check_servers_answer_as_the_merged_adapter(trainer, *servers, api_key: str | None = None) -> None:
@@ -207,11 +208,13 @@ def check_servers_answer_as_the_merged_adapter(trainer, *servers, api_key: str |
 
 def test_server_mode_with_lora_serves_the_merged_weights(tiny_vlm, data, tmp_path, server):
     v = server_version(server)
+    # (no LoRA dropout: the trainer's forward would apply it and the server never does, a gap from step 2)
     trainer = train("grpo", tiny_vlm, data / "grpo.jsonl", tmp_path / "out", "--max_steps", "2", "--learning_rate",
                     "0.5", "--vllm-mode", "server", "--server-url", server.url, "--steps_per_generation", "1",
                     "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "o_proj", "up_proj",
-                    "down_proj", *REWARDS)
+                    "down_proj", "--lora_dropout", "0", *REWARDS)
     assert server_version(server) == v + 3  # the start push, then one per step
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2
     check_servers_answer_as_the_merged_adapter(trainer, server)
 
 
@@ -227,6 +230,7 @@ def test_server_mode_resume_pushes_the_restored_weights(tiny_vlm, data, tmp_path
     # server holds), then step 2's: two new versions, and step 2 trained on the first of them.
     assert server_version(server) == v + 4
     assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [v + 1, v + 3]
+    assert [e["step"] for e in assert_rollouts_match(trainer.state.log_history)] == [1, 2]
 
 
 @pytest.mark.parametrize("mode", ["server", "none"])
@@ -251,12 +255,14 @@ def test_eval_during_training_is_greedy(mode, tiny_vlm, data, tmp_path, request)
 
 # ---- the demo learns ------------------------------------------------------------------------------
 
-def test_demo_reward_rises(tmp_path):
+def test_demo_reward_rises(tmp_path, capsys):
     """`make demo` on its default seed: MPO warm-up, then GRPO through align-serve with async
     rollouts and dynamic sampling."""
     from examples.demo import main as demo
 
     result = demo(["--work-dir", str(tmp_path)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert lines and all(" K3 " in line and " IS " in line for line in lines)  # each step says its rollout health
     rewards = result["rewards"]
     k = len(rewards) // 5
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
@@ -281,6 +287,8 @@ def accelerate_grpo(model, dataset, out, url, *flags) -> subprocess.CompletedPro
 def test_accelerate_two_processes_server_mode(tiny_vlm, data, tmp_path, server):
     """Two CPU processes (DDP over gloo): only the main one talks to the server and pushes."""
     v = server_version(server)
-    accelerate_grpo(tiny_vlm, data / "grpo.jsonl", tmp_path / "out", server.url, "--max_steps", "2", *REWARDS)
+    proc = accelerate_grpo(tiny_vlm, data / "grpo.jsonl", tmp_path / "out", server.url, "--max_steps", "2", *REWARDS)
     assert server_version(server) == v + 3  # the start push, then one per step
+    # the rollout/* metrics are over both processes' samples (gathered), and healthy
+    assert len(assert_rollouts_match(logged_rollouts(proc.stdout + proc.stderr))) == 2
     assert changed(weights(tiny_vlm), weights(tmp_path / "out"))

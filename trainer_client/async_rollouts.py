@@ -39,12 +39,19 @@ own rollout left. TRL still resets its pool for the batch on the training thread
 must equal the read-ahead one, or the batch is generated again there. A batch generated again (stale, or
 a server restart) gets new instances, reset with the same rows.
 
+A prefetched batch is used only for the batch it was read ahead for: the same prompt ids, images of the
+same content (not only the same sizes) and the same rows (`dataset_row`). Anything else (a resumed run,
+another sampler order) is a miss: counted, dropped, and this batch generated now.
+
 Logged per generation: `async/staleness_max` (versions between the trainer's weights and the
-oldest completion, or trajectory turn, trained on), `async/stale_groups_dropped`, `async/prefetch_hits`.
+oldest completion, or trajectory turn, trained on), `async/stale_groups_dropped`, `async/prefetch_hits`,
+`async/prefetch_misses`. Each sample's lag (`lags`) goes with the batch, and the rollout/* metrics are split
+by it (rollout_health.py).
 """
 
 import contextlib
 import copy
+import hashlib
 import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,19 +69,28 @@ from trainer_client.weights import host_copy
 log = logging.getLogger(__name__)
 
 
+def image_key(image) -> tuple:
+    """An image's identity by content: its size, mode and the sha256 of its pixels."""
+    return image.size, image.mode, hashlib.sha256(image.tobytes()).hexdigest()
+
+
 class Request:
     """One generation batch as the server sees it: unique prompts (one placeholder per image), and the
-    sampling parameters as the training thread set them when it asked. With tools, also per prompt TRL's
-    ids (expanded image runs) and chat messages, which the tool loop continues. With an environment, per
-    prompt its row, the prompt its reset observation made, and its n instances until the worker takes them."""
+    sampling parameters as the training thread set them when it asked; per prompt its row's identity
+    (`dataset_row`, None where unknown), which with the prompt ids and the images' content says whether a
+    batch TRL asks for is this one. With tools, also per prompt TRL's ids (expanded image runs) and chat
+    messages, which the tool loop continues. With an environment, per prompt its row, the prompt its reset
+    observation made, and its n instances until the worker takes them."""
 
     def __init__(self, prompt_ids: list[list[int]], images: list[list], n: int, sampling: dict,
                  expanded: list[list[int]] | None = None, messages: list[list[dict]] | None = None,
                  rows: list[dict] | None = None, observed: list[list[dict]] | None = None,
-                 environments: list[list] | None = None):
+                 environments: list[list] | None = None, row_ids: list | None = None):
         self.prompt_ids, self.images, self.n, self.sampling = prompt_ids, images, n, sampling
         self.expanded, self.messages = expanded, messages
         self.rows, self.observed, self.environments = rows, observed, environments
+        self.row_ids = row_ids if row_ids is not None else [None] * len(prompt_ids)
+        self.image_keys = [[image_key(i) for i in imgs] for imgs in images]
         self.future: Future | None = None
 
     def subset(self, rows: list[int]) -> "Request":
@@ -82,11 +98,15 @@ class Request:
             return None if values is None else [values[i] for i in rows]
 
         return Request(pick(self.prompt_ids), pick(self.images), self.n, self.sampling, pick(self.expanded),
-                        pick(self.messages), pick(self.rows), pick(self.observed), pick(self.environments))
+                        pick(self.messages), pick(self.rows), pick(self.observed), pick(self.environments),
+                        pick(self.row_ids))
 
-    def matches(self, prompt_ids, images) -> bool:
-        return prompt_ids == self.prompt_ids and [[i.size for i in imgs] for imgs in images] == \
-            [[i.size for i in imgs] for imgs in self.images]
+    def matches(self, prompt_ids, images, row_ids) -> bool:
+        """The same prompts, images of the same content, and the same rows where both sides know them (a
+        fixed question over same-size images is most datasets: ids and sizes alone cannot tell rows apart)."""
+        return (prompt_ids == self.prompt_ids
+                and [[image_key(i) for i in imgs] for imgs in images] == self.image_keys
+                and all(a is None or b is None or a == b for a, b in zip(row_ids, self.row_ids, strict=True)))
 
 
 class AsyncRollouts:
@@ -120,6 +140,13 @@ class AsyncRollouts:
         # the tool loop's result for this process's samples of the last batch, when the worker ran it
         self._finished: trl_seam.ToolLoopResult | None = None
         self.turn_versions: list[list[int]] = []  # per local sample of the last batch with tools: each turn's version
+        self._expected_rows: list | None = None  # each local row's dataset_row, of the batch TRL generates next
+        self.lags: list[int] = []  # per local sample of the last training batch: versions behind the trainer's
+
+    def expect_rows(self, row_ids: list) -> None:
+        """The rows (their `dataset_row`, per local sample) of the batch TRL generates next: a prefetched batch
+        must be for these rows to be used."""
+        self._expected_rows = row_ids
 
     @property
     def accelerator(self):
@@ -135,6 +162,8 @@ class AsyncRollouts:
             return self.generation.generate(prompts, images, num_generations, profiler)
         all_prompts = gather_object(prompts)
         all_images = gather_object(images if images is not None else [None] * len(prompts))
+        expected, self._expected_rows = self._expected_rows, None
+        all_rows = gather_object(expected if expected is not None else [None] * len(prompts))
         # The next generation batches, read ahead on every process (a collective).
         upcoming = [gather_object(list(self.trainer.generation_batches.peek(k))) for k in range(self.depth)]
         payload = None
@@ -142,7 +171,7 @@ class AsyncRollouts:
             unique_images = [imgs or [] for imgs in all_images[::num_generations]]
             unique = [self.sampler.unexpand(p, imgs)
                       for p, imgs in zip(all_prompts[::num_generations], unique_images, strict=True)]
-            payload = self.collect(unique, unique_images, num_generations, profiler)
+            payload = self.collect(unique, unique_images, num_generations, profiler, all_rows[::num_generations])
             if payload is not None:
                 self._read_ahead(upcoming, num_generations)
         payload = broadcast_object_list([payload], from_process=0)[0]
@@ -151,8 +180,9 @@ class AsyncRollouts:
             out = self.generation.generate(prompts, images, num_generations, profiler)
             if self.accelerator.is_main_process:
                 self._read_ahead(upcoming, num_generations)
-            for name in ("staleness_max", "stale_groups_dropped", "prefetch_hits"):
+            for name in ("staleness_max", "stale_groups_dropped", "prefetch_hits", "prefetch_misses"):
                 metrics[f"async/{name}"].append(0.0)
+            self.lags = [0] * len(prompts)  # generated now, on the newest weights
             return out
         completion_ids, logprobs, versions, stats, rollouts = payload
         pushed = stats.pop("policy_version")
@@ -160,6 +190,8 @@ class AsyncRollouts:
             metrics[f"async/{name}"].append(value)
         mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
         self.generation.log_versions(versions[mine], pushed)
+        oldest = [min(r.versions) for r in rollouts] if rollouts is not None else versions  # a trajectory's oldest turn
+        self.lags = [int(pushed) - v for v in oldest[mine]]
         if rollouts is not None:
             self._hand_over(rollouts[mine])
             if self.trainer.environment_factories is not None:
@@ -218,7 +250,8 @@ class AsyncRollouts:
         prompt_ids = trl_seam.tokenize_prompts(self.trainer, prompts, names)
         ids = [self.sampler.unexpand(p, imgs) for p, imgs in zip(prompt_ids, images, strict=True)]
         return Request(ids, [imgs or [] for imgs in images], n, self.sampler.params(n),
-                        *((list(prompt_ids), prompts) if self.tools else ()), **environment)
+                        *((list(prompt_ids), prompts) if self.tools else ()), **environment,
+                        row_ids=[r.get("dataset_row") for r in rows])
 
     def launch(self, request: Request) -> None:
         """Queue `request` on the worker (its answer: `request.future`)."""
@@ -351,12 +384,16 @@ class AsyncRollouts:
                 log.warning("async rollouts: %s; dropping what was queued, pushing the weights again", exc)
                 self._recover()
 
-    def collect(self, prompt_ids, images, n, profiler=None) -> tuple | None:
-        """This batch's completions: the prefetched ones if they are for these prompts, minus groups
-        staler than max_staleness, which are generated again on the newest weights. None: tools, and
-        nothing read ahead for this batch (its turns then run on the training thread)."""
-        hit = bool(self._pending) and self._pending[0].matches(prompt_ids, images) and self._pending[0].n == n
-        if self._pending and not hit:
+    def collect(self, prompt_ids, images, n, profiler=None, row_ids: list | None = None) -> tuple | None:
+        """This batch's completions: the prefetched ones if they are for these prompts, images and rows
+        (`row_ids`: each prompt's dataset_row), minus groups staler than max_staleness, which are generated
+        again on the newest weights. A prefetched batch for other rows is a miss, counted, and this batch is
+        generated now. None: tools, and nothing read ahead for this batch (its turns then run on the
+        training thread)."""
+        row_ids = row_ids if row_ids is not None else [None] * len(prompt_ids)
+        hit = bool(self._pending) and self._pending[0].matches(prompt_ids, images, row_ids) and self._pending[0].n == n
+        miss = bool(self._pending) and not hit
+        if miss:
             log.warning("async rollouts: the prefetched batch is not the one TRL asks for (a resumed or "
                         "re-seeded data order? an environment whose reset gave TRL another observation?); "
                         "generating this one now")
@@ -364,7 +401,8 @@ class AsyncRollouts:
             self._drain()
             if self.tools:  # the messages the tool loop continues are not here, only TRL's ids
                 return None
-        request = self._pending.popleft() if hit else Request(prompt_ids, images, n, self.sampler.params(n))
+        request = self._pending.popleft() if hit else Request(prompt_ids, images, n, self.sampler.params(n),
+                                                              row_ids=row_ids)
         with profiler if profiler is not None else contextlib.nullcontext():
             groups = self._generate_now(request, request.future)
             stale = [i for i, g in enumerate(groups) if self.policy_version - _oldest(g) > self.max_staleness]
@@ -383,7 +421,7 @@ class AsyncRollouts:
         rollouts = samples if self.tools else None
         completions = [s.first for s in samples] if self.tools else samples
         stats = {"staleness_max": float(self.policy_version - _oldest(samples)),
-                 "stale_groups_dropped": float(len(stale)), "prefetch_hits": float(hit)}
+                 "stale_groups_dropped": float(len(stale)), "prefetch_hits": float(hit), "prefetch_misses": float(miss)}
         return ([c.token_ids for c in completions], [[[lp] for lp in c.logprobs] for c in completions],
                 [c.weight_version for c in completions], {**stats, "policy_version": float(self.policy_version)},
                 rollouts)

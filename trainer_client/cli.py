@@ -1,4 +1,5 @@
-"""`align-train sft|grpo|gspo|mpo --model ID_OR_PATH (--dataset FILE | --dataset_name ID) [--config run.yaml] [flags]`."""
+"""`align-train sft|grpo|gspo|mpo --model ID_OR_PATH (--dataset FILE | --dataset_name ID) [--config run.yaml] [flags]`;
+`align-train check [grpo|gspo] FLAGS` validates a setup without training (check.py)."""
 
 import atexit
 import logging
@@ -66,6 +67,10 @@ def end_distributed_process() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["check"]:
+        from trainer_client.check import main as check
+
+        sys.exit(check(sys.argv[2:]))
     run()
     end_distributed_process()
 

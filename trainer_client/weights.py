@@ -109,8 +109,12 @@ def adapter_weights(model) -> tuple[list[tuple[str, torch.Tensor]], LoraAdapter]
         use_rslora=config.use_rslora, rank_pattern=dict(config.rank_pattern or {}),
         alpha_pattern=dict(config.alpha_pattern or {}), use_dora=bool(config.use_dora), bias=config.bias,
         modules_to_save=sorted(config.modules_to_save) if config.modules_to_save else None)
-    state = get_peft_model_state_dict(model, adapter_name=name)
-    return [(n, t.detach()) for n, t in state.items()], adapter
+    # PEFT's names, picked from the parameters themselves rather than `state_dict()`, whose detached copies
+    # drop ZeRO-3's partition metadata: a sharded adapter would read as whole, and the main process alone
+    # would gather it while the others skip the collective. A ZeRO-3 parameter stays itself (its gather
+    # needs the Parameter); an FSDP2 DTensor stays a DTensor when detached.
+    state = get_peft_model_state_dict(model, state_dict=dict(model.named_parameters()), adapter_name=name)
+    return [(n, t if hasattr(t, "ds_id") else t.detach()) for n, t in state.items()], adapter
 
 
 def _dtype_name(t: torch.Tensor) -> str:

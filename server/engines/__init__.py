@@ -108,6 +108,11 @@ class Engine(ABC):
         """nccl/ipc: one step of vLLM's weight transfer."""
         raise NotImplementedError(f"the {self.name} engine has no nccl/ipc weight transfer")
 
+    @property
+    @abstractmethod
+    def dtype_name(self) -> str:
+        """What the served model computes in (float32, bfloat16, ...), as loaded."""
+
     def prompt_len(self, prompt: EnginePrompt) -> int:
         """Positions the prompt takes, its images expanded."""
         return len(self.processing.expanded_ids(prompt))

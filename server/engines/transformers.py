@@ -79,6 +79,10 @@ class TransformersEngine(Engine):
         self.eos_token_ids = self.processing.eos_token_ids
         self.max_model_len = self._max_model_len or self.processing.max_position_embeddings
 
+    @property
+    def dtype_name(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
     async def shutdown(self) -> None:
         if self._worker:
             self._worker.cancel()

@@ -131,6 +131,10 @@ class VLLMEngine(Engine):
         self.image_token_id = self.processing.image_token_id
         self.eos_token_ids = self.processing.eos_token_ids
 
+    @property
+    def dtype_name(self) -> str:
+        return str(self.llm.model_config.dtype).removeprefix("torch.")
+
     def _cpu_kv_cache_bytes(self) -> int:
         """A fixed KV size (runtime/kv_cache.py), checked against the NUMA node vLLM will take it from, so that
         a size that cannot fit fails here in one line rather than in vLLM's engine process."""

@@ -15,7 +15,8 @@ async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
     eprompts = await prepare(state, req.prompts, req.sampling)
     outs = await execute(state, eprompts, req.sampling)
     results = [
-        PromptResult(prompt_ids=p.prompt_ids, completions=[Completion(**c.__dict__) for c in cs])
+        PromptResult(prompt_ids=p.prompt_ids, prompt_tokens=state.engine.prompt_len(p),
+                     completions=[Completion(**c.__dict__) for c in cs])
         for p, cs in zip(eprompts, outs, strict=True)
     ]
     versions = {c.weight_version for cs in outs for c in cs}

@@ -41,6 +41,7 @@ async def get_info(request: Request) -> ServerInfo:
                       max_image_bytes=config.max_image_bytes,
                       max_images_per_prompt=config.max_images_per_prompt,
                       max_lora_rank=engine.max_lora_rank),
+        dtype=engine.dtype_name,
     )
 
 
