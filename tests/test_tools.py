@@ -1,8 +1,8 @@
-"""`align-train grpo --tools`: TRL's tool loop with a tool that returns an image, on a tiny Qwen3-VL
-taught to call it twice and then answer (tests/tool_model.py). Locally (`--vllm-mode none`) and
-through a real align-serve (each engine), synchronous and with --async_rollouts, where every trained
-sample is checked token for token against what the server sampled plus the tool suffixes, recorded
-as the run went."""
+"""`align-train grpo --tools`: the tool loop with a tool that returns an image, on a tiny Qwen3-VL
+taught to call it twice and then answer (tests/tool_model.py). Locally (`--vllm-mode none`, TRL's
+loop) and through a real align-serve (each engine; our loop, each trajectory on its own), synchronous
+and with --async_rollouts, where every trained sample is checked token for token against what the
+server sampled plus the tool suffixes, recorded as the run went."""
 
 import ast
 import functools
@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -179,16 +180,21 @@ def version(server) -> int:
 
 @pytest.fixture()
 def server_trace(monkeypatch) -> dict:
-    """What the server was asked and answered: per ServerGeneration.generate call (a first turn or a tool
-    turn) its prompts (expanded) and the sampled ids and logprobs; per request its max_tokens and prompts."""
-    trace = {"turns": [], "asked": []}
-    generate, client_generate = ServerGeneration.generate, AlignClient.generate
+    """What the server was asked and answered: per batch (a ServerGeneration.generate call: its first turns
+    and every later turn of its trajectories, whichever thread asked) each ask's prompts (expanded, one
+    per completion) and the sampled ids and logprobs; per request its max_tokens and prompts as sent."""
+    trace = {"batches": [], "asked": []}
+    generate, sample, client_generate = ServerGeneration.generate, Sampler.sample, AlignClient.generate
 
-    def recorded(self, prompts, images, num_generations, profiler=None):
-        out = generate(self, prompts, images, num_generations, profiler)
-        # copies: TRL's tool loop writes each sample's whole completion into the list it was handed
-        trace["turns"].append(dict(prompts=[list(p) for p in prompts], sampled=[list(c) for c in out[1]],
-                                   logprobs=[list(lp) for lp in out[2]]))
+    def batch(self, *args, **kwargs):
+        trace["batches"].append([])
+        return generate(self, *args, **kwargs)
+
+    def recorded(self, prompts, images, used, params, check, empty_version):
+        out = sample(self, prompts, images, used, params, check, empty_version)
+        trace["batches"][-1].append(dict(prompts=[list(p) for p in prompts for _ in range(params["n"])],
+                                         sampled=[list(c.token_ids) for c in out],
+                                         logprobs=[[[lp] for lp in c.logprobs] for c in out]))
         return out
 
     def client_recorded(self, *args, **kwargs):
@@ -196,14 +202,15 @@ def server_trace(monkeypatch) -> dict:
         trace["asked"].append((kwargs["max_tokens"], [r.prompt_ids for r in answer.results]))
         return answer
 
-    monkeypatch.setattr(ServerGeneration, "generate", recorded)
+    monkeypatch.setattr(ServerGeneration, "generate", batch)
+    monkeypatch.setattr(Sampler, "sample", recorded)
     monkeypatch.setattr(AlignClient, "generate", client_recorded)
     return trace
 
 
-def check_two_batches_exactly(trained_batches, turns, asked) -> None:
-    """Two trained batches of three-turn trajectories, each sample against its batch's three sampled turns."""
-    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
+def check_two_batches_exactly(trained_batches, batches, asked) -> None:
+    """Two trained batches of three-turn trajectories, each sample against its batch's sampled turns."""
+    for batch, batch_turns in zip(trained_batches, batches, strict=True):
         check_trajectories(batch)
         for i in range(len(batch["completion_ids"])):
             check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
@@ -234,10 +241,11 @@ def check_sampled_exactly(prompt_ids, completion_ids, tool_mask, logprobs, turns
     assert trained[-2:] == chain[-1][1] and len(chain[-1][1]) == 2  # the answer fit in the last 8 tokens
     if asked is None:
         return
-    # The server was given one placeholder per image, our expanded runs collapsed.
-    sent = [ids for _, prompts in asked for ids in prompts]
-    for prompt, _, _ in chain:
-        assert collapse_image_runs(prompt, image_token) in sent
+    # The server was given one placeholder per image, our expanded runs collapsed; each turn asked for
+    # what its trajectory had left (TURN_MAX_TOKENS).
+    sent = [(max_tokens, ids) for max_tokens, prompts in asked for ids in prompts]
+    for (prompt, _, _), max_tokens in zip(chain, TURN_MAX_TOKENS, strict=True):
+        assert (max_tokens, collapse_image_runs(prompt, image_token)) in sent
 
 
 # Each turn asks for the least of what is left of max_completion_length (260, then 260 - 123, then
@@ -245,15 +253,20 @@ def check_sampled_exactly(prompt_ids, completion_ids, tool_mask, logprobs, turns
 TURN_MAX_TOKENS = [MAX_MODEL_LEN - PROMPT_TOKENS, MAX_MODEL_LEN - 669, MAX_MODEL_LEN - 792]
 
 
+def requests_per_batch(batches: int) -> dict[int, int]:
+    """The requests of `batches` batches of 2 two-call trajectories by max_tokens: one for a batch's first
+    turns (n=2), then one per trajectory and turn, each asked as soon as its tool answered."""
+    return {TURN_MAX_TOKENS[0]: batches, TURN_MAX_TOKENS[1]: 2 * batches, TURN_MAX_TOKENS[2]: 2 * batches}
+
+
 def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, data, tmp_path, server, server_trace,
                                                                trained_batches):
     v = version(server)
     trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url)
     assert trainer.state.global_step == 2 and len(trained_batches) == 2
-    assert [a[0] for a in server_trace["asked"]] == TURN_MAX_TOKENS * 2
+    assert Counter(a[0] for a in server_trace["asked"]) == requests_per_batch(2)
 
-    turns = server_trace["turns"]
-    check_two_batches_exactly(trained_batches, turns, server_trace["asked"])
+    check_two_batches_exactly(trained_batches, server_trace["batches"], server_trace["asked"])
     # The last batch: every turn from the weights pushed for step 1 (the start push made v + 1).
     assert trainer.vllm_generation.turn_versions == [[v + 2] * 3] * 2
     assert metric(trainer, "weight_version_oldest_turn") == [v + 1.0, v + 2.0]
@@ -303,14 +316,15 @@ def check_token_exact(batch: dict, turns: list[tuple[list, list, list]], expecte
 
 def test_async_rollouts_run_the_tool_turns_in_the_worker(two_call_vlm, data, tmp_path, server, trained_batches,
                                                          sampled_turns):
-    """With --async_rollouts only the first batch's tool turns run on the training thread; later batches
+    """With --async_rollouts only the first batch's turns are asked for the training thread; later batches
     arrive with every turn done (in the rollout worker), token-exact, none older than --max_staleness."""
     trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url,
                     "--async_rollouts", "--max_staleness", "1", "--max_steps", "3")
     assert trainer.state.global_step == 3 and len(trained_batches) == 3
     threads = [name for name, _ in sampled_turns]
-    assert threads.count("MainThread") == 3  # the first batch's 3 turns; never a turn of a later batch
-    assert sum(name.startswith("align-rollouts") for name in threads) >= 6  # batches 2 and 3, every turn
+    # the first batch's first turns, then 2 more per trajectory; never a turn of a later batch
+    assert sum(name.startswith("MainThread") for name in threads) == 5
+    assert sum(name.startswith("align-rollouts") for name in threads) >= 10  # batches 2 and 3, every turn
     turns = [t for _, ts in sampled_turns for t in ts]
     for batch in trained_batches:
         check_trajectories(batch)
@@ -435,15 +449,16 @@ class ObservedZoom(ZoomEnvironment):
 def test_an_environment_with_async_rollouts(two_call_vlm, data, tmp_path, transformers_server, trained_batches,
                                             sampled_turns):
     """The worker runs later batches' tool turns on its own instances (reset with the rows read ahead), and
-    the rewards score those: the environment's get_reward counts its own rollout's 2 calls, although TRL's
-    pool, reset for the batch on the training thread, ran none (a batch scored on it would get 0)."""
+    the rewards score those: the environment's get_reward counts its own rollout's 2 calls. TRL's pool ran
+    the first batch (not read ahead) and was reset for it alone: not again for the rows read ahead."""
     trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
                     transformers_server.url, "--async_rollouts", "--max_staleness", "1", "--max_steps", "3",
                     tools=ENVIRONMENT)
     assert trainer.state.global_step == 3 and len(trained_batches) == 3
     threads = [name for name, _ in sampled_turns]
-    assert threads.count("MainThread") == 3  # the first batch's 3 turns; batches 2 and 3: the worker's
-    assert sum(name.startswith("align-rollouts") for name in threads) >= 6
+    # the first batch's first turns and 2 more per trajectory; batches 2 and 3: the worker's
+    assert sum(name.startswith("MainThread") for name in threads) == 5
+    assert sum(name.startswith("align-rollouts") for name in threads) >= 10
     turns = [t for _, ts in sampled_turns for t in ts]
     for batch in trained_batches:
         check_trajectories(batch)
@@ -454,10 +469,10 @@ def test_an_environment_with_async_rollouts(two_call_vlm, data, tmp_path, transf
     assert metric(trainer, "async/prefetch_hits") == [0.0, 1.0, 1.0]
     assert metric(trainer, "rewards/ZoomEnvironment/mean") == [2.0, 2.0, 2.0]
     assert metric(trainer, "tools/calls_per_sample") == [2.0, 2.0, 2.0]
-    # The last batch was scored on the worker's instances, each spent by its own 2 calls; TRL's pool was
-    # reset for it and ran no tool.
+    # The last batch was scored on the worker's instances, each spent by its own 2 calls; TRL's pool still
+    # holds the first batch's state (its own 2 calls each): it was not reset for the batches read ahead.
     assert [e.calls for e in trainer.environments] == [2, 2]
-    assert [e.calls for e in trainer._environment_pool[None]] == [0, 0]
+    assert [e.calls for e in trainer._environment_pool[None]] == [2, 2]
     assert not {id(e) for e in trainer.environments} & {id(e) for e in trainer._environment_pool[None]}
 
 
@@ -497,7 +512,8 @@ def test_an_environment_observation_joins_the_read_ahead_prompt(two_call_vlm, da
     assert trainer.state.global_step == 3 and len(trained_batches) == 3
     assert metric(trainer, "async/prefetch_hits") == [0.0, 1.0, 1.0]
     threads = [name for name, _ in sampled_turns]
-    assert threads.count("MainThread") == 1 and threads[0] == "MainThread"  # later batches: the worker's
+    # the first batch's one turn for the training thread; later batches: the worker's
+    assert sum(name.startswith("MainThread") for name in threads) == 1 and threads[0].startswith("MainThread")
     turns = [t for _, ts in sampled_turns for t in ts]
     for batch in trained_batches:
         assert [f"{QUESTION} Picture {ZOOMED_SEED}." in trainer.processing_class.decode(p)
@@ -559,11 +575,11 @@ def test_an_environment_with_dynamic_sampling_in_server_mode(two_call_vlm, two_r
         check_trajectories(batch)
         check_environment_images(batch)
     # Every turn asked for what its own trajectory had left, round after round.
-    assert [a[0] for a in server_trace["asked"]] == TURN_MAX_TOKENS * 4
+    assert Counter(a[0] for a in server_trace["asked"]) == requests_per_batch(4)
     image_token = trained_batches[0]["image_token_id"]
-    turns = server_trace["turns"]
-    assert len(turns) == 12
-    for batch, step_turns in zip(trained, [turns[3:6], turns[9:12]], strict=True):  # the kept (second) rounds
+    batches = server_trace["batches"]
+    assert len(batches) == 4
+    for batch, step_turns in zip(trained, [batches[1], batches[3]], strict=True):  # the kept (second) rounds
         # (pixel values split per sample: the batch is assembled from several rounds)
         assert batch["num_images"] == [3, 3]
         assert [len(g) for g in batch["image_grid_thw"]] == [3, 3]
@@ -601,10 +617,10 @@ def long_question(processor, length: int) -> str:
 
 def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
     """Under `accelerate launch` one process's prompt runs two tool turns, the other's none (its first
-    tool answer would pass the model's 2048 positions, so TRL drops it): the second joins the first's
-    turns instead of leaving it waiting, and each trains on its own samples. With --async_rollouts, so
-    both paths run: the first batch's turns on the training threads (collective, as in synchronous
-    mode), the second batch's in the main process's rollout worker, handed to each process by slice."""
+    tool answer would pass the server's 2048 positions, so it is rolled back): the main process runs
+    every trajectory, and each process trains on its own samples. With --async_rollouts, so both paths
+    run: the first batch on the training threads (as in synchronous mode), the second batch in the main
+    process's rollout worker, each handed to its process by slice."""
     root = tmp_path / "data"
     root.mkdir()
     random_image(IMAGE_SEED).save(root / "q.png")
@@ -647,8 +663,7 @@ def test_tools_with_a_lora_adapter_in_server_mode(two_call_vlm, two_rows, tmp_pa
                     *LORA, rewards=["tests.test_tools:informative"])
     assert trainer.state.global_step == 2 and len(trained_batches) == 2
     assert version(server) == v + 4  # the base, the adapter, then one adapter per step (merged: v + 3)
-    turns = server_trace["turns"]
-    check_two_batches_exactly(trained_batches, turns, server_trace["asked"])
+    check_two_batches_exactly(trained_batches, server_trace["batches"], server_trace["asked"])
     # Every turn, the tool turns too, from the adapter pushed for its step (the first one at v + 2).
     assert trainer.vllm_generation.turn_versions == [[v + 3] * 3] * 2
     assert metric(trainer, "weight_version_oldest_turn") == [v + 2.0, v + 3.0]
@@ -682,5 +697,5 @@ def test_two_tool_turns_with_images_train_in_colocate_mode(two_call_vlm, data, t
                     "--vllm_enable_sleep_mode", "false")
     assert trainer.state.global_step == 2 and len(trained_batches) == 2 and len(turns) == 6
     assert sent == [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2 + [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2
-    check_two_batches_exactly(trained_batches, turns, None)
+    check_two_batches_exactly(trained_batches, [turns[0:3], turns[3:6]], None)
     assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
