@@ -5,12 +5,15 @@ and with --async_rollouts, where every trained sample is checked token for token
 server sampled plus the tool suffixes, recorded as the run went."""
 
 import ast
+import asyncio
 import functools
 import importlib
 import json
+import logging
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -416,6 +419,32 @@ def test_a_server_restart_mid_trajectory_drops_the_batch_and_generates_it_again(
         tool._RESTARTED.clear()
 
 
+@pytest.mark.fault
+def test_a_server_restart_mid_trajectory_in_synchronous_mode_asks_the_refused_turns_again(two_call_vlm, data,
+                                                                                      tmp_path, log_dir):
+    """Synchronous server mode: the first tool call restarts the server; the turns its new instance answers
+    before the trainer pushed to it are refused, the weights are pushed again (once), and each refused turn
+    is asked again: every trajectory ends as taught, from the weights pushed for the step."""
+    server = ServerProcess(two_call_vlm, "transformers", extra=["--max-model-len", str(MAX_MODEL_LEN)],
+                           log_dir=log_dir).wait_ready(600)
+    tool = importlib.import_module("tests.test_tools")  # as --tools loads it (pytest names this file apart)
+    try:
+        tool._RESTART.append((two_call_vlm, server, log_dir))
+        trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url,
+                        "--max_steps", "1", tools=["--tools", "tests.test_tools:zoom_restarting"])
+        server = tool._RESTARTED.pop()
+        # the new instance: the push after a refused turn, then the step's
+        assert AlignClient(server.url).info(refresh=True).weight_version == 2
+        assert metric(trainer, "tools/turns_per_trajectory") == [3.0]
+        assert metric(trainer, "tools/failure_frequency") == [0.0]
+        assert metric(trainer, "reward") == [1.0]  # both answered as taught
+    finally:
+        tool._RESTART.clear()
+        for proc in [server, *tool._RESTARTED]:
+            proc.stop()
+        tool._RESTARTED.clear()
+
+
 # ---- --environment, and tools with --dynamic_sampling -------------------------------------------------
 ENVIRONMENT = ["--environment", "tests.tool_model:ZoomEnvironment"]
 
@@ -474,6 +503,36 @@ def test_an_environment_with_async_rollouts(two_call_vlm, data, tmp_path, transf
     assert [e.calls for e in trainer.environments] == [2, 2]
     assert [e.calls for e in trainer._environment_pool[None]] == [2, 2]
     assert not {id(e) for e in trainer.environments} & {id(e) for e in trainer._environment_pool[None]}
+
+
+class CountedZoom(ZoomEnvironment):
+    """ZoomEnvironment keeping every reset it gets (the instance, and the thread that made it)."""
+
+    resets: list = []
+
+    def reset(self, **row) -> None:
+        CountedZoom.resets.append((self, threading.current_thread().name))
+        super().reset(**row)
+
+
+def test_reset_runs_once_per_sample_with_async_rollouts(two_call_vlm, data, tmp_path, transformers_server,
+                                                        trained_batches):
+    """TRL resets its pool for the first batch only (it is generated on the training thread); each batch the
+    worker reads ahead is reset once, on its own instances, and TRL's pool is not reset again for its rows."""
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                    transformers_server.url, "--async_rollouts", "--max_staleness", "1", "--max_steps", "3",
+                    tools=["--environment", "tests.test_tools:CountedZoom"])
+    assert trainer.state.global_step == 3 and metric(trainer, "async/prefetch_hits") == [0.0, 1.0, 1.0]
+    for batch in trained_batches:
+        check_trajectories(batch)
+    resets = importlib.import_module("tests.test_tools").CountedZoom.resets  # as --environment loaded it
+    instances = [e for e, _ in resets]
+    assert len({id(e) for e in instances}) == len(instances)  # no instance reset twice
+    pool = trainer._environment_pool[None]
+    assert {id(e) for e in pool} <= {id(e) for e in instances}  # TRL's, reset for the first batch
+    # The batches read ahead: 2, 3 and the one after (read ahead when 3 was handed over), 2 samples each.
+    assert len(instances) == len(pool) + 3 * 2
+    assert metric(trainer, "rewards/CountedZoom/mean") == [2.0, 2.0, 2.0]  # each scored its own rollout
 
 
 def test_an_environment_batch_generated_again_gets_new_instances(two_call_vlm, data, tmp_path, transformers_server):
@@ -646,6 +705,132 @@ def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
     logged = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{'loss'")]
     assert [float(log["reward"]) for log in logged] == [1.0, 1.0]
     assert [float(log["async/prefetch_hits"]) for log in logged] == [0.0, 1.0]  # the second batch: the worker's
+
+
+# ---- our loop: each trajectory on its own clock, tools of different trajectories at once ----------------
+class TogetherZoom(ZoomEnvironment):
+    """ZoomEnvironment whose calls record when they start and end, each call ending only once another
+    instance's call of the same turn has started (or a minute later): run at the same time, the calls of two
+    trajectories overlap; one after another, the first waits the minute out and the second starts after it."""
+
+    started: list = []  # (instance, turn) of each call begun
+    spans: list = []  # (instance id, turn, start, end) of each call, from the tool's own clock
+    changed = threading.Condition()
+
+    def zoom(self, factor: int) -> list:
+        """Zoom into the image
+
+        Args:
+            factor: how many times to enlarge
+        """
+        turn, start = self.calls, time.monotonic()
+        with TogetherZoom.changed:
+            TogetherZoom.started.append((self, turn))
+            TogetherZoom.changed.notify_all()
+            TogetherZoom.changed.wait_for(lambda: any(e is not self and t == turn for e, t in TogetherZoom.started),
+                                          timeout=60)
+        TogetherZoom.spans.append((id(self), turn, start, time.monotonic()))
+        return super().zoom(factor)
+
+
+def test_the_tools_of_two_trajectories_run_at_the_same_time(two_call_vlm, data, tmp_path, transformers_server,
+                                                            trained_batches):
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                    transformers_server.url, "--max_steps", "1", tools=["--environment", "tests.test_tools:TogetherZoom"])
+    assert trainer.state.global_step == 1
+    check_trajectories(trained_batches[0])
+    spans = importlib.import_module("tests.test_tools").TogetherZoom.spans  # as --environment loaded it
+    assert len(spans) == 4
+    for turn in (0, 1):
+        (a, _, a_start, a_end), (b, _, b_start, b_end) = [s for s in spans if s[1] == turn]
+        assert a != b  # two trajectories' calls of the same turn...
+        assert a_start < b_end and b_start < a_end  # ...each begun before the other ended
+
+
+_HUNG = threading.Event()  # set when a test ends: the sync tool's hung threads then return
+
+
+@functools.wraps(zoom)
+def zoom_hanging(factor: int) -> list:
+    _HUNG.wait()
+    return zoom(factor)
+
+
+@functools.wraps(zoom)
+async def zoom_hanging_async(factor: int) -> list:
+    await asyncio.sleep(3600)  # cancelled at the timeout
+    return zoom(factor)
+
+
+@functools.wraps(zoom)
+def zoom_raising(factor: int) -> list:
+    raise ValueError(f"no zoom x{factor} today")
+
+
+@pytest.mark.parametrize("tool, answer", [
+    ("zoom_raising", "{'error': 'no zoom x2 today'}"),
+    ("zoom_hanging", "{'error': 'zoom did not return within 1 s'}"),
+    ("zoom_hanging_async", "{'error': 'zoom did not return within 1 s'}"),
+])
+def test_a_tool_that_raises_or_hangs_answers_with_an_error(tool, answer, two_call_vlm, data, tmp_path,
+                                                          transformers_server, trained_batches, caplog):
+    """A tool that raises answers the model with TRL's error result; one that hangs (a sync one on its
+    thread, an async one on TRL's event loop) is cut at --tool_timeout with an error result and a warning
+    naming it. Either counts as a failed call, and the trajectory goes on."""
+    module = importlib.import_module("tests.test_tools")  # as --tools loads it
+    module._HUNG = threading.Event()
+    try:
+        with caplog.at_level(logging.WARNING, logger="trainer_client.agent_loop"):
+            trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                            transformers_server.url, "--max_steps", "1", "--tool_timeout", "1",
+                            tools=["--tools", f"tests.test_tools:{tool}"])
+        hung = [t for t in threading.enumerate() if t.name == "align-tool" and t.is_alive()]
+    finally:
+        module._HUNG.set()
+    answers = [m["content"] for c in trained_batches[0]["completions"] for m in c if m["role"] == "tool"]
+    assert answers and set(answers) == {answer}
+    assert metric(trainer, "tools/failure_frequency") == [1.0]
+    warned = [r.getMessage() for r in caplog.records if "--tool_timeout" in r.getMessage()]
+    if tool == "zoom_raising":
+        assert not warned
+    else:
+        assert warned and all(w.startswith("tool zoom did not return within --tool_timeout 1 s") for w in warned)
+    if tool == "zoom_hanging":  # cut, not waited for: the calls still hang on their threads
+        assert len(hung) == len(answers)
+
+
+def test_max_tool_calling_iterations_ends_the_trajectory(two_call_vlm, data, tmp_path, transformers_server,
+                                                         trained_batches):
+    """One tool turn, then the model's second call is the trajectory's last turn, its call not made."""
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                    transformers_server.url, "--max_steps", "1", "--max_tool_calling_iterations", "1")
+    for completion, mask in zip(trained_batches[0]["completions"], trained_batches[0]["tool_mask"], strict=True):
+        assert [m["role"] for m in completion] == ["assistant", "tool", "assistant"]
+        assert completion[-1]["tool_calls"] and mask.count(0) == 59
+    assert metric(trainer, "tools/call_frequency") == [1.0]  # TRL's: the calls made
+
+
+def test_a_tool_turn_past_the_servers_max_model_len_is_rolled_back(two_call_vlm, data, tmp_path, log_dir,
+                                                                   server_trace, trained_batches):
+    """A server started with a smaller --max-model-len than the model's positions: the second tool answer
+    would take the trajectory to 792 tokens, past its 760. The answer is rolled back whole (as TRL rolls
+    back one past the model's positions): the trajectory ends with the model's second turn, no third turn
+    is asked, and nothing empty is trained on as an answer."""
+    server = ServerProcess(two_call_vlm, "transformers", extra=["--max-model-len", "760"], log_dir=log_dir)
+    try:
+        trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                        server.wait_ready(600).url, "--max_steps", "1")
+    finally:
+        server.stop()
+    batch = trained_batches[0]
+    for i, completion in enumerate(batch["completions"]):
+        assert [m["role"] for m in completion] == ["assistant", "tool", "assistant"]
+        assert completion[-1]["tool_calls"]  # the call whose answer did not fit
+        assert batch["tool_mask"][i] == [1] * 64 + [0] * 59 + [1] * 64
+        assert len(batch["images"][i]) == 2  # the question's and the first answer's: none of the rolled-back one
+    # the first turns, then one second turn per trajectory (760 - 669 tokens left); never a third
+    assert sorted(a[0] for a in server_trace["asked"]) == [91, 91, 760 - PROMPT_TOKENS]
+    assert metric(trainer, "tools/call_frequency") == [2.0]  # both calls were made, the second one's answer dropped
 
 
 # ---- tools with LoRA: the adapter pushed after each step samples every turn -----------------------------
