@@ -43,9 +43,9 @@ MAX_MODEL_LEN = 800  # the server's: the third turn's prompt (792 tokens) leaves
 
 @pytest.fixture(scope="module")
 def two_call_vlm(tmp_path_factory) -> Path:
-    from tests.tool_model import build_two_call_model
+    from tests.tool_model import build_calling_model
 
-    return build_two_call_model(tmp_path_factory.mktemp("two_call_qwen3_vl"))
+    return build_calling_model(tmp_path_factory.mktemp("two_call_qwen3_vl"))
 
 
 @pytest.fixture(scope="module")

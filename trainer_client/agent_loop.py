@@ -33,6 +33,7 @@ import functools
 import inspect
 import itertools
 import logging
+import queue
 import threading
 from dataclasses import dataclass, field
 
@@ -99,6 +100,7 @@ class AgentLoop:
         self.processor = copy.deepcopy(trainer.processing_class)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self._processing = threading.Lock()
+        self._threads = _Threads("align-agent")  # the server requests and the sync tool calls
 
     def run(self, prompt_ids: list[list[int]], images: list[list], n: int, environments: list | None,
             names: list | None, sample, max_model_len: int, on_moved=None) -> list[Rollout]:
@@ -121,7 +123,7 @@ class AgentLoop:
 
     async def _batch(self, samples: list[_Sample], n: int, sample, max_model_len: int, on_moved, caller: str):
         unique = samples[::n]
-        ask = functools.partial(self._ask, sample, on_moved, f"{caller}-turn")
+        ask = functools.partial(self._ask, sample, on_moved, f"{caller}-turn")  # (a turn's thread says whose)
         first = await ask([s.prompt_ids for s in unique], [s.images for s in unique], [0] * len(unique), n)
         slots = asyncio.Semaphore(self.tool_workers)
         tasks = [asyncio.create_task(self._trajectory(s, c, ask, slots, max_model_len))
@@ -135,7 +137,7 @@ class AgentLoop:
     async def _ask(self, sample, on_moved, thread: str, prompt_ids, images, used, n) -> list[Completion]:
         for refusals in itertools.count():
             try:
-                return await _in_thread(functools.partial(sample, prompt_ids, images, used, n), thread)
+                return await self._threads.run(functools.partial(sample, prompt_ids, images, used, n), thread)
             except ServerMoved as exc:
                 if on_moved is None:
                     raise
@@ -218,7 +220,7 @@ class AgentLoop:
 
     async def _call_sync(self, name: str, tool, arguments, slots) -> tuple[object, bool]:
         async with slots:  # leaving it on a timeout frees the slot: a hung thread holds none
-            return await self._settle(name, _in_thread(lambda: tool(**arguments), "align-tool"))
+            return await self._settle(name, self._threads.run(lambda: tool(**arguments), "align-tool"))
 
     async def _call_async(self, name: str, coro) -> tuple[object, bool]:
         future = asyncio.run_coroutine_threadsafe(coro, trl_seam.async_loop(self.trainer))
@@ -238,27 +240,42 @@ class AgentLoop:
             return {"error": str(exc)}, True
 
 
-def _in_thread(fn, name: str) -> asyncio.Future:
-    """`fn()` on a daemon thread of its own, as a future of the running loop. A daemon never holds up the
-    process's exit, which a tool that hangs past its timeout would; a result that comes after nobody waits
-    (a timed-out tool, a dropped batch) is dropped."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
+class _Threads:
+    """Daemon threads that run the calls handed to them, a new one only when none is idle (a thread that
+    starts makes its starter wait for it, which under load held the loop up for every turn). Daemons never
+    hold up the process's exit, which a tool hung past its timeout would; a result that comes after nobody
+    waits (a timed-out tool, a dropped batch) is dropped."""
 
-    def settle(outcome) -> None:
-        if not future.done():
-            outcome()
+    def __init__(self, name: str):
+        self.name = name
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
 
-    def work() -> None:
-        try:
-            result = fn()
-            outcome = functools.partial(future.set_result, result)
-        except BaseException as exc:  # handed to whoever waits, whatever it is
-            outcome = functools.partial(future.set_exception, exc)
-        try:
-            loop.call_soon_threadsafe(settle, outcome)
-        except RuntimeError:  # the batch's loop is closed: nobody waits for this result
-            pass
+    def run(self, fn, label: str) -> asyncio.Future:
+        """`fn()` on one of the threads, named `label` meanwhile, as a future of the running loop."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((loop, future, fn, label))
+        if not self._idle.acquire(blocking=False):
+            threading.Thread(target=self._work, name=self.name, daemon=True).start()
+        return future
 
-    threading.Thread(target=work, name=name, daemon=True).start()
-    return future
+    def _work(self) -> None:
+        thread = threading.current_thread()
+        while True:
+            loop, future, fn, thread.name = self._calls.get()
+            try:
+                outcome = functools.partial(future.set_result, fn())
+            except BaseException as exc:  # handed to whoever waits, whatever it is
+                outcome = functools.partial(future.set_exception, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, future, outcome)
+            except RuntimeError:  # the batch's loop is closed: nobody waits for this result
+                pass
+            thread.name = self.name
+            self._idle.release()
+
+
+def _settle(future: asyncio.Future, outcome) -> None:
+    if not future.done():
+        outcome()
