@@ -93,6 +93,10 @@ def test_bad_tools_fail_at_start_in_one_line(flags, message, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--max_tool_calling_iterations", "0", *TOOLS], r"--max_tool_calling_iterations must be >= 1 \(got 0\)"),
     (["--max_tool_calling_iterations", "2"], r"needs --tools or --environment"),
+    (["--tool_workers", "0", *TOOLS], r"--tool_workers must be >= 1 \(got 0\)"),
+    (["--tool-timeout", "0", *TOOLS], r"--tool_timeout must be above 0 seconds \(got 0\)"),
+    (["--tool_timeout", "5"], r"--tool_timeout needs --tools or --environment"),
+    (["--tool_workers", "8", *TOOLS], r"--tool_workers applies to --vllm-mode server \(got none\)"),
 ])
 def test_tool_flag_values_refused(flags, message):
     with pytest.raises(SystemExit, match=message):

@@ -46,6 +46,7 @@ from trainer_client.weight_pusher import ServerMoved
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Rollout:
     """One sample's trajectory: what TRL's tool loop leaves for it, and what produced it."""
@@ -107,7 +108,7 @@ class AgentLoop:
         """Every trajectory of a batch, `n` per prompt (`prompt_ids`: expanded image runs, `images`: each
         prompt's). `environments`, `names`: per sample its environment instance and name (None: no
         --environment). `sample(prompt_ids, images, used, n)` asks the server, n completions per prompt,
-        `used` completion tokens already held per prompt (it runs on a thread of its own). `max_model_len`:
+        `used` completion tokens already held per prompt (it runs on one of the loop's threads). `max_model_len`:
         the server's. A `ServerMoved` from a turn goes to `on_moved(exc, refusals)`, which makes the server
         fit to ask again (or raises), and the turn is asked again; without it the batch is dropped and the
         exception raised."""
