@@ -88,6 +88,7 @@ bench: install
 	$(PY) bench/train_step.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/openai_images.py --engine vllm
+	$(PY) bench/agent_rollouts.py
 
 lint: install
 	$(PY) -m ruff check protocol server trainer_client tests bench scripts runtime examples

@@ -9,7 +9,7 @@ import pytest
 from examples.demo import PROMPT, make_dataset
 from examples.tiny_model import build
 from runtime.torchvision_compat import load_processor
-from tests.tool_model import two_call_trajectory
+from tests.tool_model import calling_trajectory
 from tests.utils import ServerProcess
 from trainer_client.cli import run
 from trainer_client.client import AlignClient
@@ -44,7 +44,7 @@ def trace_row(root: Path) -> dict:
     """tests/tool_model.py's two-call trajectory as an SFT row: image parts as placeholders, the images
     (the question's, then each tool result's) in order in `images`."""
     messages, images = [], []
-    for m in two_call_trajectory():
+    for m in calling_trajectory():
         if isinstance(m["content"], list):
             parts = []
             for p in m["content"]:

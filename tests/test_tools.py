@@ -1,16 +1,20 @@
-"""`align-train grpo --tools`: TRL's tool loop with a tool that returns an image, on a tiny Qwen3-VL
-taught to call it twice and then answer (tests/tool_model.py). Locally (`--vllm-mode none`) and
-through a real align-serve (each engine), synchronous and with --async_rollouts, where every trained
-sample is checked token for token against what the server sampled plus the tool suffixes, recorded
-as the run went."""
+"""`align-train grpo --tools`: the tool loop with a tool that returns an image, on a tiny Qwen3-VL
+taught to call it twice and then answer (tests/tool_model.py). Locally (`--vllm-mode none`, TRL's
+loop) and through a real align-serve (each engine; our loop, each trajectory on its own), synchronous
+and with --async_rollouts, where every trained sample is checked token for token against what the
+server sampled plus the tool suffixes, recorded as the run went."""
 
 import ast
+import asyncio
 import functools
 import importlib
 import json
+import logging
 import subprocess
 import sys
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,9 +43,9 @@ MAX_MODEL_LEN = 800  # the server's: the third turn's prompt (792 tokens) leaves
 
 @pytest.fixture(scope="module")
 def two_call_vlm(tmp_path_factory) -> Path:
-    from tests.tool_model import build_two_call_model
+    from tests.tool_model import build_calling_model
 
-    return build_two_call_model(tmp_path_factory.mktemp("two_call_qwen3_vl"))
+    return build_calling_model(tmp_path_factory.mktemp("two_call_qwen3_vl"))
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +93,10 @@ def test_bad_tools_fail_at_start_in_one_line(flags, message, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--max_tool_calling_iterations", "0", *TOOLS], r"--max_tool_calling_iterations must be >= 1 \(got 0\)"),
     (["--max_tool_calling_iterations", "2"], r"needs --tools or --environment"),
+    (["--tool_workers", "0", *TOOLS], r"--tool_workers must be >= 1 \(got 0\)"),
+    (["--tool-timeout", "0", *TOOLS], r"--tool_timeout must be above 0 seconds \(got 0\)"),
+    (["--tool_timeout", "5"], r"--tool_timeout needs --tools or --environment"),
+    (["--tool_workers", "8", *TOOLS], r"--tool_workers applies to --vllm-mode server \(got none\)"),
 ])
 def test_tool_flag_values_refused(flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -179,16 +187,21 @@ def version(server) -> int:
 
 @pytest.fixture()
 def server_trace(monkeypatch) -> dict:
-    """What the server was asked and answered: per ServerGeneration.generate call (a first turn or a tool
-    turn) its prompts (expanded) and the sampled ids and logprobs; per request its max_tokens and prompts."""
-    trace = {"turns": [], "asked": []}
-    generate, client_generate = ServerGeneration.generate, AlignClient.generate
+    """What the server was asked and answered: per batch (a ServerGeneration.generate call: its first turns
+    and every later turn of its trajectories, whichever thread asked) each ask's prompts (expanded, one
+    per completion) and the sampled ids and logprobs; per request its max_tokens and prompts as sent."""
+    trace = {"batches": [], "asked": []}
+    generate, sample, client_generate = ServerGeneration.generate, Sampler.sample, AlignClient.generate
 
-    def recorded(self, prompts, images, num_generations, profiler=None):
-        out = generate(self, prompts, images, num_generations, profiler)
-        # copies: TRL's tool loop writes each sample's whole completion into the list it was handed
-        trace["turns"].append(dict(prompts=[list(p) for p in prompts], sampled=[list(c) for c in out[1]],
-                                   logprobs=[list(lp) for lp in out[2]]))
+    def batch(self, *args, **kwargs):
+        trace["batches"].append([])
+        return generate(self, *args, **kwargs)
+
+    def recorded(self, prompts, images, used, params, check, empty_version):
+        out = sample(self, prompts, images, used, params, check, empty_version)
+        trace["batches"][-1].append(dict(prompts=[list(p) for p in prompts for _ in range(params["n"])],
+                                         sampled=[list(c.token_ids) for c in out],
+                                         logprobs=[[[lp] for lp in c.logprobs] for c in out]))
         return out
 
     def client_recorded(self, *args, **kwargs):
@@ -196,14 +209,15 @@ def server_trace(monkeypatch) -> dict:
         trace["asked"].append((kwargs["max_tokens"], [r.prompt_ids for r in answer.results]))
         return answer
 
-    monkeypatch.setattr(ServerGeneration, "generate", recorded)
+    monkeypatch.setattr(ServerGeneration, "generate", batch)
+    monkeypatch.setattr(Sampler, "sample", recorded)
     monkeypatch.setattr(AlignClient, "generate", client_recorded)
     return trace
 
 
-def check_two_batches_exactly(trained_batches, turns, asked) -> None:
-    """Two trained batches of three-turn trajectories, each sample against its batch's three sampled turns."""
-    for batch, batch_turns in zip(trained_batches, [turns[0:3], turns[3:6]], strict=True):
+def check_two_batches_exactly(trained_batches, batches, asked) -> None:
+    """Two trained batches of three-turn trajectories, each sample against its batch's sampled turns."""
+    for batch, batch_turns in zip(trained_batches, batches, strict=True):
         check_trajectories(batch)
         for i in range(len(batch["completion_ids"])):
             check_sampled_exactly(batch["prompt_ids"][i], batch["completion_ids"][i], batch["tool_mask"][i],
@@ -234,15 +248,22 @@ def check_sampled_exactly(prompt_ids, completion_ids, tool_mask, logprobs, turns
     assert trained[-2:] == chain[-1][1] and len(chain[-1][1]) == 2  # the answer fit in the last 8 tokens
     if asked is None:
         return
-    # The server was given one placeholder per image, our expanded runs collapsed.
-    sent = [ids for _, prompts in asked for ids in prompts]
-    for prompt, _, _ in chain:
-        assert collapse_image_runs(prompt, image_token) in sent
+    # The server was given one placeholder per image, our expanded runs collapsed; each turn asked for
+    # what its trajectory had left (TURN_MAX_TOKENS).
+    sent = [(max_tokens, ids) for max_tokens, prompts in asked for ids in prompts]
+    for (prompt, _, _), max_tokens in zip(chain, TURN_MAX_TOKENS, strict=True):
+        assert (max_tokens, collapse_image_runs(prompt, image_token)) in sent
 
 
 # Each turn asks for the least of what is left of max_completion_length (260, then 260 - 123, then
 # 260 - 246) and of the server's max_model_len (its prompts: 546, 669 and 792 tokens): never refused.
 TURN_MAX_TOKENS = [MAX_MODEL_LEN - PROMPT_TOKENS, MAX_MODEL_LEN - 669, MAX_MODEL_LEN - 792]
+
+
+def requests_per_batch(batches: int) -> dict[int, int]:
+    """The requests of `batches` batches of 2 two-call trajectories by max_tokens: one for a batch's first
+    turns (n=2), then one per trajectory and turn, each asked as soon as its tool answered."""
+    return {TURN_MAX_TOKENS[0]: batches, TURN_MAX_TOKENS[1]: 2 * batches, TURN_MAX_TOKENS[2]: 2 * batches}
 
 
 def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, data, tmp_path, server, server_trace,
@@ -251,10 +272,9 @@ def test_server_mode_trains_on_exactly_what_the_server_sampled(two_call_vlm, dat
     trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url)
     assert trainer.state.global_step == 2 and len(trained_batches) == 2
     # (first the step-0 parity check's two one-token probes of the first prompt: as messages, as ids)
-    assert [a[0] for a in server_trace["asked"]] == [1, 1] + TURN_MAX_TOKENS * 2
+    assert Counter(a[0] for a in server_trace["asked"]) == {1: 2, **requests_per_batch(2)}
 
-    turns = server_trace["turns"]
-    check_two_batches_exactly(trained_batches, turns, server_trace["asked"])
+    check_two_batches_exactly(trained_batches, server_trace["batches"], server_trace["asked"])
     # The last batch: every turn from the weights pushed for step 1 (the start push made v + 1).
     assert trainer.vllm_generation.turn_versions == [[v + 2] * 3] * 2
     assert metric(trainer, "weight_version_oldest_turn") == [v + 1.0, v + 2.0]
@@ -305,14 +325,15 @@ def check_token_exact(batch: dict, turns: list[tuple[list, list, list]], expecte
 
 def test_async_rollouts_run_the_tool_turns_in_the_worker(two_call_vlm, data, tmp_path, server, trained_batches,
                                                          sampled_turns):
-    """With --async_rollouts only the first batch's tool turns run on the training thread; later batches
+    """With --async_rollouts only the first batch's turns are asked for the training thread; later batches
     arrive with every turn done (in the rollout worker), token-exact, none older than --max_staleness."""
     trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url,
                     "--async_rollouts", "--max_staleness", "1", "--max_steps", "3")
     assert trainer.state.global_step == 3 and len(trained_batches) == 3
     threads = [name for name, _ in sampled_turns]
-    assert threads.count("MainThread") == 3  # the first batch's 3 turns; never a turn of a later batch
-    assert sum(name.startswith("align-rollouts") for name in threads) >= 6  # batches 2 and 3, every turn
+    # the first batch's first turns, then 2 more per trajectory; never a turn of a later batch
+    assert sum(name.startswith("MainThread") for name in threads) == 5
+    assert sum(name.startswith("align-rollouts") for name in threads) >= 10  # batches 2 and 3, every turn
     turns = [t for _, ts in sampled_turns for t in ts]
     for batch in trained_batches:
         check_trajectories(batch)
@@ -405,6 +426,32 @@ def test_a_server_restart_mid_trajectory_drops_the_batch_and_generates_it_again(
         tool._RESTARTED.clear()
 
 
+@pytest.mark.fault
+def test_a_server_restart_mid_trajectory_in_synchronous_mode_asks_the_refused_turns_again(two_call_vlm, data,
+                                                                                      tmp_path, log_dir):
+    """Synchronous server mode: the first tool call restarts the server; the turns its new instance answers
+    before the trainer pushed to it are refused, the weights are pushed again (once), and each refused turn
+    is asked again: every trajectory ends as taught, from the weights pushed for the step."""
+    server = ServerProcess(two_call_vlm, "transformers", extra=["--max-model-len", str(MAX_MODEL_LEN)],
+                           log_dir=log_dir).wait_ready(600)
+    tool = importlib.import_module("tests.test_tools")  # as --tools loads it (pytest names this file apart)
+    try:
+        tool._RESTART.append((two_call_vlm, server, log_dir))
+        trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url", server.url,
+                        "--max_steps", "1", tools=["--tools", "tests.test_tools:zoom_restarting"])
+        server = tool._RESTARTED.pop()
+        # the new instance: the push after a refused turn, then the step's
+        assert AlignClient(server.url).info(refresh=True).weight_version == 2
+        assert metric(trainer, "tools/turns_per_trajectory") == [3.0]
+        assert metric(trainer, "tools/failure_frequency") == [0.0]
+        assert metric(trainer, "reward") == [1.0]  # both answered as taught
+    finally:
+        tool._RESTART.clear()
+        for proc in [server, *tool._RESTARTED]:
+            proc.stop()
+        tool._RESTARTED.clear()
+
+
 # ---- --environment, and tools with --dynamic_sampling -------------------------------------------------
 ENVIRONMENT = ["--environment", "tests.tool_model:ZoomEnvironment"]
 
@@ -438,15 +485,16 @@ class ObservedZoom(ZoomEnvironment):
 def test_an_environment_with_async_rollouts(two_call_vlm, data, tmp_path, transformers_server, trained_batches,
                                             sampled_turns):
     """The worker runs later batches' tool turns on its own instances (reset with the rows read ahead), and
-    the rewards score those: the environment's get_reward counts its own rollout's 2 calls, although TRL's
-    pool, reset for the batch on the training thread, ran none (a batch scored on it would get 0)."""
+    the rewards score those: the environment's get_reward counts its own rollout's 2 calls. TRL's pool ran
+    the first batch (not read ahead) and was reset for it alone: not again for the rows read ahead."""
     trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
                     transformers_server.url, "--async_rollouts", "--max_staleness", "1", "--max_steps", "3",
                     tools=ENVIRONMENT)
     assert trainer.state.global_step == 3 and len(trained_batches) == 3
     threads = [name for name, _ in sampled_turns]
-    assert threads.count("MainThread") == 3  # the first batch's 3 turns; batches 2 and 3: the worker's
-    assert sum(name.startswith("align-rollouts") for name in threads) >= 6
+    # the first batch's first turns and 2 more per trajectory; batches 2 and 3: the worker's
+    assert sum(name.startswith("MainThread") for name in threads) == 5
+    assert sum(name.startswith("align-rollouts") for name in threads) >= 10
     turns = [t for _, ts in sampled_turns for t in ts]
     for batch in trained_batches:
         check_trajectories(batch)
@@ -457,11 +505,41 @@ def test_an_environment_with_async_rollouts(two_call_vlm, data, tmp_path, transf
     assert metric(trainer, "async/prefetch_hits") == [0.0, 1.0, 1.0]
     assert metric(trainer, "rewards/ZoomEnvironment/mean") == [2.0, 2.0, 2.0]
     assert metric(trainer, "tools/calls_per_sample") == [2.0, 2.0, 2.0]
-    # The last batch was scored on the worker's instances, each spent by its own 2 calls; TRL's pool was
-    # reset for it and ran no tool.
+    # The last batch was scored on the worker's instances, each spent by its own 2 calls; TRL's pool still
+    # holds the first batch's state (its own 2 calls each): it was not reset for the batches read ahead.
     assert [e.calls for e in trainer.environments] == [2, 2]
-    assert [e.calls for e in trainer._environment_pool[None]] == [0, 0]
+    assert [e.calls for e in trainer._environment_pool[None]] == [2, 2]
     assert not {id(e) for e in trainer.environments} & {id(e) for e in trainer._environment_pool[None]}
+
+
+class CountedZoom(ZoomEnvironment):
+    """ZoomEnvironment keeping every reset it gets (the instance, and the thread that made it)."""
+
+    resets: list = []
+
+    def reset(self, **row) -> None:
+        CountedZoom.resets.append((self, threading.current_thread().name))
+        super().reset(**row)
+
+
+def test_reset_runs_once_per_sample_with_async_rollouts(two_call_vlm, data, tmp_path, transformers_server,
+                                                        trained_batches):
+    """TRL resets its pool for the first batch only (it is generated on the training thread); each batch the
+    worker reads ahead is reset once, on its own instances, and TRL's pool is not reset again for its rows."""
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                    transformers_server.url, "--async_rollouts", "--max_staleness", "1", "--max_steps", "3",
+                    tools=["--environment", "tests.test_tools:CountedZoom"])
+    assert trainer.state.global_step == 3 and metric(trainer, "async/prefetch_hits") == [0.0, 1.0, 1.0]
+    for batch in trained_batches:
+        check_trajectories(batch)
+    resets = importlib.import_module("tests.test_tools").CountedZoom.resets  # as --environment loaded it
+    instances = [e for e, _ in resets]
+    assert len({id(e) for e in instances}) == len(instances)  # no instance reset twice
+    pool = trainer._environment_pool[None]
+    assert {id(e) for e in pool} <= {id(e) for e in instances}  # TRL's, reset for the first batch
+    # The batches read ahead: 2, 3 and the one after (read ahead when 3 was handed over), 2 samples each.
+    assert len(instances) == len(pool) + 3 * 2
+    assert metric(trainer, "rewards/CountedZoom/mean") == [2.0, 2.0, 2.0]  # each scored its own rollout
 
 
 def test_an_environment_batch_generated_again_gets_new_instances(two_call_vlm, data, tmp_path, transformers_server):
@@ -500,7 +578,8 @@ def test_an_environment_observation_joins_the_read_ahead_prompt(two_call_vlm, da
     assert trainer.state.global_step == 3 and len(trained_batches) == 3
     assert metric(trainer, "async/prefetch_hits") == [0.0, 1.0, 1.0]
     threads = [name for name, _ in sampled_turns]
-    assert threads.count("MainThread") == 1 and threads[0] == "MainThread"  # later batches: the worker's
+    # the first batch's one turn for the training thread; later batches: the worker's
+    assert sum(name.startswith("MainThread") for name in threads) == 1 and threads[0].startswith("MainThread")
     turns = [t for _, ts in sampled_turns for t in ts]
     for batch in trained_batches:
         assert [f"{QUESTION} Picture {ZOOMED_SEED}." in trainer.processing_class.decode(p)
@@ -563,11 +642,11 @@ def test_an_environment_with_dynamic_sampling_in_server_mode(two_call_vlm, two_r
         check_environment_images(batch)
     # Every turn asked for what its own trajectory had left, round after round (after the step-0 parity
     # check's two one-token probes of the first prompt).
-    assert [a[0] for a in server_trace["asked"]] == [1, 1] + TURN_MAX_TOKENS * 4
+    assert Counter(a[0] for a in server_trace["asked"]) == {1: 2, **requests_per_batch(4)}
     image_token = trained_batches[0]["image_token_id"]
-    turns = server_trace["turns"]
-    assert len(turns) == 12
-    for batch, step_turns in zip(trained, [turns[3:6], turns[9:12]], strict=True):  # the kept (second) rounds
+    batches = server_trace["batches"]
+    assert len(batches) == 4
+    for batch, step_turns in zip(trained, [batches[1], batches[3]], strict=True):  # the kept (second) rounds
         # (pixel values split per sample: the batch is assembled from several rounds)
         assert batch["num_images"] == [3, 3]
         assert [len(g) for g in batch["image_grid_thw"]] == [3, 3]
@@ -605,10 +684,10 @@ def long_question(processor, length: int) -> str:
 
 def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
     """Under `accelerate launch` one process's prompt runs two tool turns, the other's none (its first
-    tool answer would pass the model's 2048 positions, so TRL drops it): the second joins the first's
-    turns instead of leaving it waiting, and each trains on its own samples. With --async_rollouts, so
-    both paths run: the first batch's turns on the training threads (collective, as in synchronous
-    mode), the second batch's in the main process's rollout worker, handed to each process by slice."""
+    tool answer would pass the server's 2048 positions, so it is rolled back): the main process runs
+    every trajectory, and each process trains on its own samples. With --async_rollouts, so both paths
+    run: the first batch on the training threads (as in synchronous mode), the second batch in the main
+    process's rollout worker, each handed to its process by slice."""
     root = tmp_path / "data"
     root.mkdir()
     random_image(IMAGE_SEED).save(root / "q.png")
@@ -636,6 +715,132 @@ def test_two_processes_with_unequal_tool_turns(two_call_vlm, tmp_path, log_dir):
     assert [float(log["async/prefetch_hits"]) for log in logged] == [0.0, 1.0]  # the second batch: the worker's
 
 
+# ---- our loop: each trajectory on its own clock, tools of different trajectories at once ----------------
+class TogetherZoom(ZoomEnvironment):
+    """ZoomEnvironment whose calls record when they start and end, each call ending only once another
+    instance's call of the same turn has started (or a minute later): run at the same time, the calls of two
+    trajectories overlap; one after another, the first waits the minute out and the second starts after it."""
+
+    started: list = []  # (instance, turn) of each call begun
+    spans: list = []  # (instance id, turn, start, end) of each call, from the tool's own clock
+    changed = threading.Condition()
+
+    def zoom(self, factor: int) -> list:
+        """Zoom into the image
+
+        Args:
+            factor: how many times to enlarge
+        """
+        turn, start = self.calls, time.monotonic()
+        with TogetherZoom.changed:
+            TogetherZoom.started.append((self, turn))
+            TogetherZoom.changed.notify_all()
+            TogetherZoom.changed.wait_for(lambda: any(e is not self and t == turn for e, t in TogetherZoom.started),
+                                          timeout=60)
+        TogetherZoom.spans.append((id(self), turn, start, time.monotonic()))
+        return super().zoom(factor)
+
+
+def test_the_tools_of_two_trajectories_run_at_the_same_time(two_call_vlm, data, tmp_path, transformers_server,
+                                                            trained_batches):
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                    transformers_server.url, "--max_steps", "1", tools=["--environment", "tests.test_tools:TogetherZoom"])
+    assert trainer.state.global_step == 1
+    check_trajectories(trained_batches[0])
+    spans = importlib.import_module("tests.test_tools").TogetherZoom.spans  # as --environment loaded it
+    assert len(spans) == 4
+    for turn in (0, 1):
+        (a, _, a_start, a_end), (b, _, b_start, b_end) = [s for s in spans if s[1] == turn]
+        assert a != b  # two trajectories' calls of the same turn...
+        assert a_start < b_end and b_start < a_end  # ...each begun before the other ended
+
+
+_HUNG = threading.Event()  # set when a test ends: the sync tool's hung threads then return
+
+
+@functools.wraps(zoom)
+def zoom_hanging(factor: int) -> list:
+    _HUNG.wait()
+    return zoom(factor)
+
+
+@functools.wraps(zoom)
+async def zoom_hanging_async(factor: int) -> list:
+    await asyncio.sleep(3600)  # cancelled at the timeout
+    return zoom(factor)
+
+
+@functools.wraps(zoom)
+def zoom_raising(factor: int) -> list:
+    raise ValueError(f"no zoom x{factor} today")
+
+
+@pytest.mark.parametrize("tool, answer", [
+    ("zoom_raising", "{'error': 'no zoom x2 today'}"),
+    ("zoom_hanging", "{'error': 'zoom did not return within 1 s'}"),
+    ("zoom_hanging_async", "{'error': 'zoom did not return within 1 s'}"),
+])
+def test_a_tool_that_raises_or_hangs_answers_with_an_error(tool, answer, two_call_vlm, data, tmp_path,
+                                                          transformers_server, trained_batches, caplog):
+    """A tool that raises answers the model with TRL's error result; one that hangs (a sync one on its
+    thread, an async one on TRL's event loop) is cut at --tool_timeout with an error result and a warning
+    naming it. Either counts as a failed call, and the trajectory goes on."""
+    module = importlib.import_module("tests.test_tools")  # as --tools loads it
+    module._HUNG = threading.Event()
+    try:
+        with caplog.at_level(logging.WARNING, logger="trainer_client.agent_loop"):
+            trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                            transformers_server.url, "--max_steps", "1", "--tool_timeout", "1",
+                            tools=["--tools", f"tests.test_tools:{tool}"])
+        hung = [t for t in threading.enumerate() if t.name == "align-tool" and t.is_alive()]
+    finally:
+        module._HUNG.set()
+    answers = [m["content"] for c in trained_batches[0]["completions"] for m in c if m["role"] == "tool"]
+    assert answers and set(answers) == {answer}
+    assert metric(trainer, "tools/failure_frequency") == [1.0]
+    warned = [r.getMessage() for r in caplog.records if "--tool_timeout" in r.getMessage()]
+    if tool == "zoom_raising":
+        assert not warned
+    else:
+        assert warned and all(w.startswith("tool zoom did not return within --tool_timeout 1 s") for w in warned)
+    if tool == "zoom_hanging":  # cut, not waited for: the calls still hang on their threads
+        assert len(hung) == len(answers)
+
+
+def test_max_tool_calling_iterations_ends_the_trajectory(two_call_vlm, data, tmp_path, transformers_server,
+                                                         trained_batches):
+    """One tool turn, then the model's second call is the trajectory's last turn, its call not made."""
+    trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                    transformers_server.url, "--max_steps", "1", "--max_tool_calling_iterations", "1")
+    for completion, mask in zip(trained_batches[0]["completions"], trained_batches[0]["tool_mask"], strict=True):
+        assert [m["role"] for m in completion] == ["assistant", "tool", "assistant"]
+        assert completion[-1]["tool_calls"] and mask.count(0) == 59
+    assert metric(trainer, "tools/call_frequency") == [1.0]  # TRL's: the calls made
+
+
+def test_a_tool_turn_past_the_servers_max_model_len_is_rolled_back(two_call_vlm, data, tmp_path, log_dir,
+                                                                   server_trace, trained_batches):
+    """A server started with a smaller --max-model-len than the model's positions: the second tool answer
+    would take the trajectory to 792 tokens, past its 760. The answer is rolled back whole (as TRL rolls
+    back one past the model's positions): the trajectory ends with the model's second turn, no third turn
+    is asked, and nothing empty is trained on as an answer."""
+    server = ServerProcess(two_call_vlm, "transformers", extra=["--max-model-len", "760"], log_dir=log_dir)
+    try:
+        trainer = train(two_call_vlm, data, tmp_path / "out", "--vllm-mode", "server", "--server-url",
+                        server.wait_ready(600).url, "--max_steps", "1")
+    finally:
+        server.stop()
+    batch = trained_batches[0]
+    for i, completion in enumerate(batch["completions"]):
+        assert [m["role"] for m in completion] == ["assistant", "tool", "assistant"]
+        assert completion[-1]["tool_calls"]  # the call whose answer did not fit
+        assert batch["tool_mask"][i] == [1] * 64 + [0] * 59 + [1] * 64
+        assert len(batch["images"][i]) == 2  # the question's and the first answer's: none of the rolled-back one
+    # the first turns, then one second turn per trajectory (760 - 669 tokens left); never a third
+    assert sorted(a[0] for a in server_trace["asked"]) == [91, 91, 760 - PROMPT_TOKENS]
+    assert metric(trainer, "tools/call_frequency") == [2.0]  # both calls were made, the second one's answer dropped
+
+
 # ---- tools with LoRA: the adapter pushed after each step samples every turn -----------------------------
 LORA = ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--lora_target_modules",
         "q_proj", "k_proj", "v_proj", "o_proj", "--lora_sync", "adapter"]
@@ -651,8 +856,7 @@ def test_tools_with_a_lora_adapter_in_server_mode(two_call_vlm, two_rows, tmp_pa
                     *LORA, rewards=["tests.test_tools:informative"])
     assert trainer.state.global_step == 2 and len(trained_batches) == 2
     assert version(server) == v + 4  # the base, the adapter, then one adapter per step (merged: v + 3)
-    turns = server_trace["turns"]
-    check_two_batches_exactly(trained_batches, turns, server_trace["asked"])
+    check_two_batches_exactly(trained_batches, server_trace["batches"], server_trace["asked"])
     # Every turn, the tool turns too, from the adapter pushed for its step (the first one at v + 2).
     assert trainer.vllm_generation.turn_versions == [[v + 3] * 3] * 2
     assert metric(trainer, "weight_version_oldest_turn") == [v + 2.0, v + 3.0]
@@ -687,6 +891,6 @@ def test_two_tool_turns_with_images_train_in_colocate_mode(two_call_vlm, data, t
                     "--vllm_enable_sleep_mode", "false")
     assert trainer.state.global_step == 2 and len(trained_batches) == 2 and len(turns) == 6
     assert sent == [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2 + [(1, 1)] * 2 + [(2, 2)] * 2 + [(3, 3)] * 2
-    check_two_batches_exactly(trained_batches, turns, None)
+    check_two_batches_exactly(trained_batches, [turns[0:3], turns[3:6]], None)
     assert metric(trainer, "tools/turns_per_trajectory") == [3.0, 3.0]
     assert len(assert_rollouts_match(trainer.state.log_history)) == 2

@@ -71,23 +71,23 @@ def zoom(factor: int) -> list:
     return [{"type": "image", "image": random_image(ZOOMED_SEED)}, {"type": "text", "text": f"zoomed x{factor}"}]
 
 
-def two_call_trajectory() -> list[dict]:
-    """The conversation the model learns: call, look at the tool's image, call again, answer."""
+def calling_trajectory(calls: int = 2) -> list[dict]:
+    """The conversation the model learns: call, look at the tool's image, `calls` times, then answer."""
     call = {"role": "assistant", "content": "",
             "tool_calls": [{"type": "function", "function": {"name": "zoom", "arguments": {"factor": 2}}}]}
     tool = {"role": "tool", "name": "zoom", "content": zoom(2)}
     question_msgs = [{"role": "user", "content": [{"type": "image", "image": random_image(IMAGE_SEED)},
                                                   {"type": "text", "text": QUESTION}]}]
-    return [*question_msgs, call, tool, call, tool, {"role": "assistant", "content": ANSWER}]
+    return [*question_msgs, *[call, tool] * calls, {"role": "assistant", "content": ANSWER}]
 
 
-def build_two_call_model(out: Path, max_steps: int = 600) -> Path:
-    """A tiny Qwen3-VL taught the whole of `two_call_trajectory()` with `zoom` as its tool, rendered as
+def build_calling_model(out: Path, calls: int = 2, max_steps: int = 600) -> Path:
+    """A tiny Qwen3-VL taught the whole of `calling_trajectory(calls)` with `zoom` as its tool, rendered as
     TRL renders it (the tool's schema from its docstring), loss on the assistant turns only."""
     build(out, "qwen3_vl", seed=0)
     processor = load_processor(out)
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
-    conversation = two_call_trajectory()
+    conversation = calling_trajectory(calls)
 
     def ids(messages, generation_prompt: bool) -> dict:
         return processor.apply_chat_template(messages, tools=[zoom], add_generation_prompt=generation_prompt,
@@ -102,7 +102,7 @@ def build_two_call_model(out: Path, max_steps: int = 600) -> Path:
             stop = start + inputs["input_ids"][0, start:].tolist().index(end) + 1
             labels[0, start:stop] = inputs["input_ids"][0, start:stop]
     loss = fit(model, inputs, labels, max_steps, stop_below=0.005)
-    assert loss < 0.05, f"the tiny model did not learn its two tool calls (loss {loss:.4f})"
+    assert loss < 0.05, f"the tiny model did not learn its {calls} tool calls (loss {loss:.4f})"
     model.save_pretrained(out)
     return out
 

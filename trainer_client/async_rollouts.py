@@ -24,20 +24,20 @@ A push that meets the restart pushes its snapshot to the new instance (`WeightPu
 Versions are counted in the trainer's sequence (`policy_version`): each server's own numbers are
 mapped onto it by the offset its last push recorded, so staleness holds across restarts.
 
-With `--tools` the worker runs each read-ahead batch's tool turns too (`tools.run_tool_loop`: TRL's own
-loop, every turn asked of the server from the worker), so the training loop never waits on a tool or
-a later turn; TRL's loop on the training thread gets the finished trajectories (`finished_tool_loop`).
-A trajectory is as stale as its oldest turn: a group holding one more than max_staleness versions
-behind is dropped and generated again, all its turns. A batch not read ahead (the first one, or one
-the read-ahead missed) runs its tool turns on the training thread, as in synchronous mode.
+With `--tools` the worker runs each read-ahead batch's whole trajectories (`AgentLoop`, each trajectory
+on its own, every turn asked of the server from the worker), so the training loop never waits on a tool
+or a later turn; TRL's tool loop on the training thread gets the finished trajectories
+(`finished_tool_loop`). A trajectory is as stale as its oldest turn: a group holding one more than
+max_staleness versions behind is dropped and generated again, all its turns. A batch not read ahead (the
+first one, or one the read-ahead missed) runs on the training thread, as in synchronous mode.
 
 With `--environment`, a read-ahead batch gets its own instances (one per sample, from the factory, never
 TRL's pool), reset with its rows when it is read ahead; the observation a reset returns joins the prompt
 as TRL joins it. Their methods are the tool loop's tools, and the finished batch hands them to the
 trainer (`trainer.environments`), so the rewards (an environment's `get_reward` too) score the state its
-own rollout left. TRL still resets its pool for the batch on the training thread; the prompt it builds
-must equal the read-ahead one, or the batch is generated again there. A batch generated again (stale, or
-a server restart) gets new instances, reset with the same rows.
+own rollout left. TRL does not reset its pool again for those rows: it builds the batch's prompts from
+the observations the read-ahead resets returned (`reset_already`), so each sample is reset once. A batch
+generated again (stale, or a server restart) gets new instances, reset with the same rows.
 
 A prefetched batch is used only for the batch it was read ahead for: the same prompt ids, images of the
 same content (not only the same sizes) and the same rows (`dataset_row`). Anything else (a resumed run,
@@ -50,7 +50,6 @@ by it (rollout_health.py).
 """
 
 import contextlib
-import copy
 import hashlib
 import logging
 from collections import deque
@@ -60,9 +59,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 from trl.data_utils import prepare_multimodal_messages
 
 from trainer_client import trl_seam
+from trainer_client.agent_loop import Rollout, tool_loop_result
 from trainer_client.generation import ServerGeneration, log_oldest_turns
-from trainer_client.sampler import Trajectories
-from trainer_client.tools import Rollout, environment_names, reset_environments, run_tool_loop
+from trainer_client.tools import environment_names, reset_environments, with_observation
 from trainer_client.weight_pusher import MAX_REFUSALS, ServerMoved
 from trainer_client.weights import host_copy
 
@@ -78,17 +77,19 @@ class Request:
     """One generation batch as the server sees it: unique prompts (one placeholder per image), and the
     sampling parameters as the training thread set them when it asked; per prompt its row's identity
     (`dataset_row`, None where unknown), which with the prompt ids and the images' content says whether a
-    batch TRL asks for is this one. With tools, also per prompt TRL's ids (expanded image runs) and chat
-    messages, which the tool loop continues. With an environment, per prompt its row, the prompt its reset
-    observation made, and its n instances until the worker takes them."""
+    batch TRL asks for is this one. With tools, also per prompt TRL's ids (expanded image runs), which the
+    tool loop continues. With an environment, per prompt its row, the prompt its reset observation made,
+    its n instances until the worker takes them and what their resets returned; `claimed` once TRL built
+    this batch's prompts from those (`AsyncRollouts.reset_already`)."""
 
     def __init__(self, prompt_ids: list[list[int]], images: list[list], n: int, sampling: dict,
-                 expanded: list[list[int]] | None = None, messages: list[list[dict]] | None = None,
-                 rows: list[dict] | None = None, observed: list[list[dict]] | None = None,
-                 environments: list[list] | None = None, row_ids: list | None = None):
+                 expanded: list[list[int]] | None = None, rows: list[dict] | None = None,
+                 observed: list[list[dict]] | None = None, environments: list[list] | None = None,
+                 observations: list[list] | None = None, row_ids: list | None = None):
         self.prompt_ids, self.images, self.n, self.sampling = prompt_ids, images, n, sampling
-        self.expanded, self.messages = expanded, messages
-        self.rows, self.observed, self.environments = rows, observed, environments
+        self.expanded = expanded
+        self.rows, self.observed, self.environments, self.observations = rows, observed, environments, observations
+        self.claimed = False
         self.row_ids = row_ids if row_ids is not None else [None] * len(prompt_ids)
         self.image_keys = [[image_key(i) for i in imgs] for imgs in images]
         self.future: Future | None = None
@@ -98,7 +99,7 @@ class Request:
             return None if values is None else [values[i] for i in rows]
 
         return Request(pick(self.prompt_ids), pick(self.images), self.n, self.sampling, pick(self.expanded),
-                        pick(self.messages), pick(self.rows), pick(self.observed), pick(self.environments),
+                        pick(self.rows), pick(self.observed), pick(self.environments), pick(self.observations),
                         pick(self.row_ids))
 
     def matches(self, prompt_ids, images, row_ids) -> bool:
@@ -135,8 +136,6 @@ class AsyncRollouts:
         self._last_snapshot: tuple[list, object] | None = None  # (pairs, adapter)
         self.restarts = 0
         self.tools = bool(self.trainer.tools)
-        # The worker's own processor for the tool loop: tokenizers are not safe to share across threads.
-        self._processor = copy.deepcopy(self.trainer.processing_class) if self.tools else None
         # the tool loop's result for this process's samples of the last batch, when the worker ran it
         self._finished: trl_seam.ToolLoopResult | None = None
         self.turn_versions: list[list[int]] = []  # per local sample of the last batch with tools: each turn's version
@@ -154,8 +153,6 @@ class AsyncRollouts:
 
     # ---- generation (TRL's `VLLMGeneration.generate` contract) ----------------------------------
     def generate(self, prompts, images, num_generations, profiler=None):
-        if self.generation.in_tool_turns:  # a tool turn of a batch whose loop runs on this thread
-            return self.generation.generate(prompts, images, num_generations, profiler)
         self._finished = None
         if not self.trainer.model.training:  # evaluation: the newest weights, no read-ahead
             self._drain()
@@ -176,7 +173,7 @@ class AsyncRollouts:
                 self._read_ahead(upcoming, num_generations)
         payload = broadcast_object_list([payload], from_process=0)[0]
         metrics = trl_seam.metrics(self.trainer, "train")
-        if payload is None:  # tools, and this batch was not read ahead: its turns run here, synchronously
+        if payload is None:  # tools, and this batch was not read ahead: its rollouts run here, synchronously
             out = self.generation.generate(prompts, images, num_generations, profiler)
             if self.accelerator.is_main_process:
                 self._read_ahead(upcoming, num_generations)
@@ -206,29 +203,37 @@ class AsyncRollouts:
 
     def _hand_over(self, rollouts: list[Rollout]) -> None:
         """TRL's tool loop's result, for this process's samples (`finished_tool_loop`)."""
-        self._finished = trl_seam.ToolLoopResult(
-            [r.tool_mask for r in rollouts], [r.messages for r in rollouts], [r.completion_ids for r in rollouts],
-            [r.logprobs for r in rollouts], sum(r.calls for r in rollouts), sum(r.failures for r in rollouts),
-            [r.images for r in rollouts])
+        self._finished = tool_loop_result(rollouts)
         self.turn_versions = [r.versions for r in rollouts]
         log_oldest_turns(self.trainer, self.turn_versions)
 
-    # ---- TRL's tool loop (tools.LogsToolTurns) --------------------------------------------------
-    def finished_tool_loop(self) -> trl_seam.ToolLoopResult | None:
-        """The tool loop's output for the batch just generated, when the worker ran it (else None: the
-        loop runs on the training thread, through `ServerGeneration`)."""
+    # ---- TRL's tool loop and environments (tools.LogsToolTurns) ----------------------------------
+    def finished_tool_loop(self) -> trl_seam.ToolLoopResult:
+        """The tool loop's result for the batch just generated: the worker's, or the one `ServerGeneration`
+        ran on the training thread (a batch not read ahead, evaluation)."""
         out, self._finished = self._finished, None
+        if out is None:
+            out = self.generation.finished_tool_loop()
+            self.turn_versions = self.generation.turn_versions
         return out
 
-    def start_tool_turns(self, prompt_ids, completion_ids) -> None:
-        self.generation.start_tool_turns(prompt_ids, completion_ids)
-
-    def join_tool_turns(self) -> None:
-        self.generation.join_tool_turns()
-
-    def end_tool_turns(self) -> None:
-        self.generation.end_tool_turns()
-        self.turn_versions = self.generation.turn_versions
+    def reset_already(self, inputs) -> list | None:
+        """Per input (this process's samples), the observation its environment's reset returned when the worker
+        read these rows ahead (TRL then resets none of them); None when they are not the batch read ahead."""
+        if not self.trainer.model.training:
+            return None
+        rows = gather_object(list(inputs))
+        payload = None
+        if self.accelerator.is_main_process and self._pending:
+            request = self._pending[0]
+            if request.rows is not None and rows == [r for r in request.rows for _ in range(request.n)]:
+                request.claimed = True
+                payload = [o for group in request.observations for o in group]
+        payload = broadcast_object_list([payload], from_process=0)[0]
+        if payload is None:
+            return None
+        start = self.accelerator.process_index * len(inputs)
+        return payload[start: start + len(inputs)]
 
     def prepare(self, rows: list[dict], n: int) -> Request:
         """The request for a generation batch's `rows` (one per group of `n`): its prompts prepared as TRL's
@@ -240,9 +245,11 @@ class AsyncRollouts:
         if self.trainer.environment_factories is not None:
             # this batch's own instances, n per prompt, reset as TRL resets its pool; the prompt with the
             # observation of a group's first (TRL's server mode, too, sends each group's first prompt)
-            instances, observed = reset_environments(self.trainer, [r for r in rows for _ in range(n)])
-            environment = dict(rows=rows, observed=observed[::n],
-                               environments=[instances[g * n:(g + 1) * n] for g in range(len(rows))])
+            instances, observations = reset_environments(self.trainer, [r for r in rows for _ in range(n)])
+            environment = dict(rows=rows, observed=[with_observation(r, o) for r, o in zip(rows, observations[::n],
+                                                                                            strict=True)],
+                               environments=[instances[g * n:(g + 1) * n] for g in range(len(rows))],
+                               observations=[observations[g * n:(g + 1) * n] for g in range(len(rows))])
             names = environment_names(self.trainer, rows)  # each prompt rendered with its environment's tools
         chats = environment.get("observed") or [r["prompt"] for r in rows]
         prompts = [prepare_multimodal_messages(chat, images=imgs) if has_images else chat
@@ -250,7 +257,7 @@ class AsyncRollouts:
         prompt_ids = trl_seam.tokenize_prompts(self.trainer, prompts, names)
         ids = [self.sampler.unexpand(p, imgs) for p, imgs in zip(prompt_ids, images, strict=True)]
         return Request(ids, [imgs or [] for imgs in images], n, self.sampler.params(n),
-                        *((list(prompt_ids), prompts) if self.tools else ()), **environment,
+                        list(prompt_ids) if self.tools else None, **environment,
                         row_ids=[r.get("dataset_row") for r in rows])
 
     def launch(self, request: Request) -> None:
@@ -260,38 +267,25 @@ class AsyncRollouts:
 
     def _call_server(self, request: Request) -> list[list]:
         """Worker: the groups of `request`, Completions, or with tools Rollouts (every turn done)."""
-        if request.messages is not None:
+        if request.expanded is not None:
             return self._tool_rollouts(request)
         out = self.client.generate(prompt_ids=request.prompt_ids, images=request.images, check=self._check_instance,
                                    **request.sampling)
         return [list(r.completions) for r in out.results]
 
     def _tool_rollouts(self, request: Request) -> list[list[Rollout]]:
-        """Worker: the first turns, then TRL's tool loop on them, each later turn asked of the server here
-        with what its trajectory has left of the token budgets (as in synchronous mode)."""
-        n, check = request.n, self._check_instance
-        first = self.sampler.sample(request.expanded, request.images, [0] * len(request.expanded), request.sampling,
-                                    check, self.pusher.last_push(0)[1])
-        rows = [i for i in range(len(request.expanded)) for _ in range(n)]
-        prompt_ids = [list(request.expanded[i]) for i in rows]
-        turns = Trajectories(prompt_ids, [c.token_ids for c in first], [c.weight_version for c in first])
+        """Worker: whole trajectories (`AgentLoop`), every turn asked of the server here with what its
+        trajectory has left of the token budgets (as in synchronous mode)."""
+        n, rows = request.n, request.rows
 
-        def generate_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-            images = [imgs or [] for imgs in images] if images is not None else [[] for _ in prompt_ids]
-            out = self.sampler.sample(prompt_ids, images, turns.used(prompt_ids), {**request.sampling, "n": 1}, check,
-                                      self.pusher.last_push(0)[1])
-            turns.sampled(prompt_ids, [c.token_ids for c in out], [c.weight_version for c in out])
-            return [list(c.token_ids) for c in out], [list(c.logprobs) for c in out]
+        def sample(prompt_ids, images, used, n):
+            return self.sampler.sample(prompt_ids, images, used, {**request.sampling, "n": n}, self._check_instance,
+                                       self.pusher.last_push(0)[1])
 
-        has_images = any(request.images)
-        environments = self._environments(request)
-        rollouts = run_tool_loop(self.trainer, self._processor, [list(request.messages[i]) for i in rows], prompt_ids,
-                                 first, [list(request.images[i]) for i in rows] if has_images else None,
-                                 generate_turn, environments,
-                                 None if request.rows is None else
-                                 environment_names(self.trainer, [request.rows[i] for i in rows]))
-        for rollout, versions in zip(rollouts, turns.versions, strict=True):
-            rollout.versions = versions
+        rollouts = self.generation.agent.run(
+            request.expanded, request.images, n, self._environments(request),
+            None if rows is None else environment_names(self.trainer, [r for r in rows for _ in range(n)]),
+            sample, self.sampler.max_model_len())
         return [rollouts[g * n:(g + 1) * n] for g in range(len(request.expanded))]
 
     def _environments(self, request: Request) -> list | None:
@@ -302,8 +296,9 @@ class AsyncRollouts:
         if request.environments is not None:
             groups, request.environments = request.environments, None
             return [e for g in groups for e in g]
-        instances, observed = reset_environments(self.trainer, [r for r in request.rows for _ in range(request.n)])
-        if observed[::request.n] != request.observed:
+        instances, observations = reset_environments(self.trainer, [r for r in request.rows for _ in range(request.n)])
+        observed = [with_observation(r, o) for r, o in zip(request.rows, observations[::request.n], strict=True)]
+        if observed != request.observed:
             raise RuntimeError("--environment: reset() returned another observation for the same row when a batch "
                                "was generated again (stale, or a server restart); with --async_rollouts reset must "
                                "give the same prompt for the same row")
@@ -393,13 +388,16 @@ class AsyncRollouts:
         row_ids = row_ids if row_ids is not None else [None] * len(prompt_ids)
         hit = bool(self._pending) and self._pending[0].matches(prompt_ids, images, row_ids) and self._pending[0].n == n
         miss = bool(self._pending) and not hit
+        if miss and self._pending[0].claimed:
+            raise RuntimeError("async rollouts: TRL built this batch's prompts from the read-ahead resets' "
+                               "observations, but they are not the prompts read ahead (a nondeterministic chat "
+                               "template?)")
         if miss:
             log.warning("async rollouts: the prefetched batch is not the one TRL asks for (a resumed or "
-                        "re-seeded data order? an environment whose reset gave TRL another observation?); "
-                        "generating this one now")
+                        "re-seeded data order?); generating this one now")
         if not hit:
             self._drain()
-            if self.tools:  # the messages the tool loop continues are not here, only TRL's ids
+            if self.tools:  # ServerGeneration runs it, with TRL's prompt ids and environments for it
                 return None
         request = self._pending.popleft() if hit else Request(prompt_ids, images, n, self.sampler.params(n),
                                                               row_ids=row_ids)

@@ -67,7 +67,7 @@ class AlignArguments:
         "help": "Seconds to wait for the server to be ready, at start and whenever it restarts mid-run."})
     tools: list[str] = field(default_factory=list, metadata={
         "help": "GRPO/GSPO: tools the model may call, as module:function (type hints and a docstring describe "
-                "each one to the model); TRL runs the tool loop. SFT: the tools described in the prompt. Repeat or "
+                "each one to the model). SFT: the tools described in the prompt. Repeat or "
                 "list several.", "action": "extend"})
     environment: str | None = field(default=None, metadata={
         "help": "GRPO/GSPO: TRL's environment_factory as module:Factory; one instance per rollout, its public "
@@ -111,6 +111,12 @@ class GRPORunConfig(GRPOConfig):
     max_resample_rounds: int = field(default=4, metadata={
         "help": "With --dynamic_sampling: at most this many extra generation rounds per batch; a batch still "
                 "short after them trains on the informative groups it has."})
+    tool_workers: int = field(default=64, metadata={
+        "help": "Server mode with tools: how many sync tool calls of a batch run at once, each trajectory on "
+                "its own (trainer_client/agent_loop.py); async def tools run on one event loop."})
+    tool_timeout: float = field(default=120.0, metadata={
+        "help": "Server mode with tools: seconds a tool call may take; one that takes longer answers the model "
+                "with an error, counts as failed and is warned about by name."})
 
 
 @dataclass
@@ -175,12 +181,23 @@ def _check_rollout_flags(config: GRPORunConfig) -> None:
                          f"gradient_accumulation_steps {config.gradient_accumulation_steps}): raise it to {spans}")
 
 
-def _check_tool_flags(align: AlignArguments, config: GRPORunConfig) -> None:
+def _check_tool_flags(align: AlignArguments, config: GRPORunConfig, given: set[str]) -> None:
+    """`given`: the flags set on the command line or in --config."""
     tools = bool(align.tools or align.environment)
     if config.max_tool_calling_iterations is not None and config.max_tool_calling_iterations < 1:
         raise SystemExit(f"--max_tool_calling_iterations must be >= 1 (got {config.max_tool_calling_iterations})")
     if config.max_tool_calling_iterations is not None and not tools:
         raise SystemExit("--max_tool_calling_iterations needs --tools or --environment: without them nothing calls a tool")
+    if config.tool_workers < 1:
+        raise SystemExit(f"--tool_workers must be >= 1 (got {config.tool_workers})")
+    if not config.tool_timeout > 0:
+        raise SystemExit(f"--tool_timeout must be above 0 seconds (got {config.tool_timeout:g})")
+    for name in ("tool_workers", "tool_timeout"):
+        if name in given and not tools:
+            raise SystemExit(f"--{name} needs --tools or --environment: without them nothing calls a tool")
+        if name in given and config.vllm_mode != "server":
+            raise SystemExit(f"--{name} applies to --vllm-mode server (got {config.vllm_mode}), where our loop runs "
+                             "the tools; colocate and none run TRL's, which calls them one after another")
 
 
 def _parse(parser: TrlParser, argv: list[str]):
@@ -239,7 +256,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AlignArguments, RunC
         raise SystemExit(f"--server_timeout must be above 0 seconds (got {align.server_timeout:g})")
     if config_cls is GRPORunConfig:
         _check_rollout_flags(config)
-        _check_tool_flags(align, config)
+        yaml_keys = _yaml_keys(argv)
+        _check_tool_flags(align, config, {n for n in ("tool_workers", "tool_timeout") if _given(n, argv, yaml_keys)})
     elif method == "mpo" and (align.tools or align.environment):
         raise SystemExit("align-train mpo: --tools and --environment are for grpo and gspo, which generate")
     init = {k: v for k, v in (("dtype", model_args.dtype), ("attn_implementation", model_args.attn_implementation))

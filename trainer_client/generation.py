@@ -11,7 +11,11 @@ did not push. The trainer pushes its weights when `train()` starts (fresh or res
 what the server holds) and after every optimizer step, and remembers per server which instance it
 pushed to and which version that push made. An answer from another instance (the server restarted
 from its start checkpoint) or another version is dropped: the weights are pushed again and the
-batch is generated again.
+request asked again (with tools: that turn of that trajectory; the turns before it came from the same
+weights, pushed for this step).
+
+With tools, the main process runs each trajectory of the gathered batch to its end, tool turns
+included (trainer_client/agent_loop.py), and hands each process its slice.
 
 The pushes and their records are the `WeightPusher`'s (LoRA runs push the adapter alone, see
 weight_pusher.py), the sampling parameters and token budgets the `Sampler`'s; `AsyncRollouts` uses
@@ -19,16 +23,27 @@ the same two.
 """
 
 import contextlib
+import itertools
 import logging
+from dataclasses import dataclass
 
 from accelerate.utils import broadcast_object_list, gather_object
 
 from trainer_client import trl_seam
+from trainer_client.agent_loop import AgentLoop, tool_loop_result
 from trainer_client.client import AlignClient
-from trainer_client.sampler import Sampler, Trajectories
+from trainer_client.sampler import Sampler
 from trainer_client.weight_pusher import MAX_REFUSALS, ServerMoved, WeightPusher
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _PushAgain:
+    """The main process to the others while it generates: the server `server` restarted, push to it again
+    (a sharded model's push takes every process)."""
+
+    server: int
 
 
 class ServerGeneration:
@@ -39,93 +54,112 @@ class ServerGeneration:
         self.pusher = WeightPusher(trainer, client, weight_transport, server_timeout, servers, lora_sync)
         self.sampler = Sampler(trainer, client)
         self.pushed_step: int | None = None  # None: nothing pushed by this train() yet
-        self.first_turn_versions: list[int] = []  # per local sample, of the last first-turn generate
-        self._turns: Trajectories | None = None  # while TRL's tool loop runs
+        # With tools, the main process runs every trajectory of a batch (the async rollout worker too)
+        args = trainer.args
+        self.agent = AgentLoop(trainer, args.tool_workers, args.tool_timeout) if trainer.tools and client else None
+        self._finished: trl_seam.ToolLoopResult | None = None  # the tool loop of this process's last batch
         self.turn_versions: list[list[int]] = []  # per local sample of the last batch with tools: each turn's version
 
     @property
     def accelerator(self):
         return self.trainer.accelerator
 
-    @property
-    def in_tool_turns(self) -> bool:
-        """TRL's tool loop runs on this thread: each generate is a tool turn of its trajectories."""
-        return self._turns is not None
+    def generate(self, prompts, images, num_generations, profiler=None):
+        """TRL's `VLLMGeneration.generate` contract: per local prompt (already repeated `num_generations`
+        times) its prompt ids, completion ids, per-token [logprob], and None. The main process asks the
+        server for every process's prompts; each process takes its slice.
 
-    def generate(self, prompts, images, num_generations, profiler=None, done: bool = False):
-        """TRL's `VLLMGeneration.generate` contract: per local prompt (already repeated
-        `num_generations` times) its prompt ids, completion ids, per-token [logprob], and None.
-
-        TRL's tool loop calls it again per tool turn with `num_generations=1` and, per sample that
-        called a tool, its prompt + sampled ids + tool suffix ids (expanded image runs, which the
-        client collapses) and all its images so far; each process then holds its own count.
-        `done`: this process has left the tool loop and only joins the others' turns (see
-        `join_tool_turns`); None once every process has."""
-        states = gather_object([(len(prompts), done)])
-        if all(d for _, d in states):
-            return None
-        counts = [n for n, _ in states]
-        used = self._turns.used(prompts) if self._turns is not None else [0] * len(prompts)
+        With tools, these are the first turns of whole trajectories the main process ran to their end
+        (`AgentLoop`: each trajectory on its own, tool turns included, so no process waits on another's
+        turns); TRL's tool loop then gets the rest (`finished_tool_loop`). With --environment, each sample's
+        instance (TRL's, reset for this batch) goes to the main process and comes back with the state its
+        rollout left, which the rewards read."""
+        counts = gather_object([len(prompts)])
         all_prompts = gather_object(prompts)
-        all_used = gather_object(used)
         all_images = gather_object(images if images is not None else [None] * len(prompts))
+        tools = bool(self.trainer.tools)
+        if tools and self.trainer.environment_factories is not None:
+            environments = gather_object(list(self.trainer.environments))
+            names = gather_object(list(trl_seam.batch_environments(self.trainer)))
+        else:
+            environments = names = None
         # The sampler repeats each prompt num_generations times in a row: ask once with n.
         unique = all_prompts[::num_generations]
-        unique_used = all_used[::num_generations]
         unique_images = [imgs or [] for imgs in all_images[::num_generations]]
-        for refusals in range(MAX_REFUSALS + 1):
-            self.pusher.push(self.pusher.unpushed())
-            payload = None
-            if self.accelerator.is_main_process:
-                try:
-                    with profiler if profiler is not None else contextlib.nullcontext():
-                        completions = self.sampler.sample(unique, unique_images, unique_used,
-                                                          self.sampler.params(num_generations), self._check,
-                                                          self.pusher.last_push(0)[1])
-                    # The server never samples image/video placeholders (as TRL's local generation
-                    # suppresses them), so every completion can be trained on as it is.
-                    pushed = [self.pusher.last_push(s)[1] for s in range(self.pusher.servers)]
-                    payload = ([c.token_ids for c in completions], [[[lp] for lp in c.logprobs] for c in completions],
-                               [c.weight_version for c in completions], sum(pushed) / len(pushed))
-                except ServerMoved as exc:
-                    if refusals == MAX_REFUSALS:
-                        raise RuntimeError(f"{exc}; refused {MAX_REFUSALS + 1} answers in a row: is another "
-                                           "trainer pushing weights to the same server?") from None
-                    log.warning("%s: dropping these completions, pushing the weights again", exc)
-                    payload = exc.server
-            # Every process learns which server needs the weights again: a sharded model's push takes them all.
-            payload = broadcast_object_list([payload], from_process=0)[0]
-            if not isinstance(payload, int):
-                break
-            self.pusher.forget(payload)
-        completion_ids, logprobs, versions, pushed_version = payload
-        # Ranks may hold different counts (tool turns run per sample): each takes its own slice.
+        self.pusher.push(self.pusher.unpushed())
+        payload = None
+        if self.accelerator.is_main_process:
+            params = self.sampler.params(num_generations)
+            with profiler if profiler is not None else contextlib.nullcontext():
+                if tools:
+                    samples = self.agent.run(unique, unique_images, num_generations, environments, names,
+                                             lambda p, i, u, n: self._sample(p, i, u, {**params, "n": n}),
+                                             self.sampler.max_model_len(), self._moved)
+                else:
+                    samples = self._asking(lambda: self._sample(unique, unique_images, [0] * len(unique), params))
+            # The server never samples image/video placeholders (as TRL's local generation
+            # suppresses them), so every completion can be trained on as it is.
+            pushed = [self.pusher.last_push(s)[1] for s in range(self.pusher.servers)]
+            payload = (samples, sum(pushed) / len(pushed))
+        samples, pushed_version = self._hand_out(payload)
         start = sum(counts[: self.accelerator.process_index])
-        mine = slice(start, start + len(prompts))
-        if self._turns is not None:
-            self._turns.sampled(prompts, completion_ids[mine], versions[mine])
-        else:
-            self.first_turn_versions = versions[mine]
-            self.log_versions(versions[mine], pushed_version)
-        return prompts, completion_ids[mine], logprobs[mine], None
+        mine = samples[start: start + len(prompts)]
+        if tools:
+            self._finished = tool_loop_result(mine)
+            self.turn_versions = [r.versions for r in mine]
+            log_oldest_turns(self.trainer, self.turn_versions)
+            if environments is not None:  # the state each rollout left (a copy, on the other processes)
+                self.trainer.environments = [r.environment for r in mine]
+            mine = [r.first for r in mine]
+        self.log_versions([c.weight_version for c in mine], pushed_version)
+        return prompts, [c.token_ids for c in mine], [[[lp] for lp in c.logprobs] for c in mine], None
 
-    def start_tool_turns(self, prompt_ids, completion_ids) -> None:
-        """TRL's tool loop starts: later calls are tool turns of these (local) trajectories."""
-        self._turns = Trajectories(prompt_ids, completion_ids, self.first_turn_versions)
+    def finished_tool_loop(self) -> trl_seam.ToolLoopResult:
+        """The tool loop's result for this process's samples of the batch just generated."""
+        out, self._finished = self._finished, None
+        if out is None:
+            raise RuntimeError("TRL's tool loop asked for a batch this backend did not generate with tools")
+        return out
 
-    def join_tool_turns(self) -> None:
-        """Generation is collective (every process gathers its prompts to the main one), but each
-        process runs its own number of tool turns: one whose samples stopped calling tools joins the
-        others' turns with no prompts until every process has left the loop, instead of hanging them."""
-        if self.accelerator.num_processes == 1:
+    def _sample(self, prompts, images, used, params) -> list:
+        """One ask of the server (`Sampler.sample`); a refused answer's `ServerMoved` says what this trainer had
+        pushed to that server when it asked (`_moved`)."""
+        pushed = [self.pusher.last_push(s) for s in range(self.pusher.servers)]
+        try:
+            return self.sampler.sample(prompts, images, used, params, self._check, pushed[0][1])
+        except ServerMoved as exc:
+            exc.pushed = pushed[exc.server]
+            raise
+
+    def _asking(self, ask):
+        """`ask()`, asked again after each refused answer, once the weights are pushed again (`_moved`)."""
+        for refusals in itertools.count():
+            try:
+                return ask()
+            except ServerMoved as exc:
+                self._moved(exc, refusals)
+
+    def _moved(self, exc: ServerMoved, refusals: int) -> None:
+        """An answer was refused (main process, while it generates): push the weights to that server again,
+        unless another refused turn did since this one asked, with every process (`_hand_out`)."""
+        if refusals == MAX_REFUSALS:
+            raise RuntimeError(f"{exc}; refused {MAX_REFUSALS + 1} answers in a row: is another trainer pushing "
+                               "weights to the same server?") from None
+        if self.pusher.last_push(exc.server) != exc.pushed:
             return
-        while self.generate([], [], 1, done=True) is not None:
-            pass
+        log.warning("%s: dropping that answer, pushing the weights again", exc)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list([_PushAgain(exc.server)], from_process=0)
+        self.pusher.push([exc.server])
 
-    def end_tool_turns(self) -> None:
-        turns, self._turns = self._turns, None
-        self.turn_versions = turns.versions
-        log_oldest_turns(self.trainer, turns.versions)
+    def _hand_out(self, payload):
+        """The main process's `payload` on every process; the others meanwhile push when it tells them to."""
+        while True:
+            payload = broadcast_object_list([payload], from_process=0)[0]
+            if not isinstance(payload, _PushAgain):
+                return payload
+            self.pusher.push([payload.server])
+            payload = None
 
     def _check(self, server: int, answer) -> None:
         instance, version = self.pusher.last_push(server)

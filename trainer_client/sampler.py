@@ -38,6 +38,10 @@ class Sampler:
                     top_k=t.top_k if t.top_k is not None else -1, min_p=t.min_p or 0.0,
                     repetition_penalty=t.repetition_penalty, max_tokens=max_tokens, logprobs=True)
 
+    def max_model_len(self) -> int:
+        """The server's: prompt and completion tokens of a sequence, image runs expanded."""
+        return self.client.info().limits.max_model_len
+
     def sample(self, prompts, images, used, params: dict, check, empty_version: int) -> list[Completion]:
         """`params["n"]` completions per prompt (expanded image runs), each asked for no more tokens than its
         trajectory has left of max_completion_length (`used`: per prompt, the completion tokens it already
@@ -45,7 +49,7 @@ class Sampler:
         tool turn with nothing left gets an empty completion, of weight_version `empty_version`; a first turn
         whose prompt alone fills max_model_len is asked as it is, for the server's 400."""
         n = params["n"]
-        max_model_len = self.client.info().limits.max_model_len
+        max_model_len = self.max_model_len()
         limit = self.trainer.max_completion_length
         budgets = [max(0, min(limit - u, max_model_len - len(p))) for p, u in zip(prompts, used, strict=True)]
         budgets = [limit if b == 0 and u == 0 else b for b, u in zip(budgets, used, strict=True)]
@@ -64,36 +68,3 @@ class Sampler:
             for i, result in zip(rows, answer.results, strict=True):
                 out[i] = result.completions
         return [c for cs in out for c in cs]
-
-
-class Trajectories:
-    """The local samples of one batch across TRL's tool turns. A tool turn's prompt is a trajectory's
-    ids so far (prompt + every turn as sampled) followed by the tool suffix: that prefix says which
-    trajectory it continues, hence how much of max_completion_length it has used."""
-
-    def __init__(self, prompt_ids, completion_ids, first_versions: list[int]):
-        self.ids = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-        self.prompt_lens = [len(p) for p in prompt_ids]
-        self.versions = [[v] for v in first_versions]
-        self._current: list[int] = []
-
-    def used(self, prompts) -> list[int]:
-        """Completion tokens (sampled and from tools) each of these turn prompts already holds."""
-        self._current, taken = [], set()
-        for prompt in prompts:
-            # The longest: a trajectory identical so far to a shorter one's continuation is the one continued.
-            matches = [i for i, ids in enumerate(self.ids)
-                       if i not in taken and len(ids) <= len(prompt) and prompt[: len(ids)] == ids]
-            match = max(matches, key=lambda i: len(self.ids[i]), default=None)
-            if match is None:
-                raise RuntimeError("a tool turn's prompt does not continue any trajectory of this batch as sampled: "
-                                   "the earlier turns were re-rendered")
-            taken.add(match)
-            self._current.append(match)
-        return [len(p) - self.prompt_lens[i] for p, i in zip(prompts, self._current, strict=True)]
-
-    def sampled(self, prompts, completion_ids, versions) -> None:
-        for i, prompt, ids, version in zip(self._current, prompts, completion_ids, versions, strict=True):
-            self.ids[i] = list(prompt) + list(ids)
-            if ids:  # a turn with no tokens left sampled nothing: no weights made it
-                self.versions[i].append(version)

@@ -94,6 +94,26 @@ def multi_environment(trainer) -> bool:
     return trainer._multi_environment
 
 
+def batch_environments(trainer) -> list:
+    """Per sample of the batch being generated, its environment's name (None for a single factory)."""
+    return trainer._batch_environments
+
+
+def async_loop(trainer):
+    """The event loop TRL runs `async def` tools and rewards on (a daemon thread's, started when there are some)."""
+    return trainer.async_loop
+
+
+def tool_suffix_ids(trainer, processor, tool_messages: list[dict]) -> list[int]:
+    """The ids a tool turn (`tool_messages`, the answers to one model turn's calls) appends to a trajectory,
+    the next turn's generation prompt included, rendered with `processor` (`GRPOTrainer._get_tool_suffix_ids`:
+    the messages after a minimal conversation, so that earlier turns are never re-rendered)."""
+    view = copy.copy(trainer)
+    view.processing_class = processor
+    view._tokenizer = getattr(processor, "tokenizer", processor)
+    return GRPOTrainer._get_tool_suffix_ids(view, tool_messages)
+
+
 class ToolLoopResult(NamedTuple):
     """What `GRPOTrainer._tool_call_loop` returns, in its order (per local sample, but the two counts)."""
 
@@ -109,12 +129,12 @@ class ToolLoopResult(NamedTuple):
 def run_tool_loop_on_copy(trainer, processor, tool_tables: list[tuple[dict, dict]], environments: list | None,
                           generate_turn, prompts, prompt_ids, completion_ids, completions, logprobs,
                           images) -> ToolLoopResult:
-    """TRL's tool loop (`GRPOTrainer._tool_call_loop`) off the training thread, on a shallow copy of
-    `trainer` with its own `processor` (TRL renders the tool turns with it), per sample its (sync, async)
-    tool tables {name: callable} and its environment name (TRL builds both per batch in
-    `_generate_and_score_completions`), and `generate_turn` in place of `_generate_single_turn` (the same
-    parameters; per prompt the completion ids and logprobs). TRL's own method is called, not the
-    trainer's: our override (`ToolLoopSeam`) would hand back a batch the worker already finished."""
+    """TRL's tool loop (`GRPOTrainer._tool_call_loop`) on a shallow copy of `trainer` with its own `processor`
+    (TRL renders the tool turns with it), per sample its (sync, async) tool tables {name: callable} and its
+    environment name (TRL builds both per batch in `_generate_and_score_completions`), and `generate_turn`
+    in place of `_generate_single_turn` (the same parameters; per prompt the completion ids and logprobs).
+    TRL's own method is called, not the trainer's (`ToolLoopSeam` hands back what our loop finished): the
+    lockstep loop server mode ran before `agent_loop.AgentLoop`, which bench/agent_rollouts.py times against it."""
     view = copy.copy(trainer)
     view.processing_class = processor
     view._tokenizer = getattr(processor, "tokenizer", processor)
@@ -328,13 +348,14 @@ class PrepareInputsSeam:
 
 
 class ToolLoopSeam:
-    """Overrides `GRPOTrainer._tool_call_loop`. TRL 1.16 runs the tool loop after the first turn, on the
-    training thread: it parses each completion's tool calls, calls the tools, appends the tool turn's suffix
-    ids to the sampled ids (tool_mask 0 on them) and generates again, until no call is left or
-    max_tool_calling_iterations; it returns `ToolLoopResult`'s fields. Ours, `self.tool_loop(prompt_ids,
-    completion_ids, run_trl_loop)`, returns that result: TRL's loop run here (`run_trl_loop()`), with the
-    generation backend told each turn's trajectories, or one the async rollout worker finished already; and
-    it logs per-trajectory counts TRL does not. Goes when TRL's loop can run off the training thread."""
+    """Overrides `GRPOTrainer._tool_call_loop`. TRL 1.16 runs the tool loop after the first turn, in lockstep:
+    it parses each completion's tool calls, calls the tools of one trajectory after another, appends the tool
+    turn's suffix ids to the sampled ids (tool_mask 0 on them) and generates every trajectory's next turn in
+    one call, until no call is left or max_tool_calling_iterations; it returns `ToolLoopResult`'s fields.
+    Ours, `self.tool_loop(prompt_ids, completion_ids, run_trl_loop)`, returns that result: the one our
+    rollout backend finished with the first turns (each trajectory on its own, server mode), or TRL's loop
+    (`run_trl_loop()`); and it logs per-trajectory counts TRL does not. Goes when TRL's rollout backend can
+    run the whole multi-turn rollout."""
 
     def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields):
         def run_trl_loop() -> ToolLoopResult:
@@ -342,6 +363,41 @@ class ToolLoopSeam:
                 prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields))
 
         return self.tool_loop(prompt_ids, completion_ids, run_trl_loop)
+
+
+class _ObservationOnly:
+    """Stands in TRL's environment pool for a sample whose environment was reset elsewhere: TRL's reset gets
+    the observation that reset returned, and resets nothing."""
+
+    def __init__(self, observation):
+        self.observation = observation
+
+    def reset(self, **row):
+        return self.observation
+
+
+class EnvironmentResetSeam:
+    """Overrides `GRPOTrainer._generate_and_score_completions`. TRL 1.16 draws one instance per sample from
+    its environment pool (`_environment_pool`, per environment name) and resets it with the sample's row
+    before it generates; the observation `reset` returns joins the prompt. When `self.reset_already(inputs)`
+    (ours) returns per sample the observation of a reset made elsewhere (the async rollout worker resets
+    the instances of a batch it reads ahead and runs its rollouts on them), TRL draws stand-ins that hand it
+    those observations: its prompts are the ones generated from, and no row is reset twice. Goes when TRL's
+    rollout backend can own the environments."""
+
+    def _generate_and_score_completions(self, inputs):
+        observations = self.reset_already(inputs)
+        if observations is None:
+            return super()._generate_and_score_completions(inputs)
+        pool, stand_ins = self._environment_pool, {}
+        for row, observation in zip(inputs, observations, strict=True):
+            name = row.get("environment") if self._multi_environment else None
+            stand_ins.setdefault(name, []).append(_ObservationOnly(observation))
+        self._environment_pool = stand_ins
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._environment_pool = pool
 
 
 # ---- the names we rely on -------------------------------------------------------------------------
@@ -379,7 +435,8 @@ RELIED_ON = (
                                              "has_tool_images"), (f"{SEAM}.GreedyEval._generate_single_turn",)),
     Method(f"{GRPO}._generate_and_score_completions", ("self", "inputs"),
            (f"{SEAM}.LossForwardRatioSeam._generate_and_score_completions",
-            f"{SEAM}.GenerationBatchSeam._generate_and_score_completions")),
+            f"{SEAM}.GenerationBatchSeam._generate_and_score_completions",
+            f"{SEAM}.EnvironmentResetSeam._generate_and_score_completions")),
     Method(f"{GRPO}._compute_loss", ("self", "model", "inputs"), (f"{SEAM}.LossForwardRatioSeam._compute_loss",)),
     Method(f"{GRPO}._prepare_inputs", ("self", "generation_batch"), (f"{SEAM}.PrepareInputsSeam._prepare_inputs",)),
     Method("transformers.Trainer._load_from_checkpoint", ("self", "resume_from_checkpoint", "model"),
@@ -408,6 +465,7 @@ RELIED_ON = (
     Method(f"{GRPO}._tokenize_prompts", ("self", "prompts")),
     Attribute(GRPO, "chat_template", ("_tokenize_prompts",)),
     Attribute(GRPO, "chat_template_kwargs", ("_tokenize_prompts",)),
+    Method(f"{GRPO}._get_tool_suffix_ids", ("self", "tool_messages")),
     Method(f"{GRPO}._log_metric", ("self", "name", "value")),
     Method(f"{GRPO}._log_completion_extra", ("self", "column", "values")),
     Attribute(GRPO, "_get_per_token_logps_and_entropies", ("_compute_loss",)),
@@ -421,8 +479,13 @@ RELIED_ON = (
     Attribute(GRPO, "_metrics"),
     Attribute(GRPO, "_step"),
     Attribute(GRPO, "_buffered_inputs", ("_prepare_inputs",)),
-    Attribute(GRPO, "_tokenizer", ("_tool_call_loop",)),
-    Attribute(GRPO, "processing_class", ("_tool_call_loop",)),
+    Attribute(GRPO, "_tokenizer", ("_tool_call_loop", "_get_tool_suffix_ids")),
+    Attribute(GRPO, "processing_class", ("_tool_call_loop", "_get_tool_suffix_ids")),
+    Attribute(GRPO, "_is_vlm", ("_get_tool_suffix_ids",)),
+    Attribute(GRPO, "chat_template", ("_get_tool_suffix_ids",)),
+    Attribute(GRPO, "chat_template_kwargs", ("_get_tool_suffix_ids",)),
+    Attribute(GRPO, "async_loop", ("_tool_call_loop",)),
+    Attribute(GRPO, "_environment_pool", ("_generate_and_score_completions",)),
     Attribute(GRPO, "_generate_single_turn", ("_tool_call_loop",)),
     Attribute(GRPO, "_sync_tool_dicts", ("_tool_call_loop",)),
     Attribute(GRPO, "_async_tool_dicts", ("_tool_call_loop",)),
