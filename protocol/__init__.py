@@ -19,6 +19,8 @@ from protocol.schemas import (
     PromptResult,
     SamplingParams,
     ServerInfo,
+    VideoBudgets,
+    VideoRef,
     image_sha256,
 )
 from protocol.weights import (
@@ -70,5 +72,7 @@ __all__ = [
     "PromptResult",
     "SamplingParams",
     "ServerInfo",
+    "VideoBudgets",
+    "VideoRef",
     "image_sha256",
 ]

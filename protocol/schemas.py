@@ -3,6 +3,8 @@
 Prompts carry token ids with ONE placeholder token per image (never the processor-expanded run):
 the server expands placeholders itself, so a client can never make it expand them twice.
 Images travel once, by sha256 (`PUT /v1/images/{sha256}`), or inline as base64.
+A video is the list of frames the client sampled, each frame an image that travels the same way, and
+one placeholder per video in `prompt_ids`.
 """
 
 import hashlib
@@ -31,6 +33,7 @@ MAX_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_MESSAGES = 1024
 MAX_TEXT_CHARS = 1 << 22
+MAX_FRAMES_PER_VIDEO = 4096  # the wire's bound; the served model's video budget (/v1/info) is lower
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 N = Annotated[int, Field(ge=1, le=MAX_N, description="completions per prompt")]
@@ -94,6 +97,13 @@ class ImageRef(_Strict):
         return self
 
 
+class VideoRef(_Strict):
+    """A video as the frames the client sampled from it, in order, all of one size: each frame an image
+    (by hash once the server holds it, or inline), so a video's frames cross the wire once."""
+
+    frames: list[ImageRef] = Field(min_length=1, max_length=MAX_FRAMES_PER_VIDEO)
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: Text
@@ -114,6 +124,9 @@ class GeneratePrompt(_Strict):
     prompt_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_PROMPT_TOKENS)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     images: list[ImageRef] = Field(default_factory=list)
+    # One video marker per video in prompt_ids (the processor's `video_token`, /v1/info's video_token_id).
+    # None rather than empty: a request without videos is the same bytes an older server accepts.
+    videos: list[VideoRef] | None = None
 
     @model_validator(mode="after")
     def _ids_or_messages(self) -> "GeneratePrompt":
@@ -160,11 +173,25 @@ class GenerateResponse(BaseModel):
     instance_id: str
 
 
+class VideoBudgets(BaseModel):
+    """The served model's video processor budgets, named as the HF video processor names them: what the
+    server expands each video with. A trainer that samples and counts frames by other budgets would
+    count other tokens than the server's."""
+
+    fps: float | None  # frames per second the client samples at (no effect on Qwen2-VL's tokens)
+    max_frames: int  # frames one video may hold (the server refuses more)
+    min_pixels: int  # each frame is resized to between min_pixels and max_pixels
+    max_pixels: int
+    max_video_tokens: int | None = None  # with cap_pixels_per_frame: the whole video's budget
+    cap_pixels_per_frame: bool | None = None
+
+
 class Limits(BaseModel):
     max_model_len: int
     max_pixels: int
     max_image_bytes: int
     max_images_per_prompt: int
+    max_videos_per_prompt: int = 0  # 0: the served model takes no video
     max_n: int = MAX_N
     max_prompts_per_request: int = MAX_PROMPTS_PER_REQUEST
     max_sequences_per_request: int = MAX_SEQUENCES_PER_REQUEST
@@ -183,3 +210,6 @@ class ServerInfo(BaseModel):
     eos_token_ids: list[int]
     limits: Limits
     dtype: str | None = None  # what the served model computes in (float32, bfloat16, ...)
+    # the marker a prompt holds once per video (the processor's video_token); None: no video served
+    video_token_id: int | None = None
+    video_budgets: VideoBudgets | None = None

@@ -19,9 +19,11 @@ model's config names the feature token (`image_token_id`). An entry says what di
   vLLM is refused at start and a LoRA run pushes merged weights;
 - `images_per_prompt`: the most images one prompt may hold, where the HF processor and vLLM expand
   several images differently (LLaVA-OneVision: anyres per image in vLLM, a smaller multi-image layout
-  in the HF processor, so the features the trainer's forward computes would not be the ones sampled).
-
-Video is not served yet: a family's video marker and processor will join its entry here.
+  in the HF processor, so the features the trainer's forward computes would not be the ones sampled);
+- `video`: the server takes videos for it (as frames the client sampled): one marker per video (the
+  processor's `video_token`), expanded by the model's own video processor, as images are. Only where
+  the expansion and the positions depend on the frames alone: Qwen2.5-VL's positions and Qwen3-VL's
+  timestamps also need each video's frame timing, which the protocol does not carry yet.
 
 Adding a family: an entry below, its tiny model (`examples/tiny_models/`), and its row in
 docs/models.md; tests/test_families.py runs it on both engines.
@@ -41,6 +43,7 @@ class Family:
     bidirectional_images: bool = False
     vllm_lora: bool = True
     images_per_prompt: int | None = None
+    video: bool = False
 
     def vllm_weight_name(self, name: str) -> str:
         """A trainer's parameter name (`named_parameters()`) as vLLM's `load_weights` takes it."""
@@ -68,6 +71,13 @@ class Family:
         return self.images_per_prompt, (f"{self.name} takes {self.images_per_prompt} per prompt: its HF processor "
                                         "and vLLM expand several images of one prompt differently")
 
+    def video_refusal(self) -> str | None:
+        """Why the server takes no video for this family, in one line naming it; None when it does."""
+        if self.video:
+            return None
+        served = ", ".join(f.name for f in FAMILIES if f.video)
+        return f"{self.name} is served without video here (video is served for {served})"
+
     def wrapper_tokens(self, vocab: dict[str, int]) -> set[int]:
         patterns = [re.compile(p) for p in self.wrappers]
         return {i for token, i in vocab.items() if any(p.fullmatch(token) for p in patterns)}
@@ -77,7 +87,7 @@ _FLAT_TOWER = "model.vision_tower."
 _NESTED_TOWER = "model.vision_tower.vision_model."
 
 FAMILIES = (
-    Family("Qwen2-VL", ("qwen2_vl",), "Qwen/Qwen2-VL-2B-Instruct"),
+    Family("Qwen2-VL", ("qwen2_vl",), "Qwen/Qwen2-VL-2B-Instruct", video=True),
     Family("Qwen2.5-VL", ("qwen2_5_vl",), "Qwen/Qwen2.5-VL-3B-Instruct"),
     Family("Qwen3-VL", ("qwen3_vl",), "Qwen/Qwen3-VL-2B-Instruct"),
     Family("Gemma 3", ("gemma3",), "google/gemma-3-4b-it", wrappers=("<end_of_image>",), siglip_tower=True,

@@ -9,10 +9,15 @@ itself, expanding a lone marker for a blank image of that size, and splices it i
 transformers engine's input ids, every engine's prompt length) or takes it out (`unexpand`: the trainer's
 processor-expanded ids as the server takes them), leaving every other token as it is (the sampled tokens
 of earlier turns included), but for the text an expansion joins, which is tokenized again with it.
+
+Videos, for a family that takes them (`Family.video`), go the same way: one marker per video (the
+processor's `video_token`), whose expansion the video processor gives for the video's shape (frames,
+width, height), learnt from a blank video of that shape. `unexpand` takes images only: the trainer's
+video path is not built yet.
 """
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from PIL import Image
@@ -31,6 +36,14 @@ class Span(NamedTuple):
     suffix: str
 
 
+class VideoShape(NamedTuple):
+    """What a video's expansion depends on: its frame count and its frames' size (all alike)."""
+
+    frames: int
+    width: int
+    height: int
+
+
 class ImageTokens:
     def __init__(self, processor, config, mm_kwargs: dict | None = None):
         """`processor`: the model's HF processor; `config`: its transformers config; `mm_kwargs`: call-time
@@ -45,48 +58,89 @@ class ImageTokens:
         self.feature_id = feature if feature is not None else config.image_token_index
         self._special = frozenset(i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special)
         video = getattr(processor, "video_token", None)
+        # None where the server takes no video: the family's (`Family.video_refusal`), or a processor built
+        # without its video part (transformers' video processors need torchvision).
+        served = self.family.video and getattr(processor, "video_processor", None) is not None
+        self.video_marker = video if served else None
+        self.video_marker_id = self.tokenizer.convert_tokens_to_ids(video) if served else None
         media = {self.marker_id, self.feature_id, *processor.image_token_ids, *processor.video_token_ids,
                  getattr(config, "video_token_id", None), self.tokenizer.convert_tokens_to_ids(video) if video else None}
         # Never sampled (TRL's local generation suppresses the feature token too): see runtime/families.py.
         self.never_sampled = sorted({t for t in media if t is not None}
                                     | self.family.wrapper_tokens(self.tokenizer.get_vocab()))
-        self._spans: dict[tuple[int, int], Span] = {}
+        self._spans: dict[tuple, Span] = {}
         # The trainer un-expands on its rollout thread and its training thread; a tokenizer is not thread-safe.
         self._lock = threading.RLock()
+
+    def video_budgets(self) -> dict | None:
+        """The video processor's budgets as it names them, as the server applies them: its own config, then
+        --mm-processor-kwargs' flat keys, then its `videos_kwargs`. None where no video is taken. (Its
+        `min_pixels`/`max_pixels` given at call time take effect together only, as `size` edges.)"""
+        if self.video_marker is None:
+            return None
+        vp = self.processor.video_processor
+        out = {"fps": vp.fps, "max_frames": vp.max_frames, "min_pixels": vp.size.shortest_edge,
+               "max_pixels": vp.size.longest_edge, "max_video_tokens": getattr(vp, "max_video_tokens", None),
+               "cap_pixels_per_frame": getattr(vp, "cap_pixels_per_frame", None)}
+        for given in (self.mm_kwargs, self.mm_kwargs.get("videos_kwargs") or {}):
+            size = dict(given.get("size") or {})
+            if given.get("min_pixels") is not None and given.get("max_pixels") is not None:
+                size = {"shortest_edge": given["min_pixels"], "longest_edge": given["max_pixels"]}
+            out.update({k: size[edge] for k, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge"))
+                        if size.get(edge) is not None})
+            out.update({k: given[k] for k in ("fps", "max_frames", "max_video_tokens", "cap_pixels_per_frame")
+                        if k in given})
+        return out
 
     def span(self, size: tuple[int, int]) -> Span:
         """The processor's expansion of one marker for an image of `size` (width, height): it depends on the
         size alone, never on the pixels."""
         with self._lock:
-            span = self._spans.get(size)
-            if span is None:
-                ids = list(self.processor(text=[self.marker], images=[Image.new("RGB", size)], add_special_tokens=False,
-                                          **self.mm_kwargs)["input_ids"][0])
-                first = next(i for i, t in enumerate(ids) if t in self._special)
-                last = max(i for i, t in enumerate(ids) if t in self._special)
-                span = Span(self._decode(ids[:first]), tuple(ids[first:last + 1]), self._decode(ids[last + 1:]))
-                if len(self._spans) >= MAX_SIZES:
-                    self._spans.pop(next(iter(self._spans)))
-                self._spans[size] = span
-            return span
+            return self._cached(size, lambda: self.processor(text=[self.marker], images=[Image.new("RGB", size)],
+                                                             add_special_tokens=False, **self.mm_kwargs))
 
-    def expand(self, ids: Sequence[int], sizes: Sequence[tuple[int, int]]) -> list[int]:
-        """`ids` with each marker replaced by the expansion of its image (`sizes`, one per marker, in order):
-        the ids the processor gives for the same text."""
+    def video_span(self, shape: VideoShape) -> Span:
+        """The video processor's expansion of one video marker for a video of `shape`: it depends on the shape
+        alone (the frames the client sampled are all the processor sees), never on the pixels."""
+        frames = [Image.new("RGB", (shape.width, shape.height))] * shape.frames
+        with self._lock:
+            return self._cached(shape, lambda: self.processor(text=[self.video_marker], videos=[frames],
+                                                              add_special_tokens=False, **self.mm_kwargs))
+
+    def _cached(self, key: tuple, process) -> Span:
+        span = self._spans.get(key)
+        if span is None:
+            ids = list(process()["input_ids"][0])
+            first = next(i for i, t in enumerate(ids) if t in self._special)
+            last = max(i for i, t in enumerate(ids) if t in self._special)
+            span = Span(self._decode(ids[:first]), tuple(ids[first:last + 1]), self._decode(ids[last + 1:]))
+            if len(self._spans) >= MAX_SIZES:
+                self._spans.pop(next(iter(self._spans)))
+            self._spans[key] = span
+        return span
+
+    def expand(self, ids: Sequence[int], sizes: Sequence[tuple[int, int]],
+               videos: Sequence[VideoShape] = ()) -> list[int]:
+        """`ids` with each marker replaced by the expansion of its image (`sizes`, one per marker, in order)
+        and each video marker by its video's (`videos`, one per video marker, in order): the ids the processor
+        gives for the same text."""
         markers = sum(1 for t in ids if t == self.marker_id)
         if markers != len(sizes):
             raise ValueError(f"{markers} image markers ({self.marker}) for {len(sizes)} images")
+        video_markers = sum(1 for t in ids if t == self.video_marker_id) if self.video_marker_id is not None else 0
+        if video_markers != len(videos):
+            raise ValueError(f"{video_markers} video markers ({self.video_marker}) for {len(videos)} videos")
         with self._lock:
-            return self._expand(ids, [self.span(tuple(s)) for s in sizes])
+            return self._expand(ids, {self.marker_id: iter([self.span(tuple(s)) for s in sizes]),
+                                      self.video_marker_id: iter([self.video_span(VideoShape(*v)) for v in videos])})
 
-    def _expand(self, ids: Sequence[int], spans: list[Span]) -> list[int]:
-        spans = iter(spans)
+    def _expand(self, ids: Sequence[int], spans: dict[int, Iterator[Span]]) -> list[int]:
         pieces: list[int | str] = []  # ids as they are, or text tokenized with the text next to it
         for t in ids:
-            if t != self.marker_id:
+            if t not in spans:
                 pieces.append(t)
                 continue
-            span = next(spans)
+            span = next(spans[t])
             pieces += [p for p in (span.prefix, *span.core, span.suffix) if p != ""]
         out: list[int] = []
         run: list[int | str] = []  # non-special pieces in a row

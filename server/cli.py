@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive(int), default=4096 * 4096, help="largest image accepted, in pixels")
     p.add_argument("--max-image-bytes", type=_positive(int), default=16 * 1024 * 1024, help="largest encoded image accepted")
     p.add_argument("--max-images-per-prompt", type=_positive(int), default=8)
+    p.add_argument("--max-videos-per-prompt", type=int, choices=range(0, 65), default=1, metavar="0..64",
+                   help="videos one prompt may hold (each a list of frames, budgets from --mm-processor-kwargs); "
+                        "0 takes none. A model family without video takes none")
     p.add_argument("--image-cache-bytes", type=int, default=2 * 1024**3, help="decoded-image cache bound (LRU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vLLM on GPU: fraction of the GPU's memory to take (default 0.9). No effect on CPU, where "
@@ -176,6 +179,7 @@ async def serve(args: argparse.Namespace) -> int:
         args.engine, model=str(args.model_dir), trust_remote_code=args.trust_remote_code, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager, max_images_per_prompt=args.max_images_per_prompt,
+        max_videos_per_prompt=args.max_videos_per_prompt,
         mm_processor_kwargs=args.mm_processor_kwargs, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
         vllm_args={k: getattr(args, k) for k in VLLM_ONLY if getattr(args, k) is not None},
@@ -183,6 +187,7 @@ async def serve(args: argparse.Namespace) -> int:
     app = create_app(engine, ServeConfig(model_name=model_name, api_key=args.api_key, max_pixels=args.max_pixels,
                                          max_image_bytes=args.max_image_bytes,
                                          max_images_per_prompt=args.max_images_per_prompt,
+                                         max_videos_per_prompt=args.max_videos_per_prompt,
                                          image_cache_bytes=args.image_cache_bytes,
                                          body_timeout_s=args.body_timeout, generate_timeout_s=args.generate_timeout,
                                          chat_template=args.chat_template))
@@ -240,6 +245,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 def _family_limits(engine, config) -> None:
     """The served family's own limits on what a request holds, where lower than the flags'."""
+    config.video_refusal = engine.processing.video_refusal()
+    if config.video_refusal is not None:
+        config.max_videos_per_prompt = 0
     family = engine.processing.family
     if family is None:
         return

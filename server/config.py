@@ -11,6 +11,8 @@ class ServeConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     max_images_per_prompt: int = 8
     max_images_why: str = "see --max-images-per-prompt"  # or the model family's reason for a lower limit
+    max_videos_per_prompt: int = 1
+    video_refusal: str | None = None  # why the served model takes no video (then max_videos_per_prompt is 0)
     image_cache_bytes: int = 2 * 1024**3
     body_timeout_s: float = 300.0
     generate_timeout_s: float = 600.0

@@ -179,3 +179,20 @@ def logged_rollouts(output: str) -> list[dict]:
             steps.append({"loss": 0.0, "step": len(steps) + 1, **{k: float(v) for k, v in re.findall(
                 r"'(rollout/[a-z0-9_/]+)': '([-0-9.e+]+)'", line)}})
     return steps
+
+
+def moving_dot(frames: int, direction: str, size: tuple[int, int] = (112, 84), seed: int = 0) -> list[Image.Image]:
+    """A short clip as the trainer samples it: a dot moving `direction` (left, right, up, down) from a random
+    start over a noisy background, one PIL frame per time step."""
+    rng = np.random.RandomState(seed)
+    width, height = size
+    step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+    x, y = rng.randint(width // 4, 3 * width // 4), rng.randint(height // 4, 3 * height // 4)
+    background = (rng.rand(height, width, 3) * 60).astype("uint8")
+    out = []
+    for t in range(frames):
+        frame = background.copy()
+        cx, cy = x + step[0] * 6 * t, y + step[1] * 6 * t
+        frame[max(cy - 4, 0):cy + 4, max(cx - 4, 0):cx + 4] = (250, 250, 250)
+        out.append(Image.fromarray(frame))
+    return out

@@ -21,6 +21,7 @@ from protocol import (
     ImageRef,
     SamplingParams,
     ServerInfo,
+    VideoRef,
     image_sha256,
 )
 from trainer_client.waiting import WaitReport, not_ready, unreachable
@@ -191,25 +192,28 @@ class AlignClient:
         self._uploaded[server].add(sha)
         return sha
 
-    def _image_refs(self, server: int, images) -> tuple[list[list[ImageRef]], set[str]]:
-        """Each prompt's images for one generate request: by hash where `server` holds them, else inline
-        while the request's `inline_image_bytes` last, else uploaded first. Also the inlined hashes."""
-        budget, inline, out = self.inline_image_bytes, set(), []
-        for imgs in images:
-            refs = []
-            for img in imgs:
-                data = encode_image(img)
-                sha = image_sha256(data)
-                if sha in self._uploaded[server]:
-                    refs.append(ImageRef(sha256=sha))
-                elif len(data) <= budget:
-                    budget -= len(data)
-                    inline.add(sha)
-                    refs.append(ImageRef(data=base64.b64encode(data).decode("ascii")))
-                else:
-                    refs.append(ImageRef(sha256=self.upload_image(data, server)))
-            out.append(refs)
-        return out, inline
+    def _image_refs(self, server: int, images, videos=None) -> tuple[list[list[ImageRef]], list | None, set[str]]:
+        """Each prompt's images for one generate request, and its videos' frames: by hash where `server`
+        holds them, else inline while the request's `inline_image_bytes` last, else uploaded first. Also
+        the inlined hashes."""
+        budget, inline = self.inline_image_bytes, set()
+
+        def ref(img) -> ImageRef:
+            nonlocal budget
+            data = encode_image(img)
+            sha = image_sha256(data)
+            if sha in self._uploaded[server]:
+                return ImageRef(sha256=sha)
+            if len(data) <= budget:
+                budget -= len(data)
+                inline.add(sha)
+                return ImageRef(data=base64.b64encode(data).decode("ascii"))
+            return ImageRef(sha256=self.upload_image(data, server))
+
+        image_refs = [[ref(img) for img in imgs] for imgs in images]
+        video_refs = None if videos is None else [
+            [VideoRef(frames=[ref(frame) for frame in video]) for video in vids] or None for vids in videos]
+        return image_refs, video_refs, inline
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(
@@ -217,13 +221,16 @@ class AlignClient:
         prompt_ids: Sequence[Sequence[int]] | None = None,
         images: Sequence[Sequence[Image.Image | bytes]] | None = None,
         messages: Sequence[list[dict]] | None = None,
+        videos: Sequence[Sequence[Sequence[Image.Image | bytes]]] | None = None,
         sampling: SamplingParams | None = None,
         check: Callable[[int, GenerateResponse], None] | None = None,
         **sampling_kwargs,
     ) -> GenerateResponse:
         """Generate for a batch of prompts: token ids (one image marker per image; a prompt holding more
         markers than images has them collapsed, as in a Qwen-VL processor's runs) or chat messages, each with
-        its images (PIL or encoded bytes). Sampling fields as keywords
+        its images (PIL or encoded bytes); `videos`: each prompt's videos (with prompt_ids holding one video
+        marker, /v1/info's video_token_id, per video), each the list of frames sampled from it, sent as images
+        are (once, then by hash). Sampling fields as keywords
         (`n=8, temperature=1.0, max_tokens=64, ...`) or a `SamplingParams`. With several servers
         the batch is split across them and answered in order. `check(server, answer)` sees each
         server's answer before they are merged and may refuse it by raising (the trainer refuses
@@ -235,6 +242,8 @@ class AlignClient:
         images = list(images) if images is not None else [[] for _ in rows]
         if len(images) != len(rows):
             raise ValueError(f"{len(rows)} prompts but {len(images)} image lists")
+        if videos is not None and len(videos) != len(rows):
+            raise ValueError(f"{len(rows)} prompts but {len(videos)} video lists")
         if prompt_ids is not None and any(images):
             token = self.info().image_token_id
             # Markers side by side are separate images (Idefics3's template writes `<image><image>`): only a
@@ -247,7 +256,8 @@ class AlignClient:
         shards = [(server, s, min(s + per_request, stop))
                   for server, start, stop in self._shards(len(rows)) for s in range(start, stop, per_request)]
         def answer(server: int, start: int, stop: int) -> GenerateResponse:
-            out = self._generate_on(server, rows[start:stop], images[start:stop], sampling, prompt_ids is not None)
+            out = self._generate_on(server, rows[start:stop], images[start:stop], sampling, prompt_ids is not None,
+                                    None if videos is None else videos[start:stop])
             if check is not None:
                 check(server, out)
             return out
@@ -269,11 +279,14 @@ class AlignClient:
         size = -(-n_rows // k)
         return [(i, s, min(s + size, n_rows)) for i, s in enumerate(range(0, n_rows, size))]
 
-    def _generate_on(self, server: int, rows, images, sampling: SamplingParams, as_ids: bool) -> GenerateResponse:
+    def _generate_on(self, server: int, rows, images, sampling: SamplingParams, as_ids: bool,
+                     videos=None) -> GenerateResponse:
         def body() -> tuple[dict, set[str]]:
-            refs, inline = self._image_refs(server, images)
-            prompts = [GeneratePrompt(prompt_ids=list(row), images=r) if as_ids else GeneratePrompt(messages=row, images=r)
-                       for row, r in zip(rows, refs, strict=True)]
+            refs, video_refs, inline = self._image_refs(server, images, videos)
+            video_refs = video_refs or [None] * len(rows)
+            prompts = [GeneratePrompt(prompt_ids=list(row), images=r, videos=v) if as_ids
+                       else GeneratePrompt(messages=row, images=r, videos=v)
+                       for row, r, v in zip(rows, refs, video_refs, strict=True)]
             return GenerateRequest(prompts=prompts, sampling=sampling).model_dump(mode="json", exclude_none=True), inline
 
         request, inline = body()

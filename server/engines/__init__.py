@@ -38,8 +38,9 @@ class EngineStartError(RuntimeError):
 
 @dataclass
 class EnginePrompt:
-    prompt_ids: list[int]  # one image marker per image
+    prompt_ids: list[int]  # one image marker per image, one video marker per video
     images: list[Image.Image] = field(default_factory=list)
+    videos: list[list[Image.Image]] = field(default_factory=list)  # each video's frames, all of one size
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Engine(ABC):
         """What the served model computes in (float32, bfloat16, ...), as loaded."""
 
     def prompt_len(self, prompt: EnginePrompt) -> int:
-        """Positions the prompt takes, its images expanded."""
+        """Positions the prompt takes, its images and videos expanded."""
         return len(self.processing.expanded_ids(prompt))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from runtime.families import family_of
-from runtime.image_tokens import ImageTokens
+from runtime.image_tokens import ImageTokens, VideoShape
 from runtime.torchvision_compat import load_processor
 from server.engines import EnginePrompt
 
@@ -59,11 +59,26 @@ class ModelProcessing:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
 
+    @property
+    def video_token_id(self) -> int | None:
+        """The marker a prompt holds once per video; None where the server takes no video."""
+        return self.images.video_marker_id if self.is_vlm else None
+
+    def video_refusal(self) -> str | None:
+        """Why the served model takes no video, in one line; None when it does."""
+        if not self.is_vlm:
+            return "the served model is text-only"
+        if self.video_token_id is None:
+            return self.family.video_refusal() or (f"{self.family.name}'s processor was loaded without its video "
+                                                   "processor (transformers' video processors need torchvision)")
+        return None
+
     def expanded_ids(self, prompt: EnginePrompt) -> list[int]:
-        """The prompt's ids with each image's marker expanded, as the model sees them."""
-        if not prompt.images:
+        """The prompt's ids with each image's and video's marker expanded, as the model sees them."""
+        if not prompt.images and not prompt.videos:
             return list(prompt.prompt_ids)
-        return self.images.expand(prompt.prompt_ids, [image.size for image in prompt.images])
+        return self.images.expand(prompt.prompt_ids, [image.size for image in prompt.images],
+                                  [VideoShape(len(v), *v[0].size) for v in prompt.videos])
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None, chat_template: str | None = None,
                         template_kwargs: dict | None = None) -> list[int]:
@@ -80,7 +95,8 @@ class ModelProcessing:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def model_inputs(self, prompts: list[EnginePrompt], device: str) -> dict:
-        """Left-padded `generate` inputs with each image marker expanded, and the processor's image inputs."""
+        """Left-padded `generate` inputs with each image and video marker expanded, and the processor's image and
+        video inputs."""
         rows = [self.expanded_ids(p) for p in prompts]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -98,6 +114,15 @@ class ModelProcessing:
                                     **self.mm_kwargs)
             extra = {k: v.to(device) for k, v in vision.items()
                      if k not in ("input_ids", "attention_mask", *PER_TOKEN_INPUTS)}
+        with_videos = [p for p in prompts if p.videos]
+        if with_videos:
+            # The video processor's inputs (pixel_values_videos, video_grid_thw), videos in the order their
+            # markers come, each a list of frames: the frames the client sampled, none resampled here.
+            motion = self.processor(text=[self.images.video_marker * len(p.videos) for p in with_videos],
+                                    videos=[v for p in with_videos for v in p.videos], return_tensors="pt",
+                                    padding=True, **self.mm_kwargs)
+            extra |= {k: v.to(device) for k, v in motion.items()
+                      if k not in ("input_ids", "attention_mask", *PER_TOKEN_INPUTS)}
         if self.token_types is not None:
             # Which positions are image tokens: transformers 5 places them in M-RoPE by it (Qwen-VL), Gemma 3
             # attends bidirectionally within each image by it.

@@ -16,6 +16,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from protocol import SamplingParams
@@ -40,7 +41,8 @@ class VLLMEngine(Engine):
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
                  gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
-                 enforce_eager: bool = False, max_images_per_prompt: int = 8, trust_remote_code: bool = False,
+                 enforce_eager: bool = False, max_images_per_prompt: int = 8, max_videos_per_prompt: int = 1,
+                 trust_remote_code: bool = False,
                  mm_processor_kwargs: dict | None = None, vllm_args: dict | None = None,
                  kv_cache_memory_bytes: int | None = None, enable_lora: bool = False, max_lora_rank: int = 16,
                  max_loras: int = 1, **_ignored):
@@ -72,6 +74,7 @@ class VLLMEngine(Engine):
         )
         self.mm_processor_kwargs = mm_processor_kwargs
         self.max_images_per_prompt = max_images_per_prompt
+        self.max_videos_per_prompt = max_videos_per_prompt
         self.llm = None
         self.weight_transports = ("http", "tcp", "shm", "nccl", "ipc") if on_gpu else ("http", "tcp", "shm")
         self.weight_workers = tensor_parallel_size
@@ -112,7 +115,8 @@ class VLLMEngine(Engine):
             args["max_num_batched_tokens"] = max(8192, self.engine_args["max_model_len"] or 0)
             args["kv_cache_memory_bytes"] = self._cpu_kv_cache_bytes()
         if self.processing.is_vlm:
-            args["limit_mm_per_prompt"] = {"image": family.images_limit(self.max_images_per_prompt)[0], "video": 0}
+            videos = self.max_videos_per_prompt if self.processing.video_refusal() is None else 0
+            args["limit_mm_per_prompt"] = {"image": family.images_limit(self.max_images_per_prompt)[0], "video": videos}
         await asyncio.to_thread(inspect_vllm_models_here, self.model_path)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         c = self.llm.vllm_config
@@ -192,8 +196,15 @@ class VLLMEngine(Engine):
     @staticmethod
     def _request(prompt: EnginePrompt) -> dict:
         request = {"prompt_token_ids": prompt.prompt_ids}
+        data = {}
         if prompt.images:
-            request["multi_modal_data"] = {"image": prompt.images}
+            data["image"] = prompt.images
+        if prompt.videos:
+            # Each video as one (frames, height, width, 3) array: vLLM hands it to the same HF video processor
+            # unsampled, so its features and token count are the transformers engine's.
+            data["video"] = [np.stack([np.asarray(frame) for frame in video]) for video in prompt.videos]
+        if data:
+            request["multi_modal_data"] = data
         return request
 
     @staticmethod

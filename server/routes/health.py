@@ -40,8 +40,11 @@ async def get_info(request: Request) -> ServerInfo:
         limits=Limits(max_model_len=engine.max_model_len, max_pixels=config.max_pixels,
                       max_image_bytes=config.max_image_bytes,
                       max_images_per_prompt=config.max_images_per_prompt,
+                      max_videos_per_prompt=config.max_videos_per_prompt,
                       max_lora_rank=engine.max_lora_rank),
         dtype=engine.dtype_name,
+        video_token_id=engine.processing.video_token_id if config.max_videos_per_prompt else None,
+        video_budgets=engine.processing.images.video_budgets() if config.max_videos_per_prompt else None,
     )
 
 
