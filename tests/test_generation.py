@@ -98,12 +98,13 @@ def test_placeholders_must_match_the_images(engine):
     assert f"2 image placeholder tokens (id {engine.image_token_id}) but 1 images" in err.message
 
 
-def test_an_expanded_image_is_refused_naming_the_token(engine):
+def test_a_video_marker_without_its_video_is_refused_naming_the_count(engine):
+    # Qwen2-VL takes video: its <|video_pad|> is a video's marker (tests/test_video.py), not an expansion token
     video = engine.processing.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     prompt = GeneratePrompt(prompt_ids=[1, video, 2])
     err = _refusal(lambda: to_engine_prompt(engine, prompt, 4, SAMPLING, [], None))
     assert (err.status, err.detail) == (400, {"field": "prompts[4].prompt_ids"})
-    assert f"holds token id {video} (<|video_pad|>), a token of an image's expansion (or of a video)" in err.message
+    assert f"1 video placeholder tokens (id {video}) but 0 videos" in err.message
 
 
 def test_a_token_outside_the_vocabulary_is_named(engine):
@@ -129,7 +130,7 @@ def test_prompt_images_come_from_inline_data_or_the_cache(engine):
     sha = image_sha256(b"cached")
     cache.put(sha, cached)
     prompt = GeneratePrompt(prompt_ids=[1], images=[{"sha256": sha}, {"data": "eA=="}])
-    assert prompt_images(prompt, 0, {(0, 1): inline}, cache, 8, text_only=False) == [cached, inline]
+    assert prompt_images(prompt, 0, {"prompts[0].images[1]": inline}, cache, 8, text_only=False) == [cached, inline]
 
     missing = GeneratePrompt(prompt_ids=[1], images=[{"sha256": "0" * 64}])
     err = _refusal(lambda: prompt_images(missing, 2, {}, cache, 8, text_only=False))
@@ -149,7 +150,7 @@ def test_inline_images_are_decoded_into_the_cache_and_bad_ones_named(engine):
     data = png_bytes(random_image(6))
     good = GeneratePrompt(prompt_ids=[1], images=[{"data": base64.b64encode(data).decode()}])
     out = decode_inline([GeneratePrompt(prompt_ids=[1]), good], cache, config)
-    assert list(out) == [(1, 0)] and out[1, 0].size == (64, 64)
+    assert list(out) == ["prompts[1].images[0]"] and out["prompts[1].images[0]"].size == (64, 64)
     assert image_sha256(data) in cache
 
     bad = GeneratePrompt(prompt_ids=[1], images=[{"sha256": "0" * 64}, {"data": "not base64!"}])
