@@ -92,6 +92,22 @@ class ImageTokens:
                         if k in given})
         return out
 
+    def video_kwargs_problem(self) -> str | None:
+        """Why the call-time kwargs cannot size video frames alike on both engines, in one line; None when they
+        can. The HF video processor takes `min_pixels` and `max_pixels` (or `size`'s two edges) together only:
+        one alone it ignores, while vLLM completes it into a one-edge `size` that the processor refuses."""
+        flat, scoped = self.mm_kwargs, self.mm_kwargs.get("videos_kwargs") or {}
+        given = {k: scoped.get(k, flat.get(k)) for k in ("min_pixels", "max_pixels", "size")}
+        size = given.pop("size") or {}
+        pixels = [k for k, v in given.items() if v is not None]
+        edges = [e for e in ("shortest_edge", "longest_edge") if size.get(e) is not None]
+        if len(pixels) == 1 or len(edges) == 1:
+            alone = pixels[0] if len(pixels) == 1 else f"size.{edges[0]}"
+            return (f"--mm-processor-kwargs gives video frames {alone} alone: the HF video processor applies "
+                    "min_pixels and max_pixels together only (vLLM would fail each video); give both, e.g. in "
+                    "videos_kwargs, to serve video")
+        return None
+
     def span(self, size: tuple[int, int]) -> Span:
         """The processor's expansion of one marker for an image of `size` (width, height): it depends on the
         size alone, never on the pixels."""

@@ -246,9 +246,11 @@ async def serve(args: argparse.Namespace) -> int:
 def _family_limits(engine, config) -> None:
     """The served family's own limits on what a request holds, where lower than the flags'."""
     config.video_refusal = engine.processing.video_refusal()
+    family = engine.processing.family
     if config.video_refusal is not None:
         config.max_videos_per_prompt = 0
-    family = engine.processing.family
+        if family is not None and family.video:
+            log.warning("no video served: %s", config.video_refusal)
     if family is None:
         return
     config.max_images_per_prompt, why = family.images_limit(config.max_images_per_prompt)

@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText
 from examples.tiny_model import build
 from runtime.image_tokens import ImageTokens, VideoShape
 from runtime.torchvision_compat import load_processor
+from server.engines.processing import ModelProcessing
 from tests.utils import ServerProcess, moving_dot, png_bytes, random_image
 from trainer_client import AlignClient
 
@@ -118,6 +119,25 @@ def test_video_tokens_are_the_video_processors(local):
         expanded = local.inputs([clip])["input_ids"][0].tolist()
         assert expanded.count(video_pad) == tokens
         assert local.tokens.expand(local.ids(), [], [VideoShape(len(clip), *clip[0].size)]) == expanded
+
+
+def test_budgets_are_the_processors_and_half_a_pixel_budget_is_refused(tiny_vlm, local):
+    """What /v1/info reports is what the video processor applies: the flag's flat keys, then videos_kwargs."""
+    flat = {"min_pixels": 3136, "max_pixels": 6272, "videos_kwargs": {"max_frames": 4}}
+    processing = ModelProcessing(str(tiny_vlm), mm_processor_kwargs=flat)
+    assert processing.video_refusal() is None
+    budgets = processing.images.video_budgets()
+    assert (budgets["min_pixels"], budgets["max_pixels"], budgets["max_frames"]) == (3136, 6272, 4)
+    clip = CLIPS[0][:4]
+    scoped = {"videos_kwargs": {"min_pixels": 3136, "max_pixels": 6272}}
+    grid = local.processor(text=["<|video_pad|>"], videos=[clip], return_tensors="pt", **scoped)["video_grid_thw"]
+    shape = VideoShape(len(clip), *clip[0].size)
+    assert len(processing.images.video_span(shape).core) == int(grid.prod()) // 4
+    for kwargs, alone in [({"max_pixels": 12544}, "max_pixels"),
+                          ({"videos_kwargs": {"min_pixels": 3136}}, "min_pixels"),
+                          ({"videos_kwargs": {"size": {"longest_edge": 12544}}}, "size.longest_edge")]:
+        refusal = ModelProcessing(str(tiny_vlm), mm_processor_kwargs=kwargs).video_refusal()
+        assert refusal.startswith(f"--mm-processor-kwargs gives video frames {alone} alone"), refusal
 
 
 def test_info_reports_the_video_budgets(served, local):

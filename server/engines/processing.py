@@ -71,7 +71,7 @@ class ModelProcessing:
         if self.video_token_id is None:
             return self.family.video_refusal() or (f"{self.family.name}'s processor was loaded without its video "
                                                    "processor (transformers' video processors need torchvision)")
-        return None
+        return self.images.video_kwargs_problem()
 
     def expanded_ids(self, prompt: EnginePrompt) -> list[int]:
         """The prompt's ids with each image's and video's marker expanded, as the model sees them."""
