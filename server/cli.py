@@ -251,6 +251,8 @@ def _family_limits(engine, config) -> None:
         config.max_videos_per_prompt = 0
         if family is not None and family.video:
             log.warning("no video served: %s", config.video_refusal)
+    else:
+        config.max_frames_per_video = engine.processing.images.video_budgets()["max_frames"]
     if family is None:
         return
     config.max_images_per_prompt, why = family.images_limit(config.max_images_per_prompt)

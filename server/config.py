@@ -13,6 +13,7 @@ class ServeConfig:
     max_images_why: str = "see --max-images-per-prompt"  # or the model family's reason for a lower limit
     max_videos_per_prompt: int = 1
     video_refusal: str | None = None  # why the served model takes no video (then max_videos_per_prompt is 0)
+    max_frames_per_video: int = 0  # the served model's video budget (its video processor's max_frames)
     image_cache_bytes: int = 2 * 1024**3
     body_timeout_s: float = 300.0
     generate_timeout_s: float = 600.0

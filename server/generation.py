@@ -12,7 +12,6 @@ from starlette.datastructures import State
 from protocol import API_PREFIX, ErrorCode, GeneratePrompt, SamplingParams
 from server.config import ServeConfig
 from server.engines import Engine, EngineCompletion, EnginePrompt
-from server.engines.processing import ModelProcessing
 from server.errors import APIError
 from server.images import ImageCache, ImageError
 
@@ -28,7 +27,9 @@ def check_image_count(prompt: GeneratePrompt, i: int, limit: int, why: str = LIM
                        {"field": f"prompts[{i}].images", "limit": limit})
 
 
-def check_video_count(prompt: GeneratePrompt, i: int, config: ServeConfig) -> None:
+def check_videos(prompt: GeneratePrompt, i: int, config: ServeConfig) -> None:
+    """Prompt i's videos within what the served model takes: its video support, the videos per prompt, the
+    frames per video. Before any frame is decoded."""
     if not prompt.videos:
         return
     field = f"prompts[{i}].videos"
@@ -39,6 +40,12 @@ def check_video_count(prompt: GeneratePrompt, i: int, config: ServeConfig) -> No
                        f"{field} has {len(prompt.videos)} videos; the server accepts up to "
                        f"{config.max_videos_per_prompt} per prompt (see --max-videos-per-prompt)",
                        {"field": field, "limit": config.max_videos_per_prompt})
+    for j, video in enumerate(prompt.videos):
+        if len(video.frames) > config.max_frames_per_video:
+            raise APIError(400, ErrorCode.invalid_request,
+                           f"{field}[{j}].frames has {len(video.frames)} frames; the served model's video budget "
+                           f"takes up to {config.max_frames_per_video} (max_frames, --mm-processor-kwargs): "
+                           "sample fewer frames", {"field": f"{field}[{j}].frames", "limit": config.max_frames_per_video})
 
 
 def _refs(prompt: GeneratePrompt, i: int):
@@ -56,7 +63,7 @@ def decode_inline(prompts: list[GeneratePrompt], cache: ImageCache, config: Serv
     out = {}
     for i, prompt in enumerate(prompts):
         check_image_count(prompt, i, config.max_images_per_prompt, config.max_images_why)
-        check_video_count(prompt, i, config)
+        check_videos(prompt, i, config)
         for what, ref in _refs(prompt, i):
             if ref.data is None:
                 continue
@@ -81,22 +88,14 @@ def prompt_images(prompt: GeneratePrompt, i: int, inline: Inline, cache: ImageCa
     return [_image(ref, f"prompts[{i}].images[{j}]", inline, cache) for j, ref in enumerate(prompt.images)]
 
 
-def prompt_videos(prompt: GeneratePrompt, i: int, inline: Inline, cache: ImageCache, config: ServeConfig,
-                  processing: ModelProcessing) -> list[list[Image.Image]]:
-    """Prompt i's videos, in order, each its frames: refused beyond the video processor's `max_frames`
-    budget, or when its frames differ in size (the processor stacks them into one tensor)."""
-    check_video_count(prompt, i, config)
-    if not prompt.videos:
-        return []
-    max_frames = processing.images.video_budgets()["max_frames"]
+def prompt_videos(prompt: GeneratePrompt, i: int, inline: Inline, cache: ImageCache,
+                  config: ServeConfig) -> list[list[Image.Image]]:
+    """Prompt i's videos, in order, each its frames: refused beyond the server's video limits
+    (`check_videos`), or when its frames differ in size (the processor stacks them into one tensor)."""
+    check_videos(prompt, i, config)
     out = []
-    for j, video in enumerate(prompt.videos):
+    for j, video in enumerate(prompt.videos or []):
         field = f"prompts[{i}].videos[{j}].frames"
-        if len(video.frames) > max_frames:
-            raise APIError(400, ErrorCode.invalid_request,
-                           f"{field} has {len(video.frames)} frames; the served model's video budget takes up to "
-                           f"{max_frames} (max_frames, --mm-processor-kwargs): sample fewer frames",
-                           {"field": field, "limit": max_frames})
         frames = [_image(ref, f"{field}[{k}]", inline, cache) for k, ref in enumerate(video.frames)]
         odd = next((k for k, f in enumerate(frames) if f.size != frames[0].size), None)
         if odd is not None:
@@ -194,7 +193,7 @@ async def prepare(state: State, prompts: list[GeneratePrompt], sampling: Samplin
     return [to_engine_prompt(engine, p, i, sampling,
                              prompt_images(p, i, inline, cache, config.max_images_per_prompt, text_only,
                                            config.max_images_why),
-                             config.chat_template, prompt_videos(p, i, inline, cache, config, engine.processing))
+                             config.chat_template, prompt_videos(p, i, inline, cache, config))
             for i, p in enumerate(prompts)]
 
 
