@@ -102,6 +102,11 @@ def check_token_exact(server: ServerProcess, local: Local) -> None:
             completion = result.completions[0]
             assert completion.token_ids == local.greedy(inputs)
             assert completion.logprobs == pytest.approx(local.logprobs(inputs, completion.token_ids), abs=2e-4)
+        # both clips (two shapes) in one request, batched by the engine: each answer still its own
+        out = client.generate(prompt_ids=[local.ids()] * 2, videos=[[clip] for clip in CLIPS], temperature=0.0,
+                              max_tokens=8)
+        for clip, result in zip(CLIPS, out.results, strict=True):
+            assert result.completions[0].token_ids == local.greedy(local.inputs([clip]))
         # an image and a video in one prompt: each expanded by its own processor
         image, clip = random_image(3), CLIPS[0]
         inputs = local.inputs([clip], [image])
