@@ -94,8 +94,9 @@ class ImageTokens:
 
     def video_kwargs_problem(self) -> str | None:
         """Why the call-time kwargs cannot size video frames alike on both engines, in one line; None when they
-        can. The HF video processor takes `min_pixels` and `max_pixels` (or `size`'s two edges) together only:
-        one alone it ignores, while vLLM completes it into a one-edge `size` that the processor refuses."""
+        can. The HF video processor takes `size`'s two edges together only: one alone it ignores, while vLLM
+        passes it on as a one-edge `size` that the processor refuses (a pixel budget given by one of
+        min_pixels/max_pixels is completed at start: `complete_pixel_budgets`)."""
         flat, scoped = self.mm_kwargs, self.mm_kwargs.get("videos_kwargs") or {}
         given = {k: scoped.get(k, flat.get(k)) for k in ("min_pixels", "max_pixels", "size")}
         size = given.pop("size") or {}
@@ -104,7 +105,7 @@ class ImageTokens:
         if len(pixels) == 1 or len(edges) == 1:
             alone = pixels[0] if len(pixels) == 1 else f"size.{edges[0]}"
             return (f"--mm-processor-kwargs gives video frames {alone} alone: the HF video processor applies "
-                    "min_pixels and max_pixels together only (vLLM would fail each video); give both, e.g. in "
+                    "the two together only (vLLM would fail each video); give both, e.g. in "
                     "videos_kwargs, to serve video")
         return None
 
@@ -230,3 +231,26 @@ def _without(text: str, part: str, has) -> str:
     if not has(text, part):
         raise ValueError(f"expected {part!r} beside an image's tokens, found {text!r}")
     return text[:-len(part)] if has is str.endswith else text[len(part):]
+
+
+def complete_pixel_budgets(processor, mm_kwargs: dict) -> tuple[dict, list[str]]:
+    """`mm_kwargs` (call-time overrides, as align-serve's --mm-processor-kwargs) with a pixel budget given by
+    one of `min_pixels`/`max_pixels` completed by the processor's own other edge, and what was completed.
+    HF's Qwen-VL processors apply the two at call time together only (one alone is silently ignored) while
+    vLLM passes one on as a one-edge `size`: completed, both engines size images and frames alike, as the
+    user meant. Flat keys are the image processor's; `videos_kwargs` the video processor's."""
+    out, said = dict(mm_kwargs), []
+    scopes = [(out, getattr(processor, "image_processor", None), "")]
+    if isinstance(out.get("videos_kwargs"), dict):
+        out["videos_kwargs"] = dict(out["videos_kwargs"])
+        scopes.append((out["videos_kwargs"], getattr(processor, "video_processor", None), "videos_kwargs."))
+    for given, own, prefix in scopes:
+        size = getattr(own, "size", None)
+        defaults = {"min_pixels": getattr(size, "shortest_edge", None), "max_pixels": getattr(size, "longest_edge", None)}
+        present = [k for k in defaults if given.get(k) is not None]
+        if len(present) == 1 and all(v is not None for v in defaults.values()):
+            missing = next(k for k in defaults if k not in present)
+            given[missing] = defaults[missing]
+            said.append(f"{prefix}{present[0]} alone: {prefix}{missing} {defaults[missing]} (the processor's own) "
+                        "added, since the processor applies the two together only")
+    return out, said

