@@ -31,6 +31,7 @@ class ModelProcessing:
         self.mm_kwargs = dict(mm_processor_kwargs or {})
         if self.is_vlm:
             self.processor = load_processor(model_path, trust_remote_code=trust_remote_code)
+            self.mm_kwargs = _pixel_bounds_paired(self.mm_kwargs, self.processor)
             self.tokenizer = self.processor.tokenizer
             self.images = ImageTokens(self.processor, config, self.mm_kwargs)
             self.image_token_id = self.images.marker_id
@@ -104,3 +105,16 @@ class ModelProcessing:
             types = self.processor.create_mm_token_type_ids(input_ids.tolist())
             extra[self.token_types] = torch.tensor(types, dtype=torch.long, device=device)
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), **extra}
+
+
+def _pixel_bounds_paired(kwargs: dict, processor) -> dict:
+    """`kwargs` with min_pixels and max_pixels both set where one is: transformers' Qwen-VL image processors
+    take them at call time only as a pair and drop one given alone, where vLLM completes the other from the
+    processor's size (shortest_edge, longest_edge); '{"max_pixels": N}' must bound the images on both engines."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    bounds = {"min_pixels": getattr(size, "shortest_edge", None), "max_pixels": getattr(size, "longest_edge", None)}
+    given = [k for k in bounds if kwargs.get(k) is not None]
+    if len(given) != 1 or None in bounds.values():
+        return kwargs
+    return {**bounds, **kwargs}
+
