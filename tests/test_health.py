@@ -1,7 +1,8 @@
 """Is the run healthy? The rollout/* metrics' formulas, the step-0 parity check refusing each broken setup
 with its cause (a server's processor pixel budget, its chat template, weights that never reached it),
-`--parity_check warn`, and `align-train check`, against real align-serve subprocesses (transformers engine).
-The modes' own tests (test_train, test_async, test_tools, test_lora) assert the healthy numbers."""
+`--parity_check warn`, and `align-train check`, against real align-serve subprocesses (the transformers
+engine; `align-train check` on the vLLM engine too).
+The modes' own tests (test_train, test_async, test_tools, test_lora, test_families) assert the healthy numbers."""
 
 import json
 import logging
@@ -172,22 +173,38 @@ def check_args(model, dataset, out, url):
             "--server-url", url, *REWARDS]
 
 
-def test_align_train_check_reports_a_healthy_setup(tiny_vlm, data, tmp_path, server, capsys, monkeypatch):
+def check_is_healthy(model, dataset, out, server, engine, capsys, monkeypatch, *flags):
+    """`align-train check` as a user runs it (the console script's entry point) says a healthy setup is
+    healthy, and how far apart the two sides are; it pushes the weights once and trains nothing."""
     from trainer_client.cli import main
 
     v = server_version(server)
-    monkeypatch.setattr(sys, "argv", ["align-train", "check", *check_args(tiny_vlm, data, tmp_path / "out", server.url)])
+    monkeypatch.setattr(sys, "argv", ["align-train", "check", *check_args(model, dataset, out, server.url), *flags])
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 0
     report = capsys.readouterr().out
     assert "align-train check: healthy" in report
     assert "data: 8 rows checked; first batch: 4 completions (1 prompts x 4)" in report
-    assert f"server {server.url}: " in report and "transformers engine, float32" in report
+    assert f"server {server.url}: " in report and f"{engine} engine, float32" in report
     assert "1. chat template: alike" in report and "2. processor pixel budget: alike" in report
-    assert "3. weights not pushed: not seen (the logprobs match)" in report and "mismatch: mean |logprob" in report
+    assert "3. weights not pushed: not seen (the logprobs match)" in report
+    gap = float(report.split("mismatch: mean |logprob difference| ")[1].split(" ")[0])
+    assert 0 < gap < tolerance("float32")  # measured 0.0045 on both engines: the placeholders never sampled
     assert server_version(server) == v + 1  # the start push, which the check checks; nothing trained
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+
+
+def test_align_train_check_reports_a_healthy_setup(tiny_vlm, data, tmp_path, server, capsys, monkeypatch):
+    check_is_healthy(tiny_vlm, data, tmp_path / "out", server, "transformers", capsys, monkeypatch)
+
+
+@pytest.mark.vllm
+def test_align_train_check_reports_a_healthy_setup_on_the_vllm_engine(tiny_vlm, data, tmp_path, vllm_vlm, capsys,
+                                                                      monkeypatch):
+    # the suite's shared vLLM server (conftest.py): its versions go on counting
+    check_is_healthy(tiny_vlm, data, tmp_path / "out", vllm_vlm, "vllm", capsys, monkeypatch,
+                     "--api_key", vllm_vlm.api_key)
 
 
 def test_align_train_check_names_what_is_broken(tiny_vlm, data, tmp_path, template_server, capsys):

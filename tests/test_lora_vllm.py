@@ -55,9 +55,9 @@ def test_adapter_traffic_during_syncs_and_old_versions_retired(setup):
     """Each committed version is its own vLLM LoRA (`align-v<version>`, a directory the server writes); a
     version is removed from vLLM (AsyncLLM.remove_lora) and its directory deleted once no request uses it."""
     server, client, trainer = setup
-    root = staging_root() / f"align-lora-{server.proc.pid}"
 
     def loaded() -> list[int]:
+        (root,) = staging_root().glob(f"align-lora-{server.proc.pid}-*")  # this server's own, made unique per server
         return sorted(int(p.name.removeprefix("v")) for p in root.iterdir())
 
     client.push_adapter(trainer.model)  # an adapter serving, whatever the tests before left

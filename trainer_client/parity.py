@@ -29,9 +29,9 @@ MODES = ("refuse", "warn", "off")
 
 # Mean |logprob difference| per token (nats) a healthy setup stays under, by the coarser of the two sides'
 # compute dtypes (docs/health.md). float32: the largest healthy gap measured here, on both engines and in
-# colocate mode (tiny random VLMs, CPU), was 0.0045, all of it the placeholder tokens the server never
-# samples (2 of a 454-token vocabulary); 0.02 is 4.5x that and 7x under the smallest broken setup measured
-# (0.14, weights not pushed). bfloat16 keeps 8 bits of mantissa: a healthy bf16 run's step-0 gap is about
+# colocate mode (tiny random VLMs, CPU), was 0.0052, all of it the placeholder tokens the server never
+# samples (2 of a 454-token vocabulary; colocate's, which samples them, is 1e-7); 0.02 is 4x that and 7x
+# under the smallest broken setup measured (0.14, weights not pushed). bfloat16 keeps 8 bits of mantissa: a healthy bf16 run's step-0 gap is about
 # 0.017 nats/token (published, GPU), and 0.1 is 6x that; silently broken sharded syncs measured 1.33 to
 # 66.5. float16 (11 bits) takes bfloat16's, conservatively.
 TOLERANCE = {"float32": 0.02, "bfloat16": 0.1, "float16": 0.1}

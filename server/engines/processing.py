@@ -135,3 +135,4 @@ class ModelProcessing:
             types = self.processor.create_mm_token_type_ids(input_ids.tolist())
             extra[self.token_types] = torch.tensor(types, dtype=torch.long, device=device)
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), **extra}
+
