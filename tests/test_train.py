@@ -253,6 +253,22 @@ def test_eval_during_training_is_greedy(mode, tiny_vlm, data, tmp_path, request)
         assert server_version(server) == v + 5  # evaluating pushed nothing new
 
 
+@pytest.mark.vllm
+def test_a_colocate_run_ends_cleanly_as_the_user_runs_it(tiny_vlm, data, tmp_path):
+    """align-train's own exit in colocate mode: the exit handlers (vLLM's shutdown among them) run while TRL's
+    process group still stands (left first, vLLM's finalizer raised `Invalid process group specified` with a
+    traceback after the model was saved)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer_client.cli", "grpo", "--model", str(tiny_vlm), "--dataset",
+         str(data / "grpo.jsonl"), "--output_dir", str(tmp_path / "out"), *SMALL, "--num_generations", "4",
+         "--max_completion_length", "4", "--max_steps", "1", *REWARDS, "--vllm-mode", "colocate",
+         "--vllm_gpu_memory_utilization", "0.001", "--vllm_max_model_length", "512",
+         "--vllm_enable_sleep_mode", "false"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
+
+
 # ---- the demo learns ------------------------------------------------------------------------------
 
 def test_demo_reward_rises(tmp_path, capsys):

@@ -54,13 +54,15 @@ def end_distributed_process() -> None:
     finished collective's tensors only after it has reported done; when a release lands while the
     interpreter is finalizing, the thread cannot take the GIL and the process aborts (`terminate called
     without an active exception`, exit -6) although its work finished (pytorch/pytorch#190489).
-    So: leave the process group, run the exit handlers a normal exit runs, flush, and exit."""
+    So: run the exit handlers a normal exit runs (vLLM's, in colocate mode, still need the process group),
+    leave the process group, flush, and exit."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    dist.destroy_process_group()
-    atexit._run_exitfuncs()  # logging, tensorboard/wandb writers, multiprocessing children
+    atexit._run_exitfuncs()  # logging, tensorboard/wandb writers, multiprocessing children, vLLM
+    if dist.is_initialized():
+        dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
