@@ -1,5 +1,6 @@
-"""Agent rollouts with slow tools: TRL's lockstep tool loop against ours (trainer_client/agent_loop.py), on
-the same batch through the same align-serve.
+"""Agent rollouts with slow tools: TRL's lockstep tool loop against ours, one batch, one align-serve.
+
+Ours is trainer_client/agent_loop.py; both run the same batch through the same server.
 
 The model: a tiny Qwen3-VL taught to call its `zoom` tool three times, seeing the tool's image each time,
 then answer (tests/tool_model.py fits it; built once, cached under .cache/bench/). 32 trajectories (16

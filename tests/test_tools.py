@@ -836,8 +836,9 @@ def test_a_tool_turn_past_the_servers_max_model_len_is_rolled_back(two_call_vlm,
         assert completion[-1]["tool_calls"]  # the call whose answer did not fit
         assert batch["tool_mask"][i] == [1] * 64 + [0] * 59 + [1] * 64
         assert len(batch["images"][i]) == 2  # the question's and the first answer's: none of the rolled-back one
-    # the first turns, then one second turn per trajectory (760 - 669 tokens left); never a third
-    assert sorted(a[0] for a in server_trace["asked"]) == [91, 91, 760 - PROMPT_TOKENS]
+    # the step-0 parity check's two one-token probes, the first turns, then one second turn per trajectory
+    # (760 - 669 tokens left); never a third
+    assert sorted(a[0] for a in server_trace["asked"]) == [1, 1, 91, 91, 760 - PROMPT_TOKENS]
     assert metric(trainer, "tools/call_frequency") == [2.0]  # both calls were made, the second one's answer dropped
 
 
