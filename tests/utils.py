@@ -95,9 +95,11 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def logs(self) -> str:
+    def logs(self, tail: int | None = 6000) -> str:
+        """The server's log so far: its last `tail` characters (None: all of it)."""
         self._log.flush()
-        return self.log_path.read_text()[-6000:]
+        text = self.log_path.read_text()
+        return text if tail is None else text[-tail:]
 
     def kill(self) -> None:
         """SIGKILL the whole process group, as a crash or an OOM kill would."""
