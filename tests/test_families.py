@@ -20,7 +20,7 @@ from examples.tiny_model import ARCHS, build
 from runtime.families import FAMILIES, UnknownFamily, family_of
 from runtime.image_tokens import ImageTokens
 from runtime.torchvision_compat import load_processor
-from tests.utils import ServerProcess, random_image
+from tests.utils import ServerProcess, assert_rollouts_match, random_image
 from trainer_client import AlignClient
 from trainer_client.cli import run
 from trainer_client.client import AlignServerError
@@ -246,8 +246,9 @@ def test_grpo_in_server_mode_moves_the_served_model_to_the_trainers_weights(fami
     assert trainer.state.global_step == 2
     # the start push, then one per step: each step trained on the version the step before pushed
     assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [v + 1, v + 2]
-    # TRL's importance-sampling correction ran on the server's logprobs
+    # TRL's importance-sampling correction ran on the server's logprobs, which are the trainer's model's
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     after = check_serves(family, trained)
     assert after != before, "the training must change the answer for this check to mean anything"
@@ -387,7 +388,10 @@ def test_colocate_serves_the_trained_weights(arch, models, data, tmp_path):
     llm = trainer.vllm_generation.llm
     assert llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == \
         kv_cache.default_kv_cache_bytes(str(path), 512)
+    # TRL's vLLM samples the trainer's model: its logprobs agree with the trainer's forward (TRL's own old
+    # logprobs pass forms the ratio here, and the rollout/* metrics with it)
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2
     # the in-process vLLM answers as the trained model once synced: every weight loaded, under vLLM's names
     trainer.vllm_generation.sync_weights()
     model, processor = trainer.accelerator.unwrap_model(trainer.model).eval(), trainer.processing_class
