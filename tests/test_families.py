@@ -479,3 +479,39 @@ def test_the_family_table_agrees_with_vllm_on_lora(models):
         config = AutoConfig.from_pretrained(models(arch))
         cls = ModelRegistry.models[config.architectures[0]].load_model_cls()
         assert supports_lora(cls) == family_of(config).vllm_lora, arch
+
+
+
+@pytest.mark.parametrize("arch", ["idefics3", "internvl"])  # untied and tied LM heads
+def test_the_trainers_forward_leaves_out_the_tokens_the_server_never_samples(arch, models):
+    """Server mode's policy is the server's: its logprobs are over the vocabulary less every image token (39
+    of the tiny Idefics3's 482), so the trainer's are too, through TRL's fused LM head (the loss's) as through
+    the model's own forward, with nothing saved or pushed changed (trainer_client/sampler.py)."""
+    from trl.trainer import add_fused_lm_head
+
+    from trainer_client.sampler import sampled_vocabulary_only
+
+    served = Served(arch, "transformers", models(arch), server=None)
+    model, never = served.model, served.tokens.never_sampled
+    names, saved = [n for n, _ in model.named_parameters()], set(model.state_dict())
+    inputs = processor_inputs(served, *chats(arch)[0])
+    with torch.inference_mode():
+        full = model(**inputs).logits[0, -1].log_softmax(-1)
+    kept = torch.ones_like(full, dtype=torch.bool)
+    kept[never] = False
+    expected = full.masked_fill(~kept, float("-inf")).log_softmax(-1)
+    target = int(kept.nonzero()[0])
+
+    sampled_vocabulary_only(model, never)
+    add_fused_lm_head(model, temperature=1.0)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([[target]])], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[0, -1] = target
+    with torch.inference_mode():
+        own = model(**inputs).logits[0, -1].log_softmax(-1)
+        fused = model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels=labels,
+                      fused_lm_head=True).log_probs[0, -1]
+    assert torch.allclose(own[kept], expected[kept], atol=1e-5) and own[never].max() < -1e3
+    assert fused.item() == pytest.approx(expected[target].item(), abs=1e-5)
+    assert expected[target] - full[target] > 1e-3  # the mass left out is not rounding
+    assert [n for n, _ in model.named_parameters()] == names and set(model.state_dict()) == saved
