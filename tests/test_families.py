@@ -515,3 +515,20 @@ def test_the_trainers_forward_leaves_out_the_tokens_the_server_never_samples(arc
     assert fused.item() == pytest.approx(expected[target].item(), abs=1e-5)
     assert expected[target] - full[target] > 1e-3  # the mass left out is not rounding
     assert [n for n, _ in model.named_parameters()] == names and set(model.state_dict()) == saved
+
+
+def test_an_lm_head_with_a_bias_of_its_own_is_refused_not_overwritten():
+    from trainer_client.sampler import sampled_vocabulary_only
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 8, bias=True)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    model = Head()
+    with pytest.raises(ValueError, match="Head's LM head has a bias"):
+        sampled_vocabulary_only(model, [1, 2])
+    assert isinstance(model.lm_head.bias, torch.nn.Parameter)
