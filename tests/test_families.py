@@ -20,7 +20,7 @@ from examples.tiny_model import ARCHS, build
 from runtime.families import FAMILIES, UnknownFamily, family_of
 from runtime.image_tokens import ImageTokens
 from runtime.torchvision_compat import load_processor
-from tests.utils import ServerProcess, random_image
+from tests.utils import ServerProcess, assert_rollouts_match, random_image
 from trainer_client import AlignClient
 from trainer_client.cli import run
 from trainer_client.client import AlignServerError
@@ -246,8 +246,9 @@ def test_grpo_in_server_mode_moves_the_served_model_to_the_trainers_weights(fami
     assert trainer.state.global_step == 2
     # the start push, then one per step: each step trained on the version the step before pushed
     assert [e["weight_version"] for e in trainer.state.log_history if "weight_version" in e] == [v + 1, v + 2]
-    # TRL's importance-sampling correction ran on the server's logprobs
+    # TRL's importance-sampling correction ran on the server's logprobs, which are the trainer's model's
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     after = check_serves(family, trained)
     assert after != before, "the training must change the answer for this check to mean anything"
@@ -387,7 +388,10 @@ def test_colocate_serves_the_trained_weights(arch, models, data, tmp_path):
     llm = trainer.vllm_generation.llm
     assert llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == \
         kv_cache.default_kv_cache_bytes(str(path), 512)
+    # TRL's vLLM samples the trainer's model: its logprobs agree with the trainer's forward (TRL's own old
+    # logprobs pass forms the ratio here, and the rollout/* metrics with it)
     assert all("sampling/importance_sampling_ratio/mean" in e for e in trainer.state.log_history if "loss" in e)
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2
     # the in-process vLLM answers as the trained model once synced: every weight loaded, under vLLM's names
     trainer.vllm_generation.sync_weights()
     model, processor = trainer.accelerator.unwrap_model(trainer.model).eval(), trainer.processing_class
@@ -475,3 +479,56 @@ def test_the_family_table_agrees_with_vllm_on_lora(models):
         config = AutoConfig.from_pretrained(models(arch))
         cls = ModelRegistry.models[config.architectures[0]].load_model_cls()
         assert supports_lora(cls) == family_of(config).vllm_lora, arch
+
+
+
+@pytest.mark.parametrize("arch", ["idefics3", "internvl"])  # untied and tied LM heads
+def test_the_trainers_forward_leaves_out_the_tokens_the_server_never_samples(arch, models):
+    """Server mode's policy is the server's: its logprobs are over the vocabulary less every image token (39
+    of the tiny Idefics3's 482), so the trainer's are too, through TRL's fused LM head (the loss's) as through
+    the model's own forward, with nothing saved or pushed changed (trainer_client/sampler.py)."""
+    from trl.trainer import add_fused_lm_head
+
+    from trainer_client.sampler import sampled_vocabulary_only
+
+    served = Served(arch, "transformers", models(arch), server=None)
+    model, never = served.model, served.tokens.never_sampled
+    names, saved = [n for n, _ in model.named_parameters()], set(model.state_dict())
+    inputs = processor_inputs(served, *chats(arch)[0])
+    with torch.inference_mode():
+        full = model(**inputs).logits[0, -1].log_softmax(-1)
+    kept = torch.ones_like(full, dtype=torch.bool)
+    kept[never] = False
+    expected = full.masked_fill(~kept, float("-inf")).log_softmax(-1)
+    target = int(kept.nonzero()[0])
+
+    sampled_vocabulary_only(model, never)
+    add_fused_lm_head(model, temperature=1.0)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([[target]])], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[0, -1] = target
+    with torch.inference_mode():
+        own = model(**inputs).logits[0, -1].log_softmax(-1)
+        fused = model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels=labels,
+                      fused_lm_head=True).log_probs[0, -1]
+    assert torch.allclose(own[kept], expected[kept], atol=1e-5) and own[never].max() < -1e3
+    assert fused.item() == pytest.approx(expected[target].item(), abs=1e-5)
+    assert expected[target] - full[target] > 1e-3  # the mass left out is not rounding
+    assert [n for n, _ in model.named_parameters()] == names and set(model.state_dict()) == saved
+
+
+def test_an_lm_head_with_a_bias_of_its_own_is_refused_not_overwritten():
+    from trainer_client.sampler import sampled_vocabulary_only
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 8, bias=True)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    model = Head()
+    with pytest.raises(ValueError, match="Head's LM head has a bias"):
+        sampled_vocabulary_only(model, [1, 2])
+    assert isinstance(model.lm_head.bias, torch.nn.Parameter)

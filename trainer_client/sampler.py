@@ -2,9 +2,16 @@
 budget (what it has left of max_completion_length across tool turns, and what fits in the server's
 max_model_len), so a later tool turn is never refused for length."""
 
+import torch
+
 from protocol.schemas import Completion
 from runtime.image_tokens import ImageTokens
 from trainer_client.client import AlignClient
+
+# A never-sampled token's logit bias: finite, so that TRL's entropy (p * log p) stays 0 where -inf would make
+# it NaN; far below any real logit (its softmax weight is exactly 0 in float32), and still finite in float16
+# after TRL divides the logits by a temperature down to 0.2.
+NEVER = -1e4
 
 
 def image_tokens(trainer) -> ImageTokens | None:
@@ -12,6 +19,26 @@ def image_tokens(trainer) -> ImageTokens | None:
     expanded by the processor, the server takes one marker per image."""
     processor = trainer.processing_class
     return ImageTokens(processor, trainer.model.config) if getattr(processor, "image_token", None) else None
+
+
+def sampled_vocabulary_only(model, never_sampled: list[int]) -> None:
+    """`model`'s distribution over the tokens the servers may sample. They never sample an image's tokens
+    (runtime/families.py), so each logprob they return is over the rest of the vocabulary: the trainer's
+    forward, without this, spread the same token's probability over the whole of it, and the importance
+    ratio came out as 1 minus the mass the model put on those tokens (a tiny random Idefics3, whose 482-token
+    vocabulary holds 39 row/column and wrapper tokens: 0.92 every step, refused by the step-0 parity check).
+    The policy trained is then the one sampled from.
+
+    A bias on the LM head, since TRL's loss reads the head's weight and bias itself (its fused log-softmax),
+    never the head's output; a buffer left out of state_dict(), so nothing saved or pushed changes. (No family's
+    head has a bias of its own.)"""
+    head = model.get_output_embeddings()
+    if head.bias is not None:
+        raise ValueError(f"{type(model).__name__}'s LM head has a bias: its never-sampled tokens need another way")
+    bias = torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
+    bias[never_sampled] = NEVER
+    del head._parameters["bias"]
+    head.register_buffer("bias", bias, persistent=False)
 
 
 class Sampler:

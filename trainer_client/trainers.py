@@ -34,7 +34,7 @@ from trainer_client.importance_sampling import LossForwardImportanceSampling
 from trainer_client.parity import Side
 from trainer_client.rewards import check_reward_columns, load_rewards
 from trainer_client.rollout_health import RolloutHealth, RolloutLine
-from trainer_client.sampler import image_tokens
+from trainer_client.sampler import image_tokens, sampled_vocabulary_only
 from trainer_client.sft import AssistantTurnsCollator, environment_tools
 from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
 from trainer_client.trl_seam import GreedyEval, RestoresCheckpointWeights
@@ -84,6 +84,11 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, RolloutH
         if self.args.async_rollouts:
             generation = AsyncRollouts(generation, self.args.max_staleness)
         trl_seam.install_generation(self, generation)
+        images = image_tokens(self)
+        if images is not None:
+            for model in (self.model, getattr(self, "ref_model", None)):
+                if model is not None:
+                    sampled_vocabulary_only(self.accelerator.unwrap_model(model), images.never_sampled)
         self.add_callback(PushWeightsCallback(generation))
         lora = ("adapter" if generation.pusher.adapter_sync else "merged") if is_peft_model(
             self.accelerator.unwrap_model(self.model)) else None
