@@ -35,7 +35,8 @@ def sampled_vocabulary_only(model, never_sampled: list[int]) -> None:
     head = model.get_output_embeddings()
     if head.bias is not None:
         raise ValueError(f"{type(model).__name__}'s LM head has a bias: its never-sampled tokens need another way")
-    bias = torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
+    # out_features: ZeRO-3 leaves each rank's weight an empty partition, the layer still knows its size
+    bias = torch.zeros(head.out_features, dtype=head.weight.dtype, device=head.weight.device)
     bias[never_sampled] = NEVER
     del head._parameters["bias"]
     head.register_buffer("bias", bias, persistent=False)
