@@ -22,6 +22,9 @@ from PIL import Image, ImageDraw
 from examples.common import BIN, StepLines, plot_steps, rollout_text, run, serving, start_demo, train_here
 from examples.tiny_model import ARCHS
 
+# Where the default GRPO rate (1e-3) pulls a family's tiny model off the answers its warm-up already gives
+# (measured with seed 0 on the merged main: LLaVA-OneVision 100% -> 69% at 1e-3, 100% -> 100% at 3e-4).
+GRPO_LEARNING_RATE = {"llava_onevision": 3e-4}
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 PROMPT = "What colour is the shape? Answer with one word."
 
@@ -128,7 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grpo-steps", type=int, default=80)
     parser.add_argument("--eval-every", type=int, default=10, help="greedy accuracy on fresh images every N steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grpo-learning-rate", type=float, default=None,
+                        help="GRPO's learning rate (default 1e-3; 3e-4 for llava_onevision, whose tiny model 1e-3 "
+                             "pulled from 100%% to 69%% greedy accuracy while the slower rate kept 100%%)")
     args = parser.parse_args(argv)
+    grpo_lr = args.grpo_learning_rate or GRPO_LEARNING_RATE.get(args.arch, 1e-3)
 
     from trainer_client.client import AlignClient
 
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             "grpo", "--model", str(work / "warmup"), "--dataset", str(grpo_data), "--output_dir", str(work / "grpo"),
             "--vllm-mode", "server", "--server-url", url, "--async_rollouts", "--dynamic_sampling",
             "--max_resample_rounds", "2", "--reward_funcs", "accuracy", "--max_steps", str(args.grpo_steps),
-            "--learning_rate", "1e-3", "--per_device_train_batch_size", "64", "--num_generations", "8",
+            "--learning_rate", str(grpo_lr), "--per_device_train_batch_size", "64", "--num_generations", "8",
             "--max_completion_length", "4", "--temperature", "1.0", "--beta", "0.0", *common],
             steps.callback, steps.lines.callback)
         after = accuracy(client)
