@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 import runtime  # noqa: F401  (as in every process of ours: torchvision importable on the CPU torch)
+from examples.demo import make_dataset
 from examples.tiny_model import build
 
 # What TRL's colocate mode writes into this process's environment for vLLM (RANK, ..., MASTER_PORT, the
@@ -27,6 +28,16 @@ def _distributed_environment_restored():
 def tiny_vlm(tmp_path_factory) -> Path:
     """Tiny random Qwen2-VL (seed 0) with its processor."""
     return build(tmp_path_factory.mktemp("tiny_qwen2_vl"), "qwen2_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """The colour task's rows: 16 for GRPO (grpo.jsonl), 16 preference pairs (mpo.jsonl). A module with
+    other rows defines its own `data`."""
+    root = tmp_path_factory.mktemp("colour-data")
+    make_dataset(root, 16, seed=0, method="grpo")
+    make_dataset(root, 16, seed=1, method="mpo")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from examples.demo import make_dataset
 from examples.tiny_model import ARCHS, build
 from runtime.families import FAMILIES, UnknownFamily, family_of
 from runtime.image_tokens import ImageTokens
@@ -56,14 +55,6 @@ def models(tmp_path_factory):
         return built[arch]
 
     return get
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("colours")
-    make_dataset(root, 16, seed=0, method="grpo")
-    make_dataset(root, 16, seed=1, method="mpo")
-    return root
 
 
 class Served:

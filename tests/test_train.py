@@ -22,14 +22,6 @@ SMALL = ["--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--log
          "--seed", "0"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("colour-data")
-    make_dataset(root, 16, seed=0, method="grpo")
-    make_dataset(root, 16, seed=1, method="mpo")
-    return root
-
-
 def parity_reward(completion_ids, **kwargs) -> list[float]:
     """Varies within a group even on a random model (accuracy is 0 everywhere there), so GRPO's
     advantages, hence its gradients, are non-zero."""
