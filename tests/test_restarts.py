@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_train import REWARDS, SMALL, data  # noqa: F401  (the dataset fixture)
+from tests.test_train import REWARDS, SMALL
 from tests.utils import ServerProcess, wait_for
 from trainer_client.cli import run
 
