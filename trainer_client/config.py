@@ -73,6 +73,17 @@ class AlignArguments:
         "help": "GRPO/GSPO: TRL's environment_factory as module:Factory; one instance per rollout, its public "
                 "methods (but reset and get_reward) are tools, reset(**row) starts a rollout, get_reward() (if "
                 "defined) scores it. SFT: its methods are the tools described in the prompt."})
+    video_fps: float | None = field(default=None, metadata={
+        "help": "Frames per second sampled from each video file (default: the server's, else the model's video "
+                "processor's, else 2). docs/video.md"})
+    video_max_frames: int | None = field(default=None, metadata={
+        "help": "Frames per video at most (more are thinned evenly); at most the server's max_frames (its default)."})
+    video_max_pixels: int | None = field(default=None, metadata={
+        "help": "Pixels per video frame at most: the video processor's max_pixels, which must be the server's "
+                "(align-serve --mm-processor-kwargs '{\"videos_kwargs\": {...}}'); default: the server's."})
+    video_total_pixels: int | None = field(default=None, metadata={
+        "help": "Pixels of all of a video's frames together at most (frames scaled down to fit, before they are "
+                "sent); default: no bound beyond max_frames x max_pixels."})
     eval_dataset: str | None = field(default=None, metadata={
         "help": "A second dataset file (same formats as --dataset) for --eval_strategy steps: greedy completions "
                 "scored by the reward functions (eval_reward, eval_rewards/<name>/mean)."})

@@ -11,6 +11,13 @@ rows: a prompt, `chosen`, `rejected`, `image` or `images`. Rows come out as TRL 
 conversational prompt (after `--system_prompt` when given), the image column as datasets `Image`
 features, and for GRPO a `dataset_row` column (the 1-based row number) that reward errors quote.
 
+GRPO/GSPO and SFT rows may carry `video` (a file path, mp4/webm/..., or a list of frame image paths) or
+`videos` (a list of those), beside or instead of images; paths relative to the file or dataset folder (a
+hub dataset's snapshot). They become a `videos` column of absolute paths, each video one list (`[file]`
+or its frames), sampled into frames when a batch reads the row (trainer_client/video.py); a prompt
+without video parts gets one per video before its text. The check opens each video's container and
+stream (or each frame's header): an unreadable one stops the run before training, naming the row.
+
 Images stay encoded (bytes or paths) in the Arrow table and are decoded when a batch reads its rows,
 so memory does not grow with the dataset. The start-up check streams over the table, opening each
 image's header and verifying its data without decoding pixels.
@@ -24,11 +31,15 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
+from trainer_client.video import VIDEO_SUFFIXES, VideoBudget, VideoError, is_video_file, probe
+
 log = logging.getLogger(__name__)
 
 PROMPT_COLUMNS = ("prompt", "problem", "question")
 SOLUTION_COLUMNS = ("solution", "answer")
 IMAGE_COLUMNS = ("image", "images")
+VIDEO_COLUMNS = ("video", "videos")
+_PROBE = VideoBudget()  # the data check opens each video; the run's budgets sample it later
 CHECK_BATCH = 256  # rows whose encoded images are held at once by the start-up check
 
 
@@ -70,6 +81,12 @@ def _from_json_rows(path: Path, rows: list[dict], method: str) -> datasets.Datas
     # Conversations (SFT) differ message by message (tool calls; text or parts): one JSON string per row.
     if method == "sft" and "messages" in columns:
         columns["messages"] = [v if v is None or isinstance(v, str) else json.dumps(v) for v in columns["messages"]]
+    # A video is a file path or a list of frame paths: one list for all ([file] or the frames), as `_videos` reads.
+    if "video" in columns:
+        columns["video"] = [[v] if isinstance(v, str) else v for v in columns["video"]]
+    if "videos" in columns:
+        columns["videos"] = [[[v] if isinstance(v, str) else v for v in vs] if isinstance(vs, list) else vs
+                             for vs in columns["videos"]]
     # A string in one row and messages in another cannot share an Arrow column: messages for all.
     prompt_col = next((c for c in PROMPT_COLUMNS if c in columns), "prompt")
     for k, role in [(prompt_col, "user"), ("chosen", "assistant"), ("rejected", "assistant")]:
@@ -174,6 +191,54 @@ def _check_image(value, root: Path, where: str) -> str | None:
     return None if path is None else str(path)
 
 
+def _videos(value, column: str, root: Path, where: str) -> list[list[str]]:
+    """A row's `video` (one: a file path or a list of frame paths) or `videos` (a list of those) as lists of
+    absolute paths, each checked (`video.probe`: container and stream opened, frame headers verified)."""
+    if value is None:
+        return []
+    given = value if column == "videos" else [value]
+    if column == "videos" and not isinstance(value, list):
+        raise DatasetError(f"{where}: `videos` must be a list of videos (each a file path or a list of frame paths)")
+    out = []
+    if column == "video" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        given = [value]  # one video: a [file] or its frames
+    for video in given:
+        entries = [video] if isinstance(video, str) else video
+        if not (isinstance(entries, list) and entries and all(isinstance(e, str) for e in entries)):
+            raise DatasetError(f"{where}: a video must be a file path or a non-empty list of frame image paths, "
+                               f"got {type(video).__name__}")
+        entries = [str(Path(e) if Path(e).is_absolute() else root / e) for e in entries]
+        if len(entries) == 1 and not is_video_file(entries):
+            raise DatasetError(f"{where}: {entries[0]} is not a video file ({', '.join(VIDEO_SUFFIXES)}); "
+                               "give frames as a list of image paths")
+        try:
+            probe(entries, _PROBE, where)
+        except VideoError as exc:
+            raise DatasetError(str(exc)) from None
+        out.append(entries)
+    return out
+
+
+def _video_parts(messages: list[dict]) -> int:
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for p in m["content"] if isinstance(p, dict) and p.get("type") == "video")
+
+
+def _with_placeholders(messages: list[dict], images: int, videos: int) -> list[dict]:
+    """Every content as parts (rows with and without videos share one Arrow type), the first user message's
+    text led by one image part per image and one video part per video when the prompt wrote none."""
+    out, placed = [], _image_parts(messages) is not None
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            lead = []
+            if m["role"] == "user" and not placed:
+                lead, placed = [{"type": "image"}] * images + [{"type": "video"}] * videos, True
+            content = [*lead, {"type": "text", "text": content}]
+        out.append({**m, "content": content})
+    return out
+
+
 def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None = None,
             system_prompt: str | None = None, strict_columns: bool = True) -> datasets.Dataset:
     """Raw rows -> TRL's format: columns mapped, every row checked in one streaming pass (encoded
@@ -191,6 +256,13 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
     if len(image_cols) > 1:
         raise DatasetError(f"{source} row 1: give `image` or `images`, not both")
     image_col = image_cols[0] if image_cols else None
+    video_cols = [c for c in VIDEO_COLUMNS if c in columns]
+    if len(video_cols) > 1:
+        raise DatasetError(f"{source} row 1: give `video` or `videos`, not both")
+    video_col = video_cols[0] if video_cols else None
+    if video_col and method == "mpo":
+        raise DatasetError(f"{source}: MPO takes no video rows yet (`{video_col}`); warm up on video with "
+                           "align-train sft, then GRPO/GSPO")
     if method == "mpo":
         answer_cols = ["chosen", "rejected"]
         for c in answer_cols:
@@ -206,7 +278,7 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
     else:
         solution_col = next((c for c in SOLUTION_COLUMNS if c in columns), None)
         answer_cols = [solution_col] if solution_col else []
-        keep = [c for c in columns if c not in (prompt_col, *answer_cols, image_col, "dataset_row")]
+        keep = [c for c in columns if c not in (prompt_col, *answer_cols, image_col, video_col, "dataset_row")]
 
     text_cols = [prompt_col, *answer_cols]
     required = text_cols if method == "mpo" else [prompt_col]
@@ -217,12 +289,15 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
     if method != "mpo" and answer_cols:
         out["solution"] = []
     paths: list = []
+    videos: list[list[list[str]]] = []  # per row, its videos (each a file or frame paths)
     # Arrow format: image cells come as {bytes, path} (or path strings) and are never decoded here.
-    stream = raw.select_columns(text_cols + ([image_col] if image_col else [])).with_format("arrow")
+    stream = raw.select_columns(text_cols + ([image_col] if image_col else [])
+                                + ([video_col] if video_col else [])).with_format("arrow")
     row = 0
     for batch in stream.iter(batch_size=CHECK_BATCH):
         texts = {c: batch.column(c).to_pylist() for c in text_cols}
         images = batch.column(image_col).to_pylist() if image_col else [None] * batch.num_rows
+        clips = batch.column(video_col).to_pylist() if video_col else [None] * batch.num_rows
         for k in range(batch.num_rows):
             row += 1
             where = f"{source} row {row}"
@@ -241,6 +316,14 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
             if placeholders is not None and placeholders != len(checked):
                 raise DatasetError(f"{where}: the prompt has {placeholders} image part(s) but the row gives "
                                    f"{len(checked)} image(s)")
+            if video_col:
+                row_videos = _videos(clips[k], video_col, root or Path("."), where)
+                written = _video_parts(prompt)
+                if (written or placeholders is not None) and written != len(row_videos):
+                    raise DatasetError(f"{where}: the prompt has {written} video part(s) but the row gives "
+                                       f"{len(row_videos)} video(s)")
+                videos.append(row_videos)
+                prompt = _with_placeholders(prompt, len(checked), 0 if written else len(row_videos))
             out["prompt"].append(prompt)
             if method == "mpo":
                 out["chosen"].append(_as_messages(texts["chosen"][k], "assistant", where, "chosen"))
@@ -255,6 +338,9 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
     elif image_col:
         feature = datasets.List(datasets.Image()) if image_col == "images" else datasets.Image()
         parts.append(datasets.Dataset.from_dict({image_col: paths}, features=datasets.Features({image_col: feature})))
+    if video_col:
+        parts.append(datasets.Dataset.from_dict({"videos": videos}, features=datasets.Features(
+            {"videos": datasets.List(datasets.List(datasets.Value("string")))})))
     if keep:
         parts.append(raw.select_columns(keep))
     if method != "mpo":
@@ -289,9 +375,13 @@ def prepare_sft(raw: datasets.Dataset, source: str, root: Path | None = None,
     if len(image_cols) > 1:
         raise DatasetError(f"{source} row 1: give `image` or `images`, not both")
     image_col = image_cols[0] if image_cols else None
-    out = {"messages": [], "images": []}
+    video_cols = [c for c in VIDEO_COLUMNS if c in columns]
+    if len(video_cols) > 1:
+        raise DatasetError(f"{source} row 1: give `video` or `videos`, not both")
+    video_col = video_cols[0] if video_cols else None
+    out = {"messages": [], "images": []} | ({"videos": []} if video_col else {})
     for row, values in enumerate(raw.select_columns([c for c in columns if c in ("messages", prompt_col, answer_col,
-                                                                                image_col)]), 1):
+                                                                                image_col, video_col)]), 1):
         where = f"{source} row {row}"
         if "messages" in columns:
             messages = _conversation(values["messages"], where)
@@ -310,9 +400,17 @@ def prepare_sft(raw: datasets.Dataset, source: str, root: Path | None = None,
         if placeholders is not None and placeholders != len(images):
             raise DatasetError(f"{where}: the conversation has {placeholders} image part(s) but the row gives "
                                f"{len(images)} image(s)")
+        if video_col:
+            row_videos = _videos(values[video_col], video_col, root or Path("."), where)
+            written = _video_parts(messages)
+            if placeholders is not None and written != len(row_videos):
+                raise DatasetError(f"{where}: the conversation has {written} video part(s) but the row gives "
+                                   f"{len(row_videos)} video(s)")
+            out["videos"].append(row_videos)
         out["messages"].append(json.dumps(messages))
         out["images"].append([_absolute(v, root) for v in images])
-    features = datasets.Features({"messages": datasets.Value("string"), "images": datasets.List(datasets.Image())})
+    features = datasets.Features({"messages": datasets.Value("string"), "images": datasets.List(datasets.Image())}
+                                 | ({"videos": datasets.List(datasets.List(datasets.Value("string")))} if video_col else {}))
     return datasets.Dataset.from_dict(out, features=features)
 
 

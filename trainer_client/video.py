@@ -58,6 +58,39 @@ class VideoBudget:
             raise VideoError(f"video total_pixels {self.total_pixels} is below one frame's min_pixels {self.min_pixels}")
 
 
+def resolve_budget(processor, fps: float | None = None, max_frames: int | None = None,
+                   max_pixels: int | None = None, total_pixels: int | None = None, server=None,
+                   server_name: str = "the server") -> VideoBudget:
+    """The run's video budget: the flags given (align-train --video_*), else the server's (`server`: its
+    /v1/info video_budgets), else the model's video processor's own. A flag that would make the server count
+    other tokens than the trainer is refused in one line naming both values (VideoError). The trainer's
+    video processor is set to the same per-frame pixel bounds."""
+    vp = processor.video_processor
+    own = dict(fps=vp.fps or DEFAULT_FPS, max_frames=vp.max_frames, min_pixels=vp.size.shortest_edge,
+               max_pixels=vp.size.longest_edge)
+    if server is not None:
+        theirs = dict(max_frames=server.max_frames, min_pixels=server.min_pixels, max_pixels=server.max_pixels)
+        if server.fps is not None:
+            theirs["fps"] = server.fps
+        if max_pixels is not None and max_pixels != server.max_pixels:
+            raise VideoError(f"--video_max_pixels {max_pixels} but {server_name} sizes video frames to max_pixels "
+                             f"{server.max_pixels}: the two would count other video tokens; give the same on both "
+                             "(align-serve --mm-processor-kwargs '{\"videos_kwargs\": {\"min_pixels\": ..., "
+                             "\"max_pixels\": ...}}')")
+        if max_frames is not None and max_frames > server.max_frames:
+            raise VideoError(f"--video_max_frames {max_frames} but {server_name} takes up to max_frames "
+                             f"{server.max_frames} per video: give at most that")
+        if fps is not None and server.fps is not None and fps != server.fps:
+            raise VideoError(f"--video_fps {fps:g} but {server_name}'s video processor samples at fps "
+                             f"{server.fps:g}: give the same on both")
+        own.update(theirs)
+    given = {k: v for k, v in dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels).items() if v is not None}
+    budget = VideoBudget(**{**own, **given, "min_pixels": min(own["min_pixels"], given.get("max_pixels", own["max_pixels"]))},
+                         total_pixels=total_pixels)
+    vp.size = type(vp.size)(shortest_edge=budget.min_pixels, longest_edge=budget.max_pixels)
+    return budget
+
+
 def is_video_file(entries: Sequence[str]) -> bool:
     return len(entries) == 1 and Path(entries[0]).suffix.lower() in VIDEO_SUFFIXES
 
