@@ -5,8 +5,9 @@ max_model_len), so a later tool turn is never refused for length."""
 import torch
 
 from protocol.schemas import Completion
-from runtime.image_tokens import ImageTokens
+from runtime.image_tokens import ImageTokens, VideoShape
 from trainer_client.client import AlignClient
+from trainer_client.video import split_media
 
 # A never-sampled token's logit bias: finite, so that TRL's entropy (p * log p) stays 0 where -inf would make
 # it NaN; far below any real logit (its softmax weight is exactly 0 in float32), and still finite in float16
@@ -48,11 +49,14 @@ class Sampler:
         self.client = client  # None on every process but the main one
         self.images = image_tokens(trainer)
 
-    def unexpand(self, prompt_ids, images) -> list[int]:
-        """TRL's ids of a prompt (each of its `images` expanded by the processor) as the server takes them."""
-        if not images:
+    def unexpand(self, prompt_ids, media) -> list[int]:
+        """TRL's ids of a prompt (each of its `media`, images and `VideoFrames`, expanded by the processor) as
+        the server takes them."""
+        if not media:
             return list(prompt_ids)
-        return self.images.unexpand(prompt_ids, [image.size for image in images])
+        images, videos = split_media(media)
+        return self.images.unexpand(prompt_ids, [image.size for image in images],
+                                    [VideoShape(len(v), *v[0].size) for v in videos])
 
     def params(self, n: int) -> dict:
         """The sampling parameters as the trainer's mode sets them now, `n` completions per prompt, for a
@@ -90,8 +94,10 @@ class Sampler:
                 for i in rows:
                     out[i] = [empty] * n
                 continue
+            split = [split_media(images[i]) for i in rows]
             answer = self.client.generate(prompt_ids=[self.unexpand(prompts[i], images[i]) for i in rows],
-                                          images=[images[i] for i in rows],
+                                          images=[imgs for imgs, _ in split],
+                                          videos=[vids for _, vids in split] if any(v for _, v in split) else None,
                                           check=check, **{**params, "max_tokens": budget})
             for i, result in zip(rows, answer.results, strict=True):
                 out[i] = result.completions

@@ -87,8 +87,14 @@ def resolve_budget(processor, fps: float | None = None, max_frames: int | None =
     given = {k: v for k, v in dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels).items() if v is not None}
     budget = VideoBudget(**{**own, **given, "min_pixels": min(own["min_pixels"], given.get("max_pixels", own["max_pixels"]))},
                          total_pixels=total_pixels)
-    vp.size = type(vp.size)(shortest_edge=budget.min_pixels, longest_edge=budget.max_pixels)
+    size_frames_alike(processor, budget)
     return budget
+
+
+def size_frames_alike(processor, budget: VideoBudget) -> None:
+    """The processor's video frames sized within the budget's per-frame pixels, as the server's are."""
+    vp = processor.video_processor
+    vp.size = type(vp.size)(shortest_edge=budget.min_pixels, longest_edge=budget.max_pixels)
 
 
 def is_video_file(entries: Sequence[str]) -> bool:
@@ -226,8 +232,9 @@ def _decode(path: str, budget: VideoBudget, where: str) -> list[Image.Image]:
 
 def write_video(path: str | Path, frames: Sequence[Image.Image], fps: float = 4.0) -> None:
     """`frames` as an H.264 mp4 (yuv420p: even sizes) at `fps`: how tests and demos make real video files."""
-    import av
     from fractions import Fraction
+
+    import av
 
     width, height = frames[0].size
     with av.open(str(path), mode="w") as container:
