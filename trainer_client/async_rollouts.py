@@ -61,6 +61,7 @@ from trl.data_utils import prepare_multimodal_messages
 from trainer_client import trl_seam
 from trainer_client.agent_loop import Rollout, tool_loop_result
 from trainer_client.generation import ServerGeneration, log_oldest_turns, with_videos
+from trainer_client.sampler import generate
 from trainer_client.tools import environment_names, reset_environments, with_observation
 from trainer_client.video import VideoFrames
 from trainer_client.weight_pusher import MAX_REFUSALS, ServerMoved
@@ -276,8 +277,7 @@ class AsyncRollouts:
         """Worker: the groups of `request`, Completions, or with tools Rollouts (every turn done)."""
         if request.expanded is not None:
             return self._tool_rollouts(request)
-        out = self.client.generate(prompt_ids=request.prompt_ids, images=request.images, check=self._check_instance,
-                                   **request.sampling)
+        out = generate(self.client, request.prompt_ids, request.images, check=self._check_instance, **request.sampling)
         return [list(r.completions) for r in out.results]
 
     def _tool_rollouts(self, request: Request) -> list[list[Rollout]]:

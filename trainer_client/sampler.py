@@ -43,6 +43,14 @@ def sampled_vocabulary_only(model, never_sampled: list[int]) -> None:
     head.register_buffer("bias", bias, persistent=False)
 
 
+def generate(client: AlignClient, prompt_ids: list[list[int]], media: list[list], **kwargs):
+    """`client.generate` for prompts with one marker per image and per video, each prompt's `media` its images
+    and then its videos (`VideoFrames`)."""
+    split = [split_media(m) for m in media]
+    return client.generate(prompt_ids=prompt_ids, images=[images for images, _ in split],
+                           videos=[videos for _, videos in split] if any(v for _, v in split) else None, **kwargs)
+
+
 class Sampler:
     def __init__(self, trainer, client: AlignClient | None):
         self.trainer = trainer
@@ -94,11 +102,8 @@ class Sampler:
                 for i in rows:
                     out[i] = [empty] * n
                 continue
-            split = [split_media(images[i]) for i in rows]
-            answer = self.client.generate(prompt_ids=[self.unexpand(prompts[i], images[i]) for i in rows],
-                                          images=[imgs for imgs, _ in split],
-                                          videos=[vids for _, vids in split] if any(v for _, v in split) else None,
-                                          check=check, **{**params, "max_tokens": budget})
+            answer = generate(self.client, [self.unexpand(prompts[i], images[i]) for i in rows],
+                              [images[i] for i in rows], check=check, **{**params, "max_tokens": budget})
             for i, result in zip(rows, answer.results, strict=True):
                 out[i] = result.completions
         return [c for cs in out for c in cs]
