@@ -47,6 +47,16 @@ def without_video_parts(prompt: list[dict]) -> list[dict]:
             if isinstance(m.get("content"), list) else m for m in prompt]
 
 
+def _groups(rows: list[dict]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of copies of one row (TRL repeats a prompt num_generations times in a row)."""
+    out, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] is not rows[start] and rows[i] != rows[start]:
+            out.append((start, i))
+            start = i
+    return out
+
+
 class VideoTraining(trl_seam.VideoSeam):
     """Our side of `trl_seam.VideoSeam`, mixed into the GRPO trainers. `video_budget` is set when the run's
     data has videos (`set_video_budget`); `prompt_videos`: per prompt of the batch TRL last tokenized, its frames."""
@@ -75,17 +85,44 @@ class VideoTraining(trl_seam.VideoSeam):
         when no row has a video. A video file is decoded once per batch however many rows repeat it."""
         if self.video_budget is None or not any(row.get("videos") for row in inputs):
             return None
-        decoded: dict[tuple, VideoFrames] = {}
-        rows, videos = [], []
-        for row in inputs:
+        decoded: dict[tuple, VideoFrames | VideoError] = {}
+
+        def frames_of(row) -> list[VideoFrames]:
             where = f"dataset row {row['dataset_row']}" if row.get("dataset_row") is not None else "a dataset row"
-            frames = []
+            out = []
             for video in row.get("videos") or []:
                 if tuple(video) not in decoded:
-                    decoded[tuple(video)] = sample(video, self.video_budget, where)
-                frames.append(decoded[tuple(video)])
-            rows.append({**row, "prompt": with_frames(row["prompt"], frames)} if frames else row)
-            videos.append(frames)
+                    try:
+                        decoded[tuple(video)] = sample(video, self.video_budget, where)
+                    except VideoError as exc:
+                        decoded[tuple(video)] = exc
+                if isinstance(decoded[tuple(video)], VideoError):
+                    raise decoded[tuple(video)]
+                out.append(decoded[tuple(video)])
+            return out
+
+        groups = _groups(inputs)  # a row's num_generations copies stand together
+        good, skipped = {}, []
+        for start, _ in groups:
+            try:
+                good[start] = frames_of(inputs[start])
+            except VideoError as exc:  # the start-up check opened it; its frames are damaged past reading
+                skipped.append(str(exc))
+        if not good:
+            raise VideoError(f"no row of this batch has a readable video: {'; '.join(skipped)}")
+        rows, videos = [], []
+        for k, (start, stop) in enumerate(groups):
+            # a skipped row's group takes the next readable group's row: the batch keeps its size
+            source = start if start in good else next(s for s, _ in groups[k:] + groups[:k] if s in good)
+            frames = good[source]
+            row = inputs[source]
+            for _ in range(stop - start):
+                rows.append({**row, "prompt": with_frames(row["prompt"], frames)} if frames else row)
+                videos.append(frames)
+        for problem in skipped:
+            log.warning("%s: row skipped (counted in video/skipped_rows)", problem)
+        if self.model.training or skipped:
+            trl_seam.log_metric(self, "video/skipped_rows", float(len(skipped)))
         return rows, videos
 
     def tokenize_with_videos(self, tokenize, prompts: list) -> tuple:
