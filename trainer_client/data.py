@@ -310,7 +310,9 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
             values = value if image_col == "images" else ([] if value is None else [value])
             checked = [_check_image(v, root or Path("."), where) for v in values or []]
             if not encoded and image_col:
-                paths.append(checked if image_col == "images" else (checked[0] if checked else None))
+                # beside videos, every row's images as a list: TRL's processor call takes [] for a row
+                # without an image, not None (a batch of video and image rows)
+                paths.append(checked if image_col == "images" or video_col else (checked[0] if checked else None))
             prompt = _with_system(_as_messages(texts[prompt_col][k], "user", where, prompt_col), system_prompt)
             placeholders = _image_parts(prompt)
             if placeholders is not None and placeholders != len(checked):
@@ -336,8 +338,10 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
     if image_col and encoded:
         parts.append(raw.select_columns([image_col]))  # still the memory-mapped (or saved) encoded images
     elif image_col:
-        feature = datasets.List(datasets.Image()) if image_col == "images" else datasets.Image()
-        parts.append(datasets.Dataset.from_dict({image_col: paths}, features=datasets.Features({image_col: feature})))
+        listed = image_col == "images" or video_col
+        feature = datasets.List(datasets.Image()) if listed else datasets.Image()
+        name = "images" if listed else image_col
+        parts.append(datasets.Dataset.from_dict({name: paths}, features=datasets.Features({name: feature})))
     if video_col:
         parts.append(datasets.Dataset.from_dict({"videos": videos}, features=datasets.Features(
             {"videos": datasets.List(datasets.List(datasets.Value("string")))})))

@@ -155,6 +155,10 @@ def processor_for_trl(processor):
       (Gemma 3, Idefics3), the prompt got two, and GRPO's `token_type_ids` (Gemma 3 attends bidirectionally
       within each image by them) came one position longer than the prompt ids they are laid beside: every
       image block one position off.
+    - A batch whose rows hold images and rows that hold none (beside video or text rows): TRL hands the
+      processor a list per row (None or empty for a row without), which transformers refuses; the images go
+      as one flat list, which
+      the processor matches to the placeholders of the texts in order.
     - No `batch_num_images` (LLaVA-OneVision's): TRL hands every processor output to
       `_get_per_token_logps_and_entropies`, which has no such parameter (a TypeError whenever TRL computes the
       old logprobs). Without it the model reads each image as a prompt's only one, which it is: the family
@@ -168,6 +172,10 @@ def processor_for_trl(processor):
     cls = type(processor)
 
     def __call__(self, *args, text=None, **kwargs):
+        images = kwargs.get("images")
+        if isinstance(images, list) and any(i is None or i == [] for i in images):
+            # some rows without an image: one flat list, matched to the texts' placeholders in order
+            kwargs["images"] = [img for row in images for img in (row or [])] or None
         texts = [text] if isinstance(text, str) else text
         if bos is not None and texts and "add_special_tokens" not in kwargs and all(t.startswith(bos) for t in texts):
             kwargs["add_special_tokens"] = False

@@ -1,0 +1,212 @@
+"""GRPO/GSPO on video rows (tiny Qwen2-VL): the trainer samples each clip once, the server gets its frames
+once and then their hashes, and every step's rollouts are the trainer's own model token for token (the
+IS ratio asserted, not only logged). Mixed batches (video files, frame lists, an image row, a text row),
+server mode on both engines (sync and async) and none mode; the budgets' mismatch, a corrupt clip and a
+model without video refused in one line."""
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from examples.tiny_model import build
+from runtime.image_tokens import ImageTokens, VideoShape
+from runtime.torchvision_compat import load_processor
+from tests.test_train import changed, weights
+from tests.utils import ServerProcess, assert_rollouts_match, moving_dot, random_image
+from trainer_client.cli import run
+from trainer_client.video import VideoBudget, VideoError, probe, sample, write_video
+
+# The server's video budget (and so the trainer's): small frames keep the runs short.
+BUDGETS = {"videos_kwargs": {"min_pixels": 784, "max_pixels": 3136}}
+SERVE = ["--mm-processor-kwargs", json.dumps(BUDGETS)]
+QUESTION = "Which way does the dot move?"
+DIRECTIONS = ("left", "right", "up", "down")
+
+
+def parity_reward(completion_ids, **kwargs) -> list[float]:
+    return [float(ids[0] % 2) for ids in completion_ids]
+
+
+def write_rows(root: Path, rows: list[dict], name: str = "grpo.jsonl") -> Path:
+    path = root / name
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    """Four rows: two mp4 clips, one clip as frame images, one image row with no video; and the frames each
+    video gives at the run's budget (2 fps: 4 of the mp4s' 8 frames at 4 fps, all 4 of the frame list)."""
+    root = tmp_path_factory.mktemp("clips")
+    rows = []
+    for i, direction in enumerate(DIRECTIONS[:3]):
+        frames = moving_dot(8 if i < 2 else 4, direction, size=(56, 56), seed=i)
+        if i < 2:
+            write_video(root / f"clip{i}.mp4", frames, fps=4)
+            video = f"clip{i}.mp4"
+        else:
+            for k, frame in enumerate(frames):
+                frame.save(root / f"clip{i}_{k}.png")
+            video = [f"clip{i}_{k}.png" for k in range(len(frames))]
+        rows.append({"problem": QUESTION, "video": video, "solution": direction})
+    random_image(5, 56).save(root / "still.png")
+    rows.append({"problem": "What colour is it?", "video": None, "image": "still.png", "solution": "red"})
+    for row in rows[:3]:
+        row["image"] = None
+    write_rows(root, rows)
+    return root
+
+
+def grpo(model, dataset, out, *flags, method="grpo"):
+    return run([method, "--model", str(model), "--dataset", str(dataset), "--output_dir", str(out),
+                "--per_device_train_batch_size", "8", "--num_generations", "2", "--max_completion_length", "4",
+                "--learning_rate", "1e-2", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+                "--seed", "0", "--reward_funcs", "tests.test_video_train:parity_reward", *flags])
+
+
+def received(server: ServerProcess) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers()).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith(("align_images_received ", "align_image_bytes_received "))}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_vlm, log_dir):
+    server = ServerProcess(tiny_vlm, "transformers", log_dir=log_dir, extra=SERVE)
+    try:
+        yield server.wait_ready(600)
+    finally:
+        server.stop()
+
+
+# ---- the trainer's frames --------------------------------------------------------------------------
+
+def test_a_clip_is_sampled_at_the_budgets_fps_and_sized_within_its_pixels(tmp_path):
+    frames = moving_dot(8, "right", size=(176, 84), seed=3)  # 6 pixels a frame
+    write_video(tmp_path / "c.mp4", frames, fps=4)  # 2 s
+    two_fps = sample([str(tmp_path / "c.mp4")], VideoBudget(fps=2))
+    assert len(two_fps) == 4 and two_fps[0].size == (176, 84)
+    # every other frame of the clip (t = 0, 0.5, 1, 1.5 s), each nearest its original
+    def nearest(frame) -> int:
+        pixels = np.asarray(frame, dtype=np.float32)
+        return int(np.argmin([np.abs(pixels - np.asarray(f, dtype=np.float32)).mean() for f in frames]))
+
+    assert [nearest(f) for f in two_fps] == [0, 2, 4, 6]
+    thinned = sample([str(tmp_path / "c.mp4")], VideoBudget(fps=4, max_frames=5))
+    assert len(thinned) == 5
+    capped = sample([str(tmp_path / "c.mp4")], VideoBudget(fps=4, max_pixels=2000, min_pixels=100, total_pixels=8 * 1000))
+    assert len(capped) == 8 and capped[0].width * capped[0].height <= 1000
+    assert probe([str(tmp_path / "c.mp4")], VideoBudget(fps=2), "row 1") == 4
+
+
+def test_an_unreadable_clip_is_named_with_its_row(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(500))
+    with pytest.raises(VideoError, match=r"row 7: video file .*bad.mp4 cannot be read"):
+        probe([str(bad)], VideoBudget(), "row 7")
+
+
+def test_video_markers_unexpand_to_one_per_video(tiny_vlm):
+    processor = load_processor(tiny_vlm)
+    tokens = ImageTokens(processor, __import__("transformers").AutoConfig.from_pretrained(tiny_vlm), BUDGETS)
+    clip, image = moving_dot(4, "up", size=(56, 56)), random_image(1, 56)
+    text = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
+            f"{QUESTION}<|im_end|>\n")
+    ids = processor.tokenizer.encode(text, add_special_tokens=False)
+    expanded = processor(text=[text], images=[image], videos=[clip], add_special_tokens=False, **BUDGETS)["input_ids"][0]
+    shape = VideoShape(len(clip), *clip[0].size)
+    assert tokens.expand(ids, [image.size], [shape]) == list(expanded)
+    assert tokens.unexpand(list(expanded), [image.size], [shape]) == ids
+
+
+# ---- training on video rows ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rollouts", ["sync", "async"])
+def test_server_grpo_on_video_rows_is_token_exact_and_sends_each_frame_once(rollouts, tiny_vlm, clips, tmp_path,
+                                                                            served):
+    before = received(served)
+    flags = ["--async_rollouts", "true"] if rollouts == "async" else []
+    trainer = grpo(tiny_vlm, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "3", "--vllm-mode", "server",
+                   "--server-url", served.url, *flags)
+    checked = assert_rollouts_match(trainer.state.log_history)
+    assert len(checked) >= (1 if rollouts == "async" else 3)  # async: steps whose samples were all stale are left out
+    # every row in every step (4 prompts a step), so each clip was asked for three times: its frames
+    # crossed the wire the first time only (4 sampled frames per clip, and the image row's image)
+    after = received(served)
+    assert after["align_images_received"] - before["align_images_received"] == 3 * 4 + 1
+    logged = [e for e in trainer.state.log_history if "video/skipped_rows" in e]
+    assert logged and all(e["video/skipped_rows"] == 0 for e in logged)
+    if rollouts == "async":
+        assert sum(e.get("async/prefetch_hits", 0) for e in trainer.state.log_history) >= 1
+
+
+def test_gspo_in_none_mode_trains_the_vision_tower_on_video_rows(tiny_vlm, clips, tmp_path):
+    """Only the clips show the vision tower anything (the image row is dropped): its weights move only if
+    the forward saw them."""
+    rows = [json.loads(line) for line in (clips / "grpo.jsonl").read_text().splitlines()][:3]
+    for row in rows:
+        row.pop("image")
+        video = row["video"]
+        row["video"] = str(clips / video) if isinstance(video, str) else [str(clips / f) for f in video]
+    dataset = write_rows(tmp_path, rows)
+    trainer = grpo(tiny_vlm, dataset, tmp_path / "out", "--max_steps", "1", "--per_device_train_batch_size", "12",
+                   "--num_generations", "4", "--steps_per_generation", "1", "--vllm-mode", "none", method="gspo")
+    assert trainer.state.global_step == 1
+    moved = changed(weights(tiny_vlm), weights(tmp_path / "out"))
+    assert any(name.startswith(("visual.", "model.visual.")) for name in moved), moved[:5]
+
+
+def test_a_budget_unlike_the_servers_is_refused_naming_both(tiny_vlm, clips, tmp_path, served):
+    with pytest.raises(SystemExit, match=r"--video_max_pixels 12544 but http://127\.0\.0\.1:\d+ sizes video frames "
+                                         r"to max_pixels 3136"):
+        grpo(tiny_vlm, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "1", "--vllm-mode", "server",
+             "--server-url", served.url, "--video_max_pixels", "12544")
+    with pytest.raises(SystemExit, match=r"--video_max_frames 100000 but .* takes up to max_frames 768"):
+        grpo(tiny_vlm, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "1", "--vllm-mode", "server",
+             "--server-url", served.url, "--video_max_frames", "100000")
+
+
+def test_a_corrupt_clip_stops_the_run_at_the_data_check(tiny_vlm, clips, tmp_path, capsys):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(500))
+    rows = [{"problem": QUESTION, "video": str(clips / "clip0.mp4"), "solution": "left"},
+            {"problem": QUESTION, "video": "broken.mp4", "solution": "up"}]
+    with pytest.raises(SystemExit, match=r"bad dataset, nothing trained: .*grpo.jsonl row 2: video file "
+                                         r".*broken.mp4 cannot be read"):
+        grpo(tiny_vlm, write_rows(tmp_path, rows), tmp_path / "out", "--max_steps", "1", "--vllm-mode", "none")
+
+
+def test_a_clip_unreadable_mid_run_skips_its_row(tiny_vlm, clips, tmp_path):
+    """Opened by the start-up check, but its frames cannot be decoded: the row is skipped and counted, the
+    run goes on."""
+    frames = moving_dot(8, "down", size=(56, 56), seed=9)
+    write_video(tmp_path / "damaged.mp4", frames, fps=4)
+    data = bytearray((tmp_path / "damaged.mp4").read_bytes())
+    mdat = data.find(b"mdat") + 4
+    data[mdat:mdat + 2000] = bytes(2000)  # the coded frames zeroed, the container intact
+    (tmp_path / "damaged.mp4").write_bytes(bytes(data))
+    rows = [{"problem": QUESTION, "video": str(clips / "clip0.mp4"), "solution": "left"},
+            {"problem": QUESTION, "video": str(tmp_path / "damaged.mp4"), "solution": "down"}]
+    trainer = grpo(tiny_vlm, write_rows(tmp_path, rows), tmp_path / "out", "--max_steps", "1",
+                   "--per_device_train_batch_size", "4", "--vllm-mode", "none")
+    skipped = [e["video/skipped_rows"] for e in trainer.state.log_history if "video/skipped_rows" in e]
+    assert skipped == [1.0]
+
+
+def test_video_rows_for_a_model_without_video_are_refused(tmp_path_factory, clips, tmp_path):
+    qwen25 = build(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl", seed=0)
+    with pytest.raises(SystemExit, match=r"3 row\(s\) hold videos but --model .* takes none here: Qwen2.5-VL is "
+                                         r"served without video"):
+        grpo(qwen25, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "1", "--vllm-mode", "none")
+
+
+@pytest.mark.vllm
+def test_vllm_server_grpo_on_video_rows_is_token_exact(tiny_vlm, clips, tmp_path, vllm_vlm):
+    """The suite's vLLM server (the model's own video budget: each 56x56 frame scaled up to min_pixels)."""
+    from tests.test_weights import KEY
+
+    trainer = grpo(tiny_vlm, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "2", "--vllm-mode", "server",
+                   "--server-url", vllm_vlm.url, "--api_key", KEY)
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2
