@@ -19,7 +19,7 @@ from transformers import AutoConfig, TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from runtime import kv_cache
-from runtime.families import UnknownFamily, family_of
+from runtime.families import FAMILIES, UnknownFamily, family_of
 from runtime.image_tokens import ImageTokens
 from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
 from runtime.vllm_reload import retie_embeddings
@@ -38,6 +38,7 @@ from trainer_client.sampler import image_tokens, sampled_vocabulary_only
 from trainer_client.sft import AssistantTurnsCollator, environment_tools
 from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
 from trainer_client.trl_seam import GreedyEval, RestoresCheckpointWeights
+from trainer_client.video import VideoError, resolve_budget
 from trainer_client.weights import is_peft_model
 
 log = logging.getLogger(__name__)
@@ -275,10 +276,13 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
     dataset, eval_dataset = load_datasets(align, method)
     if method == "sft":
         collator = AssistantTurnsCollator(processor, tools + (environment_tools(environment) if environment else []),
-                                          assistant_only=config.assistant_only_loss, end_token_ids=eos_token_ids(align.model))
+                                          assistant_only=config.assistant_only_loss, end_token_ids=eos_token_ids(align.model),
+                                          video_budget=sft_video_budget(align, processor, family, dataset, eval_dataset))
         # TRL's own masking off (it refuses vision datasets before transformers 5.18): the collator masks.
         trl_config = copy.copy(config)
         trl_config.assistant_only_loss = False
+        # The collator reads every column the SFT rows keep; TRL's vision signature would drop `videos`.
+        trl_config.remove_unused_columns = False
         return SFTRunTrainer(model=align.model, args=trl_config, train_dataset=dataset, eval_dataset=eval_dataset,
                              processing_class=processor, data_collator=collator, peft_config=peft_config)
     if method == "mpo":
@@ -305,6 +309,29 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
     return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport,
                              server_timeout=align.server_timeout, servers=len(align.server_url),
                              lora_sync=align.lora_sync)
+
+
+def sft_video_budget(align: AlignArguments, processor, family, *datasets_):
+    """The video budget SFT samples with (`--video_*` flags, else the model's video processor's own), None
+    without video rows. Video rows for a model that takes no video are refused in one line."""
+    rows = sum(sum(1 for videos in d["videos"] if videos) for d in datasets_ if d is not None and "videos" in d.column_names)
+    if not rows:
+        return None
+    if getattr(processor, "video_processor", None) is None or getattr(processor, "video_token", None) is None:
+        problem = "its processor takes no video"
+    elif family is None or not family.video:
+        problem = (f"{family.name if family else 'its family'} trains without video here (video is trained and served "
+                   f"for {', '.join(f.name for f in FAMILIES if f.video)})")
+    else:
+        problem = None
+    if problem:
+        raise SystemExit(f"align-train: the dataset has {rows} video row(s) but --model {align.model} takes none: "
+                         f"{problem}")
+    try:
+        return resolve_budget(processor, align.video_fps, align.video_max_frames, align.video_max_pixels,
+                              align.video_total_pixels)
+    except VideoError as exc:
+        raise SystemExit(f"align-train: {exc}") from None
 
 
 def resume_arg(config) -> str | bool | None:
