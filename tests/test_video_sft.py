@@ -148,3 +148,9 @@ def test_video_rows_for_a_model_without_video_are_refused(arch, why, clips, tmp_
                         *FLAGS])
     assert message.startswith(f"align-train: the dataset has 2 video row(s) but --model {model} takes none: "), message
     assert re.search(why, message), message
+
+
+def test_a_bad_video_budget_is_refused_in_one_line(tiny_vlm, rows, tmp_path):
+    message = _refusal(["sft", "--model", str(tiny_vlm), "--dataset", str(rows), "--output_dir", str(tmp_path / "out"),
+                        "--video_fps", "0", *FLAGS])
+    assert message == "align-train: video budget fps must be positive, got 0.0", message

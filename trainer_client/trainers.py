@@ -311,10 +311,10 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
                              lora_sync=align.lora_sync)
 
 
-def sft_video_budget(align: AlignArguments, processor, family, *datasets_):
+def sft_video_budget(align: AlignArguments, processor, family, *splits):
     """The video budget SFT samples with (`--video_*` flags, else the model's video processor's own), None
     without video rows. Video rows for a model that takes no video are refused in one line."""
-    rows = sum(sum(1 for videos in d["videos"] if videos) for d in datasets_ if d is not None and "videos" in d.column_names)
+    rows = sum(sum(1 for videos in d["videos"] if videos) for d in splits if d is not None and "videos" in d.column_names)
     if not rows:
         return None
     if getattr(processor, "video_processor", None) is None or getattr(processor, "video_token", None) is None:
