@@ -197,8 +197,8 @@ def test_a_clip_unreadable_mid_run_skips_its_row(tiny_vlm, clips, tmp_path):
 
 def test_video_rows_for_a_model_without_video_are_refused(tmp_path_factory, clips, tmp_path):
     qwen25 = build(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl", seed=0)
-    with pytest.raises(SystemExit, match=r"3 row\(s\) hold videos but --model .* takes none here: Qwen2.5-VL is "
-                                         r"served without video"):
+    with pytest.raises(SystemExit, match=r"the dataset has 3 video row\(s\) but --model .* takes none: Qwen2.5-VL "
+                                         r"trains without video here"):
         grpo(qwen25, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "1", "--vllm-mode", "none")
 
 

@@ -14,25 +14,36 @@ import json
 
 from trl.data_utils import prepare_multimodal_messages
 
+from trainer_client.video import VideoBudget, sample
+
 
 class AssistantTurnsCollator:
-    """Rows (`messages` as JSON, `images`) -> the processor's batch plus `labels`: the assistant's tokens,
-    -100 elsewhere (system, user, tool turns, images, padding). `tools` (callables) are rendered in
-    the prompt as TRL's GRPO renders them, so a warm-up on traces sees the prompts GRPO will send."""
+    """Rows (`messages` as JSON, `images`, optionally `videos`) -> the processor's batch plus `labels`: the
+    assistant's tokens, -100 elsewhere (system, user, tool turns, images, videos, padding). `tools`
+    (callables) are rendered in the prompt as TRL's GRPO renders them, so a warm-up on traces sees the
+    prompts GRPO will send. Each video is sampled into frames (`video.sample`, the run's `video_budget`)
+    when its row is collated; the processor expands them (`pixel_values_videos`, `video_grid_thw`)."""
 
-    def __init__(self, processor, tools: list, assistant_only: bool = True, end_token_ids: list[int] | None = None):
+    def __init__(self, processor, tools: list, assistant_only: bool = True, end_token_ids: list[int] | None = None,
+                 video_budget: VideoBudget | None = None):
         """`end_token_ids`: the tokens that end an assistant turn (the model's generation eos ids; Gemma 3's turn
-        ends with `<end_of_turn>`, not its tokenizer's `<eos>`); default: the tokenizer's eos."""
+        ends with `<end_of_turn>`, not its tokenizer's `<eos>`); default: the tokenizer's eos. `video_budget`:
+        the run's (`video.resolve_budget`), needed when rows carry videos."""
         self.processor, self.tools, self.assistant_only = processor, tools or None, assistant_only
         self.ends = set(end_token_ids or []) | {processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)}
+        self.video_budget = video_budget
 
     def _render(self, conversations: list[list[dict]], generation_prompt: bool = False) -> dict:
+        # The processor takes each image and video part's payload, in order, as it renders the text: prefix
+        # renders expand videos exactly as the whole conversation's.
         return self.processor.apply_chat_template(
             conversations, tools=self.tools, add_generation_prompt=generation_prompt, tokenize=True,
             return_dict=True, return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "right"})
 
     def __call__(self, rows: list[dict]) -> dict:
-        conversations = [with_images(json.loads(r["messages"]), r["images"]) for r in rows]
+        conversations = [with_media(json.loads(r["messages"]), r["images"],
+                                    [sample(v, self.video_budget, "SFT batch") for v in r.get("videos") or []])
+                         for r in rows]
         batch = self._render(conversations)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = ids.clone()
@@ -75,18 +86,27 @@ class AssistantTurnsCollator:
         return start
 
 
-def with_images(messages: list[dict], images: list) -> list[dict]:
-    """The row's images in its image parts, in order, tool messages' included (TRL's
-    `prepare_multimodal_messages` leaves those to the tool loop, which fills them itself, and would
-    turn an empty assistant content into a text part, which the template renders as a newline before a
-    tool call the model never sampled). Text-only messages get the images before the first user
-    message's text, as TRL's rows do."""
+def with_media(messages: list[dict], images: list, videos: list | None = None) -> list[dict]:
+    """The row's images in its image parts and its videos (sampled frames) in its video parts, each in
+    order, tool messages' included (TRL's `prepare_multimodal_messages` leaves those to the tool loop,
+    which fills them itself, and would turn an empty assistant content into a text part, which the
+    template renders as a newline before a tool call the model never sampled). Text-only messages get
+    the images, then the videos, before the first user message's text, as TRL's rows get images."""
+    videos = videos or []
     if all(isinstance(m.get("content"), str) or m.get("content") is None for m in messages):
-        return prepare_multimodal_messages(messages, images=images)
-    pending = iter(images)
+        filled = prepare_multimodal_messages(messages, images=images)
+        if videos:
+            k = next(i for i, m in enumerate(filled) if m["role"] == "user")
+            parts = filled[k]["content"]
+            at = next(i for i, p in enumerate(parts) if p.get("type") == "text")
+            filled[k] = {**filled[k], "content": [*parts[:at], *({"type": "video", "video": v} for v in videos),
+                                                  *parts[at:]]}
+        return filled
+    pending = {"image": iter(images), "video": iter(videos)}
     # a non-empty text as a part too, as TRL hands templates every text (Idefics3's and LLaVA-OneVision's
     # render a plain string as nothing)
-    filled = [{**m, "content": [{**p, "image": next(pending)} if p.get("type") == "image" else p for p in m["content"]]}
+    filled = [{**m, "content": [{**p, p["type"]: next(pending[p["type"]])} if p.get("type") in pending else p
+                                for p in m["content"]]}
               if isinstance(m.get("content"), list) else
               {**m, "content": [{"type": "text", "text": m["content"]}]} if m.get("content") else m for m in messages]
     return filled

@@ -19,7 +19,7 @@ from transformers import AutoConfig, TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from runtime import kv_cache
-from runtime.families import UnknownFamily, family_of
+from runtime.families import FAMILIES, UnknownFamily, family_of
 from runtime.image_tokens import ImageTokens
 from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
 from runtime.vllm_reload import retie_embeddings
@@ -38,7 +38,7 @@ from trainer_client.sampler import image_tokens, sampled_vocabulary_only
 from trainer_client.sft import AssistantTurnsCollator, environment_tools
 from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
 from trainer_client.trl_seam import GreedyEval, RestoresCheckpointWeights
-from trainer_client.video import size_frames_alike
+from trainer_client.video import VideoError, resolve_budget, size_frames_alike
 from trainer_client.video_training import VideoTraining
 from trainer_client.weights import is_peft_model
 
@@ -288,10 +288,13 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
     dataset, eval_dataset = load_datasets(align, method)
     if method == "sft":
         collator = AssistantTurnsCollator(processor, tools + (environment_tools(environment) if environment else []),
-                                          assistant_only=config.assistant_only_loss, end_token_ids=eos_token_ids(align.model))
+                                          assistant_only=config.assistant_only_loss, end_token_ids=eos_token_ids(align.model),
+                                          video_budget=sft_video_budget(align, processor, family, dataset, eval_dataset))
         # TRL's own masking off (it refuses vision datasets before transformers 5.18): the collator masks.
         trl_config = copy.copy(config)
         trl_config.assistant_only_loss = False
+        # The collator reads every column the SFT rows keep; TRL's vision signature would drop `videos`.
+        trl_config.remove_unused_columns = False
         return SFTRunTrainer(model=align.model, args=trl_config, train_dataset=dataset, eval_dataset=eval_dataset,
                              processing_class=processor, data_collator=collator, peft_config=peft_config)
     if method == "mpo":
@@ -303,7 +306,7 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
         check_reward_columns(align.reward_funcs, rewards, eval_dataset.column_names,
                              align.eval_dataset or f"{align.dataset_name} [{align.dataset_test_split}]")
     mode = config.vllm_mode
-    video = video_flags(align, family, dataset, eval_dataset, mode)
+    video = video_flags(align, processor, family, mode, dataset, eval_dataset)
     # A copy, not dataclasses.replace: re-running __post_init__ rejects the batch sizes it derived itself.
     trl_config = copy.copy(config)
     trl_config.use_vllm = mode == "colocate"
@@ -321,21 +324,39 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
                              lora_sync=align.lora_sync, video=video)
 
 
-def video_flags(align: AlignArguments, family, dataset, eval_dataset, mode: str) -> dict | None:
+def video_flags(align: AlignArguments, processor, family, mode: str | None, *splits) -> dict | None:
     """align-train's --video_* flags when the data has videos (None when it has none); a model or mode that
     cannot train on them is refused here, in one line."""
-    rows = sum(sum(1 for v in d["videos"] if v) for d in (dataset, eval_dataset)
-               if d is not None and "videos" in d.column_names)
+    rows = sum(sum(1 for videos in d["videos"] if videos) for d in splits if d is not None and "videos" in d.column_names)
     if not rows:
         return None
-    if family is None or not family.video:
-        why = family.video_refusal() if family is not None else "its family is not one we serve video for"
-        raise SystemExit(f"align-train: {rows} row(s) hold videos but --model {align.model} takes none here: {why}")
+    if getattr(processor, "video_processor", None) is None or getattr(processor, "video_token", None) is None:
+        problem = "its processor takes no video"
+    elif family is None or not family.video:
+        problem = (f"{family.name if family else 'its family'} trains without video here (video is trained and served "
+                   f"for {', '.join(f.name for f in FAMILIES if f.video)})")
+    else:
+        problem = None
+    if problem:
+        raise SystemExit(f"align-train: the dataset has {rows} video row(s) but --model {align.model} takes none: "
+                         f"{problem}")
     if mode == "colocate":
-        raise SystemExit(f"align-train: {rows} row(s) hold videos, which --vllm-mode colocate does not generate from "
-                         "yet; use --vllm-mode server (align-serve takes videos) or none")
+        raise SystemExit(f"align-train: the dataset has {rows} video row(s), which --vllm-mode colocate does not "
+                         "generate from yet; use --vllm-mode server (align-serve takes videos) or none")
     return dict(fps=align.video_fps, max_frames=align.video_max_frames, max_pixels=align.video_max_pixels,
                 total_pixels=align.video_total_pixels)
+
+
+def sft_video_budget(align: AlignArguments, processor, family, *splits):
+    """The video budget SFT samples with (`--video_*` flags, else the model's video processor's own), None
+    without video rows."""
+    flags = video_flags(align, processor, family, None, *splits)
+    if flags is None:
+        return None
+    try:
+        return resolve_budget(processor, **flags)
+    except VideoError as exc:
+        raise SystemExit(f"align-train: {exc}") from None
 
 
 def resume_arg(config) -> str | bool | None:
