@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from examples.tiny_model import build
 from runtime.image_tokens import ImageTokens, VideoShape
@@ -222,3 +223,69 @@ def test_colocate_grpo_on_video_rows_is_token_exact(tiny_vlm, clips, tmp_path):
     llm = trainer.vllm_generation.llm
     assert llm.llm_engine.vllm_config.model_config.multimodal_config.mm_processor_kwargs == {
         "videos_kwargs": {"min_pixels": 3136, "max_pixels": 3136}}
+
+
+# ---- a tool that returns a video -------------------------------------------------------------------
+REPLAY_QUESTION = "Replay the clip: which way does the dot move?"
+REPLAY_CALL = '<tool_call>\n{"name": "replay", "arguments": {"start": 0, "end": 1}}\n</tool_call>'
+
+
+def replay(start: float, end: float) -> list:
+    """Replay the clip between two times
+
+    Args:
+        start: the first second
+        end: the last second
+    """
+    return [{"type": "video", "video": moving_dot(6, "left", size=(56, 56), seed=11)},
+            {"type": "text", "text": f"replayed {start}-{end} s"}]
+
+
+def build_replay_model(out: Path) -> Path:
+    """A tiny Qwen2-VL with a tool-calling chat template (Qwen3-VL's, which renders video parts as Qwen2-VL's
+    own) taught to answer REPLAY_QUESTION by calling `replay`, with the test's small frame budget."""
+    from transformers import AutoModelForImageTextToText
+
+    from examples.tiny_models.qwen import TOOLS_CHAT_TEMPLATE, TOOLS_RESPONSE_TEMPLATE
+    from tests.tool_model import fit
+
+    build(out, "qwen2_vl", seed=0)
+    processor = load_processor(out)
+    processor.chat_template = processor.tokenizer.chat_template = TOOLS_CHAT_TEMPLATE
+    processor.tokenizer.response_template = TOOLS_RESPONSE_TEMPLATE
+    vp = processor.video_processor
+    vp.size = type(vp.size)(shortest_edge=784, longest_edge=3136)
+    processor.save_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    question = [{"role": "user", "content": [{"type": "text", "text": REPLAY_QUESTION}]}]
+    prompt = processor.apply_chat_template(question, tools=[replay], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template([*question, {"role": "assistant", "content": REPLAY_CALL}], tools=[replay],
+                                           tokenize=True, return_dict=True, return_tensors="pt")
+    labels = inputs["input_ids"].clone()
+    labels[:, :prompt["input_ids"].shape[1]] = -100
+    loss = fit(model, inputs, labels, 400, stop_below=0.01)
+    assert loss < 0.05, loss
+    model.save_pretrained(out)
+    return out
+
+
+def test_a_tool_that_returns_a_video_is_seen_by_the_next_turn_token_exact(tmp_path_factory, tmp_path, log_dir):
+    model = build_replay_model(tmp_path_factory.mktemp("replay_qwen2_vl"))
+    # a text row: the only video is the one the tool returns (the run's budget comes from the server)
+    dataset = write_rows(tmp_path, [{"problem": REPLAY_QUESTION, "solution": "left"}])
+    server = ServerProcess(model, "transformers", log_dir=log_dir, extra=SERVE).wait_ready(600)
+    try:
+        trainer = grpo(model, dataset, tmp_path / "out", "--max_steps", "1", "--per_device_train_batch_size", "2",
+                       "--max_completion_length", "160", "--temperature", "0.1", "--tools",
+                       "tests.test_video_train:replay",
+                       "--vllm-mode", "server", "--server-url", server.url)
+        sent = received(server)["align_images_received"]
+    finally:
+        server.stop()
+    step = next(e for e in trainer.state.log_history if "loss" in e)
+    assert step["tools/calls_per_sample"] >= 1 and step["tools/failure_frequency"] == 0
+    assert_rollouts_match(trainer.state.log_history)  # the turn after the tool's video: the trainer's logprobs
+    # the tool's 6 frames: once per trajectory at most (the group's two run at once, so each may inline them
+    # before the other's answer says the server holds them); any later turn names them by hash
+    assert sent in (6, 12)

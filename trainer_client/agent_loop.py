@@ -42,6 +42,7 @@ from trl.chat_template_utils import parse_response
 from protocol.schemas import Completion
 from trainer_client import trl_seam
 from trainer_client.tools import environment_tools
+from trainer_client.video import sample, size_frames_alike
 from trainer_client.weight_pusher import ServerMoved
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,11 @@ class AgentLoop:
             messages, images = [], []
             for name, result in results:
                 content = result if isinstance(result, list) else str(result)
-                messages.append({"role": "tool", "name": name, "content": content})
                 if isinstance(content, list):
-                    images += [p["image"] for p in content if isinstance(p, dict) and p.get("type") == "image"]
+                    content = [self._tool_video(name, p) if isinstance(p, dict) and p.get("type") == "video" else p
+                               for p in content]
+                    images += [p[p["type"]] for p in content if isinstance(p, dict) and p.get("type") in ("image", "video")]
+                messages.append({"role": "tool", "name": name, "content": content})
             with self._processing:
                 suffix = trl_seam.tool_suffix_ids(self.trainer, self.processor, messages)
             ids = s.prompt_ids + r.completion_ids + suffix
@@ -182,6 +185,18 @@ class AgentLoop:
                 r.messages.append(parsed)
             tool_calls, turn = parsed.get("tool_calls"), turn + 1
         return r
+
+    def _tool_video(self, name: str, part: dict) -> dict:
+        """A tool result's video part (its `video`: a file path or a list of frames) with the frames the run's
+        video budget samples from it, the processor that renders the tool turn sized alike."""
+        budget = getattr(self.trainer, "video_budget", None)
+        if budget is None:
+            raise RuntimeError(f"tool {name} returned a video, but this run samples none: the model takes no video "
+                               "here (docs/video.md)")
+        video = part.get("video")
+        with self._processing:
+            size_frames_alike(self.processor, budget)
+        return {**part, "video": sample([video] if isinstance(video, str) else list(video), budget, f"tool {name}")}
 
     def _parse_first(self, ids, s: _Sample) -> dict:
         """A first turn as TRL decodes it: with tool calls parsed where the tokenizer can."""

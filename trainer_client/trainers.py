@@ -97,7 +97,8 @@ class ServerGRPOTrainer(VideoTraining, DynamicSampling, LossForwardImportanceSam
             if client is not None:
                 self.set_video_budget(video, client.info(), client.base_urls[0])
             self.video_budget = broadcast_object_list([self.video_budget], from_process=0)[0]
-            size_frames_alike(self.processing_class, self.video_budget)
+            if self.video_budget is not None:
+                size_frames_alike(self.processing_class, self.video_budget)
         self.add_callback(PushWeightsCallback(generation))
         lora = ("adapter" if generation.pusher.adapter_sync else "merged") if is_peft_model(
             self.accelerator.unwrap_model(self.model)) else None
@@ -169,7 +170,7 @@ class ColocateGRPOTrainer(VideoTraining, RolloutHealth, GreedyEvalGRPOTrainer):
         budget = None
         if video is not None:
             try:
-                budget = resolve_budget(kwargs["processing_class"], **video)
+                budget = resolve_budget(kwargs["processing_class"], **{k: v for k, v in video.items() if k != "rows"})
             except VideoError as exc:
                 raise SystemExit(f"align-train: {exc}") from None
         with trl_seam.colocated_vllm_built_by(functools.partial(_colocated_llm, kv_cache_size, budget)):
@@ -341,7 +342,7 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
         check_reward_columns(align.reward_funcs, rewards, eval_dataset.column_names,
                              align.eval_dataset or f"{align.dataset_name} [{align.dataset_test_split}]")
     mode = config.vllm_mode
-    video = video_flags(align, processor, family, dataset, eval_dataset)
+    video = video_flags(align, processor, family, dataset, eval_dataset, tools=bool(tools or environment))
     # A copy, not dataclasses.replace: re-running __post_init__ rejects the batch sizes it derived itself.
     trl_config = copy.copy(config)
     trl_config.use_vllm = mode == "colocate"
@@ -359,12 +360,15 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
                              lora_sync=align.lora_sync, video=video)
 
 
-def video_flags(align: AlignArguments, processor, family, *splits) -> dict | None:
-    """align-train's --video_* flags when the data has videos (None when it has none); a model that cannot
-    train on them is refused here, in one line."""
+def video_flags(align: AlignArguments, processor, family, *splits, tools: bool = False) -> dict | None:
+    """align-train's --video_* flags when the data has videos, or tools (which may return videos) for a model
+    that takes them; None otherwise. Video rows for a model that cannot train on them are refused here, in one
+    line."""
     rows = sum(sum(1 for videos in d["videos"] if videos) for d in splits if d is not None and "videos" in d.column_names)
+    takes_video = (getattr(processor, "video_processor", None) is not None
+                   and getattr(processor, "video_token", None) is not None and family is not None and family.video)
     if not rows:
-        return None
+        return {**video_budget_flags(align), "rows": 0} if tools and takes_video else None
     if getattr(processor, "video_processor", None) is None or getattr(processor, "video_token", None) is None:
         problem = "its processor takes no video"
     elif family is None or not family.video:
@@ -375,6 +379,11 @@ def video_flags(align: AlignArguments, processor, family, *splits) -> dict | Non
     if problem:
         raise SystemExit(f"align-train: the dataset has {rows} video row(s) but --model {align.model} takes none: "
                          f"{problem}")
+    return {**video_budget_flags(align), "rows": rows}
+
+
+def video_budget_flags(align: AlignArguments) -> dict:
+    """The --video_* flags by `resolve_budget`'s names."""
     return dict(fps=align.video_fps, max_frames=align.video_max_frames, max_pixels=align.video_max_pixels,
                 total_pixels=align.video_total_pixels)
 
@@ -386,7 +395,7 @@ def sft_video_budget(align: AlignArguments, processor, family, *splits):
     if flags is None:
         return None
     try:
-        return resolve_budget(processor, **flags)
+        return resolve_budget(processor, **video_budget_flags(align))
     except VideoError as exc:
         raise SystemExit(f"align-train: {exc}") from None
 

@@ -66,11 +66,17 @@ class VideoTraining(trl_seam.VideoSeam):
     _video_tokens = None
 
     def set_video_budget(self, flags: dict, info=None, server_name: str = "the server") -> None:
-        """The run's video budget from align-train's --video_* `flags`, checked against the server's /v1/info
-        (`info`; None without a server). Refusals end the run in one line."""
+        """The run's video budget from align-train's --video_* `flags` (and `rows`: the data's video rows; 0 when
+        only tools may return videos), checked against the server's /v1/info (`info`; None without a server).
+        Refusals end the run in one line."""
+        flags = dict(flags)
+        rows = flags.pop("rows")
         if info is not None and not info.limits.max_videos_per_prompt:
-            raise SystemExit(f"align-train: the data has videos but {server_name} serves {info.model} without video "
-                             "(limits.max_videos_per_prompt 0; its start log says why)")
+            if not rows:
+                log.info("%s serves no video: a tool that returns one stops the run", server_name)
+                return
+            raise SystemExit(f"align-train: the dataset has {rows} video row(s) but {server_name} serves {info.model} "
+                             "without video (limits.max_videos_per_prompt 0; its start log says why)")
         try:
             self.video_budget = resolve_budget(self.processing_class, **flags, server=info and info.video_budgets,
                                                server_name=server_name)
@@ -83,8 +89,10 @@ class VideoTraining(trl_seam.VideoSeam):
     def rows_with_frames(self, inputs: list[dict]) -> tuple[list[dict], list[list[VideoFrames]]] | None:
         """`inputs` with each row's videos sampled into its prompt's video parts, and per row its frames; None
         when no row has a video. A video file is decoded once per batch however many rows repeat it."""
-        if self.video_budget is None or not any(row.get("videos") for row in inputs):
+        if self.video_budget is None:
             return None
+        if not any(row.get("videos") for row in inputs):
+            return inputs, [[] for _ in inputs]  # tools may still return videos (`tool_loop`)
         decoded: dict[tuple, VideoFrames | VideoError] = {}
 
         def frames_of(row) -> list[VideoFrames]:
@@ -124,6 +132,21 @@ class VideoTraining(trl_seam.VideoSeam):
         if self.model.training or skipped:
             trl_seam.log_metric(self, "video/skipped_rows", float(len(skipped)))
         return rows, videos
+
+    def tool_loop(self, prompt_ids, completion_ids, run_trl_loop) -> trl_seam.ToolLoopResult:
+        """The tool loop's result with the videos tools returned (server mode's agent loop samples them) moved
+        from its tool images to each sample's videos, which the forward reads after the row's own."""
+        out = super().tool_loop(prompt_ids, completion_ids, run_trl_loop)
+        returned = [[m for m in media if isinstance(m, VideoFrames)] for media in out.tool_images]
+        if not any(returned):
+            return out
+        if self._forward_videos is None:
+            raise RuntimeError("a tool returned a video, which this run does not train on (a model with video, "
+                               "--vllm-mode server)")
+        for i, videos in enumerate(returned):
+            self._forward_videos[i] = self._forward_videos[i] + videos  # a new list: copies of a row share theirs
+        return out._replace(tool_images=[[m for m in media if not isinstance(m, VideoFrames)]
+                                         for media in out.tool_images])
 
     def tokenize_with_videos(self, tokenize, prompts: list) -> tuple:
         """TRL's `_tokenize_prompts` result for `prompts` (`tokenize`, given the prompts without frames) with
