@@ -289,3 +289,30 @@ def test_a_tool_that_returns_a_video_is_seen_by_the_next_turn_token_exact(tmp_pa
     # the tool's 6 frames: once per trajectory at most (the group's two run at once, so each may inline them
     # before the other's answer says the server holds them); any later turn names them by hash
     assert sent in (6, 12)
+
+
+def test_a_hub_video_dataset_trains_by_id_from_the_offline_cache(tiny_vlm, tmp_path):
+    """A video dataset as the hub holds one (docs/video.md): parquet rows under data/ naming clips under
+    videos/ by paths relative to the repo, read from the Hugging Face cache offline by its id."""
+    from datasets import Dataset
+
+    from tests.test_hub import REPO, _cli, offline
+    from tests.utils import cache_as_hub
+
+    repo = tmp_path / "dots"
+    (repo / "videos").mkdir(parents=True)
+    (repo / "data").mkdir()
+    rows = []
+    for i, direction in enumerate(DIRECTIONS):
+        write_video(repo / "videos" / f"{i:04d}.mp4", moving_dot(8, direction, size=(56, 56), seed=i), fps=4)
+        rows.append({"video": f"videos/{i:04d}.mp4", "problem": QUESTION, "solution": direction})
+    Dataset.from_list(rows).to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+    home = tmp_path / "hf_home"
+    cache_as_hub(tiny_vlm, home, REPO)
+    cache_as_hub(repo, home, "tiny-org/dots", "dataset")
+    run = _cli("trainer_client.cli", "grpo", "--model_name_or_path", REPO, "--dataset_name", "tiny-org/dots",
+               "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", "--num_generations", "2",
+               "--max_completion_length", "4", "--max_steps", "1", "--video_max_pixels", "3136", "--report_to", "none",
+               "--disable_tqdm", "true", "--vllm-mode", "none", env=offline(home))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "1 steps, model saved to" in run.stdout or "1 step, model saved to" in run.stdout, run.stdout[-2000:]

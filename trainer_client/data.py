@@ -145,6 +145,18 @@ def load_named(name: str, config: str | None) -> datasets.DatasetDict:
         raise DatasetError(f"dataset {name!r}: {exc}") from None
 
 
+def hub_snapshot(name: str) -> Path | None:
+    """The hub dataset's folder in the Hugging Face cache, which its rows' relative file paths (videos beside
+    the data files, as video datasets ship them) are read from; None when the cache holds no snapshot of it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+
+
 def _as_messages(value, role: str, where: str, column: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
@@ -214,7 +226,10 @@ def _videos(value, column: str, root: Path, where: str) -> list[list[str]]:
         try:
             probe(entries, _PROBE, where)
         except VideoError as exc:
-            raise DatasetError(str(exc)) from None
+            missing = "does not exist" in str(exc) and not Path(str(video if isinstance(video, str) else video[0])).is_absolute()
+            hint = (f" (relative paths are read from {root}; a hub dataset's videos come with the whole repo: "
+                    "hf download --repo-type dataset NAME)") if missing else ""
+            raise DatasetError(f"{exc}{hint}") from None
         out.append(entries)
     return out
 
@@ -443,7 +458,7 @@ def load_datasets(align, method: str) -> tuple[datasets.Dataset, datasets.Datase
         raise DatasetError(f"dataset {align.dataset_name!r} has no split {align.dataset_train_split!r} "
                            f"(has {', '.join(splits)}); see --dataset_train_split")
     local = Path(align.dataset_name)
-    root = local if local.is_dir() else None
+    root = local if local.is_dir() else hub_snapshot(align.dataset_name)
 
     def one(split: str) -> datasets.Dataset:
         return prepare(splits[split], method, f"{align.dataset_name} [{split}]", root, align.system_prompt,
