@@ -12,8 +12,7 @@ of earlier turns included), but for the text an expansion joins, which is tokeni
 
 Videos, for a family that takes them (`Family.video`), go the same way: one marker per video (the
 processor's `video_token`), whose expansion the video processor gives for the video's shape (frames,
-width, height), learnt from a blank video of that shape. `unexpand` takes images only: the trainer's
-video path is not built yet.
+width, height), learnt from a blank video of that shape, spliced in and taken out alike.
 """
 
 import threading
@@ -151,6 +150,17 @@ class ImageTokens:
             return self._expand(ids, {self.marker_id: iter([self.span(tuple(s)) for s in sizes]),
                                       self.video_marker_id: iter([self.video_span(VideoShape(*v)) for v in videos])})
 
+    def expand_videos(self, ids: Sequence[int], videos: Sequence[VideoShape]) -> list[int]:
+        """`ids` with each video marker replaced by its video's expansion, images left as they are (ids the
+        processor expanded images in, rendered from video parts it was given no frames for)."""
+        if self.video_marker_id is None:
+            raise ValueError(f"{self.family.name} is served without video here")
+        found = sum(1 for t in ids if t == self.video_marker_id)
+        if found != len(videos):
+            raise ValueError(f"{found} video markers ({self.video_marker}) for {len(videos)} videos")
+        with self._lock:
+            return self._expand(ids, {self.video_marker_id: iter([self.video_span(VideoShape(*v)) for v in videos])})
+
     def _expand(self, ids: Sequence[int], spans: dict[int, Iterator[Span]]) -> list[int]:
         pieces: list[int | str] = []  # ids as they are, or text tokenized with the text next to it
         for t in ids:
@@ -171,19 +181,25 @@ class ImageTokens:
                 out.append(piece)
         return out
 
-    def unexpand(self, ids: Sequence[int], sizes: Sequence[tuple[int, int]]) -> list[int]:
-        """The processor's ids (each image expanded; `sizes`: each image's, in order) with one marker per
-        image, as the chat template renders them: the inverse of `expand`."""
+    def unexpand(self, ids: Sequence[int], sizes: Sequence[tuple[int, int]],
+                 videos: Sequence[VideoShape] = ()) -> list[int]:
+        """The processor's ids (each image expanded, `sizes`: each image's, in order; each video expanded,
+        `videos`: each one's shape, in order) with one marker per image and per video, as the chat template
+        renders them: the inverse of `expand`."""
+        if videos and self.video_marker_id is None:
+            raise ValueError(f"{self.family.name} is served without video here")
         with self._lock:
-            return self._unexpand(ids, sizes)
+            out = self._unexpand(ids, [(self.span(tuple(s)), f"a {s[0]}x{s[1]} image") for s in sizes], self.marker_id)
+            return self._unexpand(out, [(self.video_span(VideoShape(*v)), f"a {v[0]}-frame {v[1]}x{v[2]} video")
+                                        for v in videos], self.video_marker_id)
 
-    def _unexpand(self, ids: Sequence[int], sizes: Sequence[tuple[int, int]]) -> list[int]:
+    def _unexpand(self, ids: Sequence[int], spans: Sequence[tuple[Span, str]], marker: int) -> list[int]:
+        # Images and videos expand to runs of their own tokens: each kind is found apart, in order.
         out, cursor = list(ids), 0
-        for size in sizes:
-            span = self.span(tuple(size))
+        for span, what in spans:
             start = _find(out, span.core, cursor)
             if start is None:
-                raise ValueError(f"the processor's expansion of a {size[0]}x{size[1]} image is not in these ids "
+                raise ValueError(f"the processor's expansion of {what} is not in these ids "
                                  f"(from position {cursor}): were they expanded by this model's processor?")
             left, right = start, start + len(span.core)
             before, after = [], []
@@ -196,7 +212,7 @@ class ImageTokens:
                 while right < len(out) and out[right] not in self._special:
                     right += 1
                 after = self._encode(_without(self._decode(out[end:right]), span.suffix, str.startswith))
-            out[left:right] = [*before, self.marker_id, *after]
+            out[left:right] = [*before, marker, *after]
             cursor = left + len(before) + 1
         return out
 

@@ -47,6 +47,10 @@ class ImageCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
+        # encoded images (video frames too) decoded since start, and their bytes: what crossed the wire rather
+        # than being named by hash
+        self.received = 0
+        self.received_bytes = 0
         self._items: OrderedDict[str, Image.Image] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -81,6 +85,9 @@ class ImageCache:
 
     def add_bytes(self, data: bytes, what: str, max_bytes: int, max_pixels: int) -> tuple[str, Image.Image]:
         img = decode_image(data, what, max_bytes, max_pixels)
+        with self._lock:
+            self.received += 1
+            self.received_bytes += len(data)
         sha = image_sha256(data)
         self.put(sha, img)
         return sha, img

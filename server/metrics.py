@@ -20,3 +20,6 @@ class Metrics:
         self.weight_syncs = Counter("align_weight_syncs_total", "weight syncs by outcome", ["outcome"], registry=r)
         self.cache_images = Gauge("align_image_cache_images", "images held in the cache", registry=r)
         self.cache_bytes = Gauge("align_image_cache_bytes", "decoded bytes held in the image cache", registry=r)
+        self.images_received = Gauge("align_images_received", "encoded images and video frames received since "
+                                     "start (those named by hash not counted)", registry=r)
+        self.image_bytes_received = Gauge("align_image_bytes_received", "their encoded bytes", registry=r)

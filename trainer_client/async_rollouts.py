@@ -60,8 +60,10 @@ from trl.data_utils import prepare_multimodal_messages
 
 from trainer_client import trl_seam
 from trainer_client.agent_loop import Rollout, tool_loop_result
-from trainer_client.generation import ServerGeneration, log_oldest_turns
+from trainer_client.generation import ServerGeneration, log_oldest_turns, with_videos
+from trainer_client.sampler import generate
 from trainer_client.tools import environment_names, reset_environments, with_observation
+from trainer_client.video import VideoFrames
 from trainer_client.weight_pusher import MAX_REFUSALS, ServerMoved
 from trainer_client.weights import host_copy
 
@@ -69,7 +71,9 @@ log = logging.getLogger(__name__)
 
 
 def image_key(image) -> tuple:
-    """An image's identity by content: its size, mode and the sha256 of its pixels."""
+    """An image's identity by content: its size, mode and the sha256 of its pixels; a video's, its frames'."""
+    if isinstance(image, VideoFrames):
+        return "video", tuple(image_key(frame) for frame in image)
     return image.size, image.mode, hashlib.sha256(image.tobytes()).hexdigest()
 
 
@@ -157,8 +161,9 @@ class AsyncRollouts:
         if not self.trainer.model.training:  # evaluation: the newest weights, no read-ahead
             self._drain()
             return self.generation.generate(prompts, images, num_generations, profiler)
+        media = with_videos(self.trainer, images, len(prompts))  # before read-ahead tokenizes other prompts
         all_prompts = gather_object(prompts)
-        all_images = gather_object(images if images is not None else [None] * len(prompts))
+        all_images = gather_object(media if media is not None else [None] * len(prompts))
         expected, self._expected_rows = self._expected_rows, None
         all_rows = gather_object(expected if expected is not None else [None] * len(prompts))
         # The next generation batches, read ahead on every process (a collective).
@@ -241,6 +246,8 @@ class AsyncRollouts:
         images = [r.get("images") if "images" in r else ([r["image"]] if r.get("image") is not None else None)
                   for r in rows]
         has_images = any(images)
+        framed = self.trainer.rows_with_frames(rows) if hasattr(self.trainer, "rows_with_frames") else None
+        rows, videos = framed if framed is not None else (rows, [[] for _ in rows])
         environment, names = {}, None
         if self.trainer.environment_factories is not None:
             # this batch's own instances, n per prompt, reset as TRL resets its pool; the prompt with the
@@ -255,8 +262,9 @@ class AsyncRollouts:
         prompts = [prepare_multimodal_messages(chat, images=imgs) if has_images else chat
                    for chat, imgs in zip(chats, images, strict=True)]
         prompt_ids = trl_seam.tokenize_prompts(self.trainer, prompts, names)
-        ids = [self.sampler.unexpand(p, imgs) for p, imgs in zip(prompt_ids, images, strict=True)]
-        return Request(ids, [imgs or [] for imgs in images], n, self.sampler.params(n),
+        media = [(imgs or []) + vids for imgs, vids in zip(images, videos, strict=True)]
+        ids = [self.sampler.unexpand(p, m) for p, m in zip(prompt_ids, media, strict=True)]
+        return Request(ids, media, n, self.sampler.params(n),
                         list(prompt_ids) if self.tools else None, **environment,
                         row_ids=[r.get("dataset_row") for r in rows])
 
@@ -269,8 +277,7 @@ class AsyncRollouts:
         """Worker: the groups of `request`, Completions, or with tools Rollouts (every turn done)."""
         if request.expanded is not None:
             return self._tool_rollouts(request)
-        out = self.client.generate(prompt_ids=request.prompt_ids, images=request.images, check=self._check_instance,
-                                   **request.sampling)
+        out = generate(self.client, request.prompt_ids, request.images, check=self._check_instance, **request.sampling)
         return [list(r.completions) for r in out.results]
 
     def _tool_rollouts(self, request: Request) -> list[list[Rollout]]:

@@ -74,6 +74,7 @@ class ServerGeneration:
         turns); TRL's tool loop then gets the rest (`finished_tool_loop`). With --environment, each sample's
         instance (TRL's, reset for this batch) goes to the main process and comes back with the state its
         rollout left, which the rewards read."""
+        images = with_videos(self.trainer, images, len(prompts))
         counts = gather_object([len(prompts)])
         all_prompts = gather_object(prompts)
         all_images = gather_object(images if images is not None else [None] * len(prompts))
@@ -187,6 +188,16 @@ class ServerGeneration:
             return
         self.pusher.push(range(self.pusher.servers))
         self.pushed_step = step
+
+
+def with_videos(trainer, images: list | None, count: int) -> list | None:
+    """Per prompt of the batch TRL is generating, its images and then its videos' frames (`VideoFrames`, which
+    the sampler sends as videos): TRL hands the backend images only; the videos are the ones its tokenization
+    of these prompts found (`VideoTraining.prompt_videos`)."""
+    videos = getattr(trainer, "prompt_videos", None)
+    if not videos or not any(videos):
+        return images
+    return [(imgs or []) + vids for imgs, vids in zip(images or [None] * count, videos, strict=True)]
 
 
 def log_oldest_turns(trainer, versions: list[list[int]]) -> None:

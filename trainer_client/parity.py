@@ -20,8 +20,10 @@ the trainer's, and a run that trains through it moves its reward for a while and
 import logging
 from dataclasses import dataclass, field
 
+from runtime.image_tokens import VideoShape
 from trainer_client import trl_seam
 from trainer_client.sampler import image_tokens
+from trainer_client.video_training import video_frames_in, without_video_parts
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +91,11 @@ def probe_servers(trainer, client, servers: int, row: dict) -> Probe:
         return Probe({1: "not checked (the first row has no chat prompt)", 2: "not checked"})
     images = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
     messages = prepare_multimodal_messages(prompt, images=images) if images else prompt
+    videos = video_frames_in(messages)  # the row's sampled frames (VideoTraining.rows_with_frames)
     probe = Probe()
-    for cause, (line, differs) in ((1, _template(trainer, client, servers, messages, images)),
-                                   (2, _expansion(trainer, client, servers, messages, images,
+    # Messages take no video parts on the wire (videos go with prompt_ids): the template is compared without them.
+    for cause, (line, differs) in ((1, _template(trainer, client, servers, without_video_parts(messages), images)),
+                                   (2, _expansion(trainer, client, servers, messages, images, videos,
                                                   environment_names(trainer, [row])))):
         probe.lines[cause] = line
         if differs:
@@ -122,13 +126,16 @@ def _template(trainer, client, servers: int, messages: list[dict], images: list)
     return f"alike (the server renders the first row's chat to the trainer's {len(rendered)} ids)", False
 
 
-def _expansion(trainer, client, servers: int, messages: list[dict], images: list, environments) -> tuple[str, bool]:
-    """Whether every server expands the trainer's ids of `messages` and their `images` to as many positions."""
+def _expansion(trainer, client, servers: int, messages: list[dict], images: list, videos: list,
+               environments) -> tuple[str, bool]:
+    """Whether every server expands the trainer's ids of `messages`, their `images` and `videos` to as many
+    positions."""
     expanded = trl_seam.tokenize_prompts(trainer, [messages], environments)[0]
     tokens = image_tokens(trainer)
-    ids = tokens.unexpand(expanded, [image.size for image in images]) if images and tokens else list(expanded)
+    ids = tokens.unexpand(expanded, [image.size for image in images], [VideoShape(len(v), *v[0].size) for v in videos]
+                          ) if (images or videos) and tokens else list(expanded)
     answer = client.generate(prompt_ids=[ids] * servers, images=[images] * servers, max_tokens=1,
-                             temperature=0.0, logprobs=False)
+                             temperature=0.0, logprobs=False, videos=[videos] * servers if videos else None)
     sent = len(ids)
     for url, result in zip(client.base_urls, answer.results, strict=True):
         if result.prompt_tokens is None:
@@ -140,6 +147,9 @@ def _expansion(trainer, client, servers: int, messages: list[dict], images: list
                     "trainer scores. Give align-serve the trainer's processor budget (--mm-processor-kwargs; the "
                     f"trainer's image processor sizes images by {_budget(trainer.processing_class)}) or the trainer "
                     "the server's"), True
+    if videos:
+        return (f"alike ({len(images)} image(s), {len(videos)} video(s): {len(expanded)} positions on both sides)",
+                False)
     if images:
         return f"alike ({len(images)} image(s): {len(expanded)} positions on both sides)", False
     return f"alike ({len(expanded)} positions; no image in the first row)", False

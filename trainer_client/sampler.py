@@ -5,8 +5,9 @@ max_model_len), so a later tool turn is never refused for length."""
 import torch
 
 from protocol.schemas import Completion
-from runtime.image_tokens import ImageTokens
+from runtime.image_tokens import ImageTokens, VideoShape
 from trainer_client.client import AlignClient
+from trainer_client.video import split_media
 
 # A never-sampled token's logit bias: finite, so that TRL's entropy (p * log p) stays 0 where -inf would make
 # it NaN; far below any real logit (its softmax weight is exactly 0 in float32), and still finite in float16
@@ -42,17 +43,28 @@ def sampled_vocabulary_only(model, never_sampled: list[int]) -> None:
     head.register_buffer("bias", bias, persistent=False)
 
 
+def generate(client: AlignClient, prompt_ids: list[list[int]], media: list[list], **kwargs):
+    """`client.generate` for prompts with one marker per image and per video, each prompt's `media` its images
+    and then its videos (`VideoFrames`)."""
+    split = [split_media(m) for m in media]
+    return client.generate(prompt_ids=prompt_ids, images=[images for images, _ in split],
+                           videos=[videos for _, videos in split] if any(v for _, v in split) else None, **kwargs)
+
+
 class Sampler:
     def __init__(self, trainer, client: AlignClient | None):
         self.trainer = trainer
         self.client = client  # None on every process but the main one
         self.images = image_tokens(trainer)
 
-    def unexpand(self, prompt_ids, images) -> list[int]:
-        """TRL's ids of a prompt (each of its `images` expanded by the processor) as the server takes them."""
-        if not images:
+    def unexpand(self, prompt_ids, media) -> list[int]:
+        """TRL's ids of a prompt (each of its `media`, images and `VideoFrames`, expanded by the processor) as
+        the server takes them."""
+        if not media:
             return list(prompt_ids)
-        return self.images.unexpand(prompt_ids, [image.size for image in images])
+        images, videos = split_media(media)
+        return self.images.unexpand(prompt_ids, [image.size for image in images],
+                                    [VideoShape(len(v), *v[0].size) for v in videos])
 
     def params(self, n: int) -> dict:
         """The sampling parameters as the trainer's mode sets them now, `n` completions per prompt, for a
@@ -90,9 +102,8 @@ class Sampler:
                 for i in rows:
                     out[i] = [empty] * n
                 continue
-            answer = self.client.generate(prompt_ids=[self.unexpand(prompts[i], images[i]) for i in rows],
-                                          images=[images[i] for i in rows],
-                                          check=check, **{**params, "max_tokens": budget})
+            answer = generate(self.client, [self.unexpand(prompts[i], images[i]) for i in rows],
+                              [images[i] for i in rows], check=check, **{**params, "max_tokens": budget})
             for i, result in zip(rows, answer.results, strict=True):
                 out[i] = result.completions
         return [c for cs in out for c in cs]

@@ -38,6 +38,8 @@ from trainer_client.sampler import image_tokens, sampled_vocabulary_only
 from trainer_client.sft import AssistantTurnsCollator, environment_tools
 from trainer_client.tools import LogsToolTurns, check_template, load_environment, load_tools
 from trainer_client.trl_seam import GreedyEval, RestoresCheckpointWeights
+from trainer_client.video import size_frames_alike
+from trainer_client.video_training import VideoTraining
 from trainer_client.weights import is_peft_model
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class SFTRunTrainer(RestoresCheckpointWeights, SFTTrainer):
     """TRL's SFTTrainer, resuming with the checkpoint's weights."""
 
 
-class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, RolloutHealth, LogsToolTurns,
+class ServerGRPOTrainer(VideoTraining, DynamicSampling, LossForwardImportanceSampling, RolloutHealth, LogsToolTurns,
                         RestoresCheckpointWeights, GRPOTrainer):
     """GRPOTrainer whose rollouts come from align-serve. TRL is built with `use_vllm=False` (so it
     does not look for a `vllm serve`), then handed our backend in its vLLM server-mode seam
@@ -74,7 +76,8 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, RolloutH
     (`Sampler.params`). The rollouts are watched (`RolloutHealth`): rollout/* metrics, the step-0 parity check."""
 
     def __init__(self, *args, client: AlignClient | None, weight_transport: str = "auto",
-                 server_timeout: float = 600.0, servers: int = 1, lora_sync: str = "auto", **kwargs):
+                 server_timeout: float = 600.0, servers: int = 1, lora_sync: str = "auto", video: dict | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         state = self.accelerator.state  # its plugins are attributes only when they are in use
         problem = sharding_refusal(getattr(state, "fsdp_plugin", None), getattr(state, "deepspeed_plugin", None))
@@ -89,6 +92,11 @@ class ServerGRPOTrainer(DynamicSampling, LossForwardImportanceSampling, RolloutH
             for model in (self.model, getattr(self, "ref_model", None)):
                 if model is not None:
                     sampled_vocabulary_only(self.accelerator.unwrap_model(model), images.never_sampled)
+        if video is not None:  # the main process checks the flags against the server; all sample alike
+            if client is not None:
+                self.set_video_budget(video, client.info(), client.base_urls[0])
+            self.video_budget = broadcast_object_list([self.video_budget], from_process=0)[0]
+            size_frames_alike(self.processing_class, self.video_budget)
         self.add_callback(PushWeightsCallback(generation))
         lora = ("adapter" if generation.pusher.adapter_sync else "merged") if is_peft_model(
             self.accelerator.unwrap_model(self.model)) else None
@@ -132,8 +140,13 @@ class GreedyEvalGRPOTrainer(GreedyEval, LogsToolTurns, RestoresCheckpointWeights
     generate; colocate: TRL's vLLM."""
 
 
-class LocalGRPOTrainer(DynamicSampling, GreedyEvalGRPOTrainer):
+class LocalGRPOTrainer(VideoTraining, DynamicSampling, GreedyEvalGRPOTrainer):
     """TRL's own transformers generation (`--vllm-mode none`), with dynamic sampling available."""
+
+    def __init__(self, *args, video: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if video is not None:
+            self.set_video_budget(video)
 
 
 class ColocateGRPOTrainer(RolloutHealth, GreedyEvalGRPOTrainer):
@@ -290,6 +303,7 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
         check_reward_columns(align.reward_funcs, rewards, eval_dataset.column_names,
                              align.eval_dataset or f"{align.dataset_name} [{align.dataset_test_split}]")
     mode = config.vllm_mode
+    video = video_flags(align, family, dataset, eval_dataset, mode)
     # A copy, not dataclasses.replace: re-running __post_init__ rejects the batch sizes it derived itself.
     trl_config = copy.copy(config)
     trl_config.use_vllm = mode == "colocate"
@@ -300,11 +314,28 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
     if mode == "colocate":
         return ColocateGRPOTrainer(**common)
     if mode == "none":
-        return LocalGRPOTrainer(**common)
+        return LocalGRPOTrainer(**common, video=video)
     main = trl_config.process_index == 0
     return ServerGRPOTrainer(**common, client=connect(align, processor, main), weight_transport=align.weight_transport,
                              server_timeout=align.server_timeout, servers=len(align.server_url),
-                             lora_sync=align.lora_sync)
+                             lora_sync=align.lora_sync, video=video)
+
+
+def video_flags(align: AlignArguments, family, dataset, eval_dataset, mode: str) -> dict | None:
+    """align-train's --video_* flags when the data has videos (None when it has none); a model or mode that
+    cannot train on them is refused here, in one line."""
+    rows = sum(sum(1 for v in d["videos"] if v) for d in (dataset, eval_dataset)
+               if d is not None and "videos" in d.column_names)
+    if not rows:
+        return None
+    if family is None or not family.video:
+        why = family.video_refusal() if family is not None else "its family is not one we serve video for"
+        raise SystemExit(f"align-train: {rows} row(s) hold videos but --model {align.model} takes none here: {why}")
+    if mode == "colocate":
+        raise SystemExit(f"align-train: {rows} row(s) hold videos, which --vllm-mode colocate does not generate from "
+                         "yet; use --vllm-mode server (align-serve takes videos) or none")
+    return dict(fps=align.video_fps, max_frames=align.video_max_frames, max_pixels=align.video_max_pixels,
+                total_pixels=align.video_total_pixels)
 
 
 def resume_arg(config) -> str | bool | None:

@@ -365,6 +365,63 @@ class ToolLoopSeam:
         return self.tool_loop(prompt_ids, completion_ids, run_trl_loop)
 
 
+class VideoSeam:
+    """Overrides `GRPOTrainer._generate_and_score_completions`, `_tokenize_prompts`, `_compute_loss` and
+    `_get_per_token_logps_and_entropies`. TRL 1.16 takes images only: a prompt's video parts render as
+    unexpanded markers and its forward never sees a video. Ours (trainer_client/video_training.py):
+    `self.rows_with_frames(inputs)` puts each row's sampled frames in its prompt before TRL generates;
+    `self.tokenize_with_videos(tokenize, prompts)` expands the markers TRL's tokenization left;
+    `self.video_forward_inputs(input_ids, row_videos)` is what each forward over those rows adds (a forward
+    pre-hook on the model TRL calls, row by row in TRL's chunk order), the batch carrying each sample's frames
+    under "videos" through TRL's shuffling and splitting. Goes when TRL trains on video (huggingface/trl#4144)."""
+
+    _forward_videos = None  # per row of the forward TRL is about to run, its videos
+
+    def _generate_and_score_completions(self, inputs):
+        with_frames = self.rows_with_frames(inputs)
+        if with_frames is None:
+            return super()._generate_and_score_completions(inputs)
+        inputs, videos = with_frames
+        self._forward_videos = videos
+        try:
+            batch = super()._generate_and_score_completions(inputs)
+        finally:
+            self._forward_videos = None
+        batch["videos"] = videos
+        return batch
+
+    def _tokenize_prompts(self, prompts):
+        return self.tokenize_with_videos(super()._tokenize_prompts, prompts)
+
+    def _compute_loss(self, model, inputs):
+        self._forward_videos = inputs.get("videos")
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._forward_videos = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
+        videos = self._forward_videos
+        if videos is None:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
+        if len(videos) != input_ids.size(0):
+            raise RuntimeError(f"{input_ids.size(0)} sequences but videos for {len(videos)}")
+        done = 0
+
+        def add_videos(module, args, kw):
+            nonlocal done
+            ids = kw["input_ids"]
+            kw.update(self.video_forward_inputs(ids, videos[done: done + ids.size(0)]))
+            done += ids.size(0)
+            return args, kw
+
+        hook = model.register_forward_pre_hook(add_videos, with_kwargs=True)
+        try:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
+        finally:
+            hook.remove()
+
+
 class _ObservationOnly:
     """Stands in TRL's environment pool for a sample whose environment was reset elsewhere: TRL's reset gets
     the observation that reset returned, and resets nothing."""
@@ -436,8 +493,16 @@ RELIED_ON = (
     Method(f"{GRPO}._generate_and_score_completions", ("self", "inputs"),
            (f"{SEAM}.LossForwardRatioSeam._generate_and_score_completions",
             f"{SEAM}.GenerationBatchSeam._generate_and_score_completions",
-            f"{SEAM}.EnvironmentResetSeam._generate_and_score_completions")),
-    Method(f"{GRPO}._compute_loss", ("self", "model", "inputs"), (f"{SEAM}.LossForwardRatioSeam._compute_loss",)),
+            f"{SEAM}.EnvironmentResetSeam._generate_and_score_completions",
+            f"{SEAM}.VideoSeam._generate_and_score_completions")),
+    Method(f"{GRPO}._compute_loss", ("self", "model", "inputs"), (f"{SEAM}.LossForwardRatioSeam._compute_loss",
+                                                                  f"{SEAM}.VideoSeam._compute_loss")),
+    Method(f"{GRPO}._tokenize_prompts", ("self", "prompts"), (f"{SEAM}.VideoSeam._tokenize_prompts",)),
+    Method(f"{GRPO}._get_per_token_logps_and_entropies",
+           ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+            "compute_aux_loss", "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+            "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids",
+            "image_position_ids")),
     Method(f"{GRPO}._prepare_inputs", ("self", "generation_batch"), (f"{SEAM}.PrepareInputsSeam._prepare_inputs",)),
     Method("transformers.Trainer._load_from_checkpoint", ("self", "resume_from_checkpoint", "model"),
            (f"{SEAM}.RestoresCheckpointWeights._load_from_checkpoint",)),
@@ -462,7 +527,6 @@ RELIED_ON = (
     Attribute(GRPO, "generation_config", ("_generate_single_turn",)),
     Attribute(GRPO, "generation_kwargs", ("_generate_single_turn",)),
     # called
-    Method(f"{GRPO}._tokenize_prompts", ("self", "prompts")),
     Attribute(GRPO, "chat_template", ("_tokenize_prompts",)),
     Attribute(GRPO, "chat_template_kwargs", ("_tokenize_prompts",)),
     Method(f"{GRPO}._get_tool_suffix_ids", ("self", "tool_messages")),

@@ -19,12 +19,15 @@ same frames; the budgets that size them (`VideoBudget`) are the server's or refu
 """
 
 import io
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".gif")
 DEFAULT_FPS = 2.0  # Qwen2-VL's own sampling rate (its processor's fps when it samples itself)
@@ -87,8 +90,14 @@ def resolve_budget(processor, fps: float | None = None, max_frames: int | None =
     given = {k: v for k, v in dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels).items() if v is not None}
     budget = VideoBudget(**{**own, **given, "min_pixels": min(own["min_pixels"], given.get("max_pixels", own["max_pixels"]))},
                          total_pixels=total_pixels)
-    vp.size = type(vp.size)(shortest_edge=budget.min_pixels, longest_edge=budget.max_pixels)
+    size_frames_alike(processor, budget)
     return budget
+
+
+def size_frames_alike(processor, budget: VideoBudget) -> None:
+    """The processor's video frames sized within the budget's per-frame pixels, as the server's are."""
+    vp = processor.video_processor
+    vp.size = type(vp.size)(shortest_edge=budget.min_pixels, longest_edge=budget.max_pixels)
 
 
 def is_video_file(entries: Sequence[str]) -> bool:
@@ -201,15 +210,21 @@ def _times(duration: float, fps: float, rate: float | None) -> list[float]:
 def _decode(path: str, budget: VideoBudget, where: str) -> list[Image.Image]:
     import av
 
+    decoded = []
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
             duration = _duration(container, stream)
             rate = float(stream.average_rate or stream.guessed_rate or 0) or None
-            decoded = [(float(f.pts * stream.time_base) if f.pts is not None else None, f.to_image())
-                       for f in container.decode(stream)]
+            for f in container.decode(stream):
+                decoded.append((float(f.pts * stream.time_base) if f.pts is not None else None, f.to_image()))
     except Exception as exc:
-        raise VideoError(f"{where}: video file {path} cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        if not decoded:
+            raise VideoError(f"{where}: video file {path} cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        # a clip damaged past its start (a truncated upload): the frames before the damage are the clip
+        log.warning("%s: video file %s is damaged after %d frames (%s: %s); sampling those", where, path,
+                    len(decoded), type(exc).__name__, exc)
+        duration = decoded[-1][0] - decoded[0][0] + 1 / (rate or budget.fps) if decoded[0][0] is not None else None
     if not decoded:
         raise VideoError(f"{where}: video file {path} holds no frames")
     if decoded[0][0] is None or not duration:
@@ -226,8 +241,9 @@ def _decode(path: str, budget: VideoBudget, where: str) -> list[Image.Image]:
 
 def write_video(path: str | Path, frames: Sequence[Image.Image], fps: float = 4.0) -> None:
     """`frames` as an H.264 mp4 (yuv420p: even sizes) at `fps`: how tests and demos make real video files."""
-    import av
     from fractions import Fraction
+
+    import av
 
     width, height = frames[0].size
     with av.open(str(path), mode="w") as container:

@@ -55,4 +55,6 @@ async def get_metrics(request: Request):
     metrics.weight_version.set(state.engine.weight_version)
     metrics.cache_images.set(len(images))
     metrics.cache_bytes.set(images.bytes)
+    metrics.images_received.set(images.received)
+    metrics.image_bytes_received.set(images.received_bytes)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
