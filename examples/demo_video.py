@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--clips", type=int, default=1024, help="training clips")
     parser.add_argument("--eval-clips", type=int, default=64)
-    parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--grpo-steps", type=int, default=80)
+    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--grpo-steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10, help="greedy accuracy on fresh clips every N steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
               "--report_to", "none", "--disable_tqdm", "true"]
     run([str(BIN / "align-train"), "sft", "--model", str(work / "tiny"), "--dataset", str(data),
          "--vllm-mode", "none", "--output_dir", str(work / "sft"), "--max_steps", str(args.sft_steps),
-         "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "16",
+         "--learning_rate", "2e-3", "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "16",
          "--gradient_checkpointing", "false", *common], work / "sft.log")
 
     with serving(work / "sft", args.engine, args.seed, work / "server.log") as url, AlignClient(url) as client:
