@@ -17,7 +17,7 @@ PYTEST := $(PY) -m pytest --durations=25
 # this machine's pip config names local index folders that may be absent: drop that noise only
 QUIET := sed -e '/^WARNING: Location/d'
 
-.PHONY: install check-install test test-fast test-vllm test-fault test-gpu test-compose demo demo-agent bench lint clean check-gpu-stack gpu-venv
+.PHONY: install check-install test test-fast test-vllm test-fault test-gpu test-compose demo demo-agent demo-video bench lint clean check-gpu-stack gpu-venv
 
 install: $(STAMP)
 
@@ -83,12 +83,17 @@ demo: install
 demo-agent: install
 	$(PY) -m examples.demo_agent
 
+# SFT, then GRPO through align-serve, on mp4 clips of a moving dot: which way it goes (docs/training.md#the-video-demo)
+demo-video: install
+	$(PY) -m examples.demo_video
+
 bench: install
 	$(PY) bench/http_tax.py
 	$(PY) bench/train_step.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/openai_images.py --engine vllm
 	$(PY) bench/agent_rollouts.py
+	$(PY) bench/video_bytes.py
 
 lint: install
 	$(PY) -m ruff check protocol server trainer_client tests bench scripts runtime examples
