@@ -383,18 +383,18 @@ class VideoSeam:
     pre-hook on the model TRL calls, row by row in TRL's chunk order), the batch carrying each sample's frames
     under "videos" through TRL's shuffling and splitting. Goes when TRL trains on video (huggingface/trl#4144)."""
 
-    _forward_videos = None  # per row of the forward TRL is about to run, its videos
+    forward_videos = None  # per row of the forward TRL is about to run, its videos
 
     def _generate_and_score_completions(self, inputs):
         with_frames = self.rows_with_frames(inputs)
         if with_frames is None:
             return super()._generate_and_score_completions(inputs)
         inputs, videos = with_frames
-        self._forward_videos = videos
+        self.forward_videos = videos
         try:
             batch = super()._generate_and_score_completions(inputs)
         finally:
-            self._forward_videos = None
+            self.forward_videos = None
         batch["videos"] = videos
         return batch
 
@@ -402,14 +402,14 @@ class VideoSeam:
         return self.tokenize_with_videos(super()._tokenize_prompts, prompts)
 
     def _compute_loss(self, model, inputs):
-        self._forward_videos = inputs.get("videos")
+        self.forward_videos = inputs.get("videos")
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._forward_videos = None
+            self.forward_videos = None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
-        videos = self._forward_videos
+        videos = self.forward_videos
         if videos is None:
             return super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
         if len(videos) != input_ids.size(0):

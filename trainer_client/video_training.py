@@ -140,11 +140,11 @@ class VideoTraining(trl_seam.VideoSeam):
         returned = [[m for m in media if isinstance(m, VideoFrames)] for media in out.tool_images]
         if not any(returned):
             return out
-        if self._forward_videos is None:
+        if self.forward_videos is None:
             raise RuntimeError("a tool returned a video, which this run does not train on (a model with video, "
                                "--vllm-mode server)")
         for i, videos in enumerate(returned):
-            self._forward_videos[i] = self._forward_videos[i] + videos  # a new list: copies of a row share theirs
+            self.forward_videos[i] = self.forward_videos[i] + videos  # a new list: copies of a row share theirs
         return out._replace(tool_images=[[m for m in media if not isinstance(m, VideoFrames)]
                                          for media in out.tool_images])
 
