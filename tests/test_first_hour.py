@@ -12,9 +12,8 @@ import httpx
 import pytest
 
 from examples.demo import make_dataset
-from tests.utils import ServerProcess, free_port
+from tests.utils import ServerProcess, free_port, refusal
 from trainer_client import AlignClient, AlignConnectionError, AlignServerError
-from trainer_client.cli import run
 from trainer_client.waiting import not_ready
 
 KEY = "first-hour-key"
@@ -37,15 +36,6 @@ def server(tiny_vlm, log_dir):
     proc.stop()
 
 
-def _refusal(argv) -> str:
-    """The one line `align-train argv` ends with (a SystemExit's message is printed as it is, no traceback)."""
-    with pytest.raises(SystemExit) as exit_:
-        run(argv)
-    message = str(exit_.value.code)
-    assert "\n" not in message and "Traceback" not in message
-    return message
-
-
 def _train_cli(*argv, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer_client.cli", *argv], capture_output=True, text=True,
                           timeout=timeout)
@@ -59,9 +49,9 @@ def _args(tiny_vlm, dataset, tmp_path, *flags) -> list[str]:
 # ---- one line for each mistake ----------------------------------------------------------------------
 
 def test_a_reward_that_does_not_load(tiny_vlm, data, tmp_path):
-    line = _refusal(_args(tiny_vlm, data["grpo"], tmp_path, "--reward_funcs", "nosuch:fn"))
+    line = refusal(_args(tiny_vlm, data["grpo"], tmp_path, "--reward_funcs", "nosuch:fn"))
     assert line == "align-train: --reward_funcs: reward 'nosuch:fn' cannot be loaded: No module named 'nosuch'"
-    line = _refusal(_args(tiny_vlm, data["grpo"], tmp_path, "--reward_funcs", "accurracy"))
+    line = refusal(_args(tiny_vlm, data["grpo"], tmp_path, "--reward_funcs", "accurracy"))
     assert line.startswith("align-train: --reward_funcs: unknown reward 'accurracy': use one of format, ")
 
 
@@ -94,23 +84,23 @@ def test_the_cli_path_imports_vllm_so_the_quiet_start_above_means_something():
     (["--config", "/nonexistent/run.yaml"], "align-train: --config /nonexistent/run.yaml: no such file"),
 ])
 def test_flags_that_cannot_work_together(flags, expected, tiny_vlm, data, tmp_path):
-    assert _refusal(_args(tiny_vlm, data["grpo"], tmp_path, *flags)) == expected
+    assert refusal(_args(tiny_vlm, data["grpo"], tmp_path, *flags)) == expected
 
 
 def test_a_missing_model_or_dataset_is_named(tiny_vlm, data, tmp_path):
-    line = _refusal(_args(tmp_path / "no-model", data["grpo"], tmp_path))
+    line = refusal(_args(tmp_path / "no-model", data["grpo"], tmp_path))
     assert line == f"align-train: --model {tmp_path / 'no-model'} is neither a directory nor a hub id (ORG/NAME)"
-    line = _refusal(_args(tiny_vlm, tmp_path / "missing.jsonl", tmp_path))
+    line = refusal(_args(tiny_vlm, tmp_path / "missing.jsonl", tmp_path))
     assert line == f"align-train: bad dataset, nothing trained: dataset {tmp_path / 'missing.jsonl'} does not exist"
 
 
 def test_a_server_that_wants_an_api_key_stops_the_run_at_once(tiny_vlm, data, tmp_path, server, monkeypatch):
     monkeypatch.delenv("ALIGN_API_KEY", raising=False)
     flags = ["--vllm-mode", "server", "--server-url", server.url]
-    line = _refusal(_args(tiny_vlm, data["grpo"], tmp_path, *flags))
+    line = refusal(_args(tiny_vlm, data["grpo"], tmp_path, *flags))
     assert line == (f"align-train: {server.url}/ready wants an API key and none was given: pass the server's "
                     "--api-key to align-train as --api-key KEY (or set ALIGN_API_KEY)")
-    line = _refusal(_args(tiny_vlm, data["grpo"], tmp_path, *flags, "--api-key", "wrong"))
+    line = refusal(_args(tiny_vlm, data["grpo"], tmp_path, *flags, "--api-key", "wrong"))
     assert "the key given is not the server's" in line
 
 

@@ -11,7 +11,7 @@ import torch
 from examples.tiny_model import build
 from runtime.torchvision_compat import load_processor
 from tests.test_sft import FLAGS, losses
-from tests.utils import moving_dot
+from tests.utils import moving_dot, refusal
 from trainer_client.cli import run
 from trainer_client.data import load_train_dataset
 from trainer_client.sft import AssistantTurnsCollator
@@ -112,22 +112,13 @@ def test_sft_on_video_rows_lowers_the_loss(tiny_vlm, rows, tmp_path):
     assert sorted(batch["video_grid_thw"][:, 0].tolist()) == [2, 2, 3]
 
 
-def _refusal(argv) -> str:
-    """The one line `align-train argv` ends with (a SystemExit's message is printed as it is, no traceback)."""
-    with pytest.raises(SystemExit) as exit_:
-        run(argv)
-    message = str(exit_.value.code)
-    assert "\n" not in message and "Traceback" not in message
-    return message
-
-
 def test_a_corrupt_video_stops_the_run_at_the_data_check_naming_the_row(tiny_vlm, clips, tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     data = write_rows(tmp_path, [
         {"messages": [user("Which way?"), {"role": "assistant", "content": "right"}], "videos": [str(clips / "right.mp4")]},
         {"messages": [user("Which way?"), {"role": "assistant", "content": "left"}], "videos": ["broken.mp4"]},
     ])
-    message = _refusal(["sft", "--model", str(tiny_vlm), "--dataset", str(data), "--output_dir", str(tmp_path / "out"),
+    message = refusal(["sft", "--model", str(tiny_vlm), "--dataset", str(data), "--output_dir", str(tmp_path / "out"),
                         *VIDEO_FLAGS, *FLAGS])
     assert message.startswith(f"align-train: bad dataset, nothing trained: {data} row 2: video file "
                               f"{tmp_path / 'broken.mp4'} cannot be read"), message
@@ -144,13 +135,13 @@ def test_video_rows_for_a_model_without_video_are_refused(arch, why, clips, tmp_
         {"messages": [user("What is it?"), {"role": "assistant", "content": "a dot"}], "videos": []},
         {"messages": [user("Which way?"), {"role": "assistant", "content": "left"}], "videos": [str(clips / "left.mp4")]},
     ])
-    message = _refusal(["sft", "--model", str(model), "--dataset", str(data), "--output_dir", str(tmp_path / "out"),
+    message = refusal(["sft", "--model", str(model), "--dataset", str(data), "--output_dir", str(tmp_path / "out"),
                         *FLAGS])
     assert message.startswith(f"align-train: the dataset has 2 video row(s) but --model {model} takes none: "), message
     assert re.search(why, message), message
 
 
 def test_a_bad_video_budget_is_refused_in_one_line(tiny_vlm, rows, tmp_path):
-    message = _refusal(["sft", "--model", str(tiny_vlm), "--dataset", str(rows), "--output_dir", str(tmp_path / "out"),
+    message = refusal(["sft", "--model", str(tiny_vlm), "--dataset", str(rows), "--output_dir", str(tmp_path / "out"),
                         "--video_fps", "0", *FLAGS])
     assert message == "align-train: video budget fps must be positive, got 0.0", message

@@ -198,3 +198,16 @@ def moving_dot(frames: int, direction: str, size: tuple[int, int] = (112, 84), s
         frame[max(cy - 4, 0):cy + 4, max(cx - 4, 0):cx + 4] = (250, 250, 250)
         out.append(Image.fromarray(frame))
     return out
+
+
+def refusal(argv: list[str]) -> str:
+    """The one line `align-train argv` ends with (a SystemExit's message is printed as it is, no traceback)."""
+    import pytest
+
+    from trainer_client.cli import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run(argv)
+    message = str(exit_.value.code)
+    assert "\n" not in message and "Traceback" not in message
+    return message
