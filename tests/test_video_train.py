@@ -194,6 +194,11 @@ def test_a_clip_unreadable_mid_run_skips_its_row(tiny_vlm, clips, tmp_path):
                    "--per_device_train_batch_size", "4", "--vllm-mode", "none")
     skipped = [e["video/skipped_rows"] for e in trainer.state.log_history if "video/skipped_rows" in e]
     assert skipped == [1.0]
+    # a batch of that row alone (one prompt a step, as with per_device_train_batch_size == num_generations)
+    # trains its prompt without the video: skipped and counted, the run goes on
+    trainer = grpo(tiny_vlm, write_rows(tmp_path, rows[1:], "damaged.jsonl"), tmp_path / "alone", "--max_steps", "1",
+                   "--per_device_train_batch_size", "2", "--vllm-mode", "none")
+    assert [e["video/skipped_rows"] for e in trainer.state.log_history if "video/skipped_rows" in e] == [1.0]
 
 
 def test_video_rows_for_a_model_without_video_are_refused(tmp_path_factory, clips, tmp_path):

@@ -88,7 +88,8 @@ class VideoTraining(trl_seam.VideoSeam):
 
     def rows_with_frames(self, inputs: list[dict]) -> tuple[list[dict], list[list[VideoFrames]]] | None:
         """`inputs` with each row's videos sampled into its prompt's video parts, and per row its frames; None
-        when no row has a video. A video file is decoded once per batch however many rows repeat it."""
+        when the run takes no video. A video file is decoded once per batch however many rows repeat it; a row
+        whose video cannot be decoded is skipped and counted (`video/skipped_rows`)."""
         if self.video_budget is None:
             return None
         if not any(row.get("videos") for row in inputs):
@@ -116,14 +117,15 @@ class VideoTraining(trl_seam.VideoSeam):
                 good[start] = frames_of(inputs[start])
             except VideoError as exc:  # the start-up check opened it; its frames are damaged past reading
                 skipped.append(str(exc))
-        if not good:
-            raise VideoError(f"no row of this batch has a readable video: {'; '.join(skipped)}")
         rows, videos = [], []
         for k, (start, stop) in enumerate(groups):
-            # a skipped row's group takes the next readable group's row: the batch keeps its size
-            source = start if start in good else next(s for s, _ in groups[k:] + groups[:k] if s in good)
-            frames = good[source]
-            row = inputs[source]
+            # a skipped row's group takes the next readable group's row: the batch keeps its size; with none
+            # (a batch of one prompt), the row's prompt without its videos
+            source = start if start in good else next((s for s, _ in groups[k:] + groups[:k] if s in good), None)
+            if source is None:
+                row, frames = {**inputs[start], "prompt": without_video_parts(inputs[start]["prompt"])}, []
+            else:
+                row, frames = inputs[source], good[source]
             for _ in range(stop - start):
                 rows.append({**row, "prompt": with_frames(row["prompt"], frames)} if frames else row)
                 videos.append(frames)
