@@ -130,8 +130,8 @@ def probe(entries: Sequence[str], budget: VideoBudget, where: str) -> int:
             raise VideoError(f"{where}: video file {path} cannot be read ({type(exc).__name__}: {exc})") from exc
         if not frames and not duration:
             raise VideoError(f"{where}: video file {path} holds no frames")
-        wanted = _times(duration, budget.fps, rate) if duration else frames
-        return min(len(wanted) if isinstance(wanted, list) else wanted, budget.max_frames) or 1
+        count = len(_times(duration, budget.fps, rate)) if duration else frames
+        return min(count, budget.max_frames)
     for frame in entries:
         if not Path(frame).is_file():
             raise VideoError(f"{where}: video frame {frame} does not exist")
