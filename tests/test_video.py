@@ -204,6 +204,17 @@ def test_frames_cross_the_wire_once(served, local):
           f"{frame_bytes} bytes of PNG)")
 
 
+def test_the_benchs_second_step_sends_under_one_percent_of_the_first(served, tiny_vlm):
+    """bench/video_bytes.py's measure: a GRPO step's frames cross the wire once; the next step with the same
+    clip sends their hashes alone."""
+    from bench.video_bytes import step_bytes, video_prompt_ids
+
+    clip = moving_dot(8, "right", seed=0)
+    first, second = step_bytes(served.url, video_prompt_ids(tiny_vlm), clip, n=4)
+    assert first > sum(len(png_bytes(f)) for f in clip)  # every frame's PNG went, base64 inline
+    assert second < 0.01 * first, (first, second)
+
+
 def _post(server: ServerProcess, prompt: dict) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/generate", json={"prompts": [prompt], "sampling": {"max_tokens": 2}},
                       timeout=60)
