@@ -6,7 +6,8 @@ Two halves:
   signal once uvicorn is done, which ends the process before anything after it runs).
 - An abrupt end (SIGKILL, an OOM kill) runs no code of ours, so every process the server starts
   asks the kernel to signal it when its parent dies (Linux's PR_SET_PDEATHSIG). vLLM's engine core
-  handles that SIGTERM by shutting down its own workers.
+  handles that SIGTERM by shutting down its own workers; one still there ORPHAN_GRACE_S later is killed
+  by its own watch thread.
 """
 
 import ctypes
@@ -14,11 +15,14 @@ import os
 import signal
 import sys
 import threading
+import time
 
 _PR_SET_PDEATHSIG = 1
 # Set by `tie_children_to_this_process`; a process that finds it set but is not that server is one of
 # its children started by spawn (vLLM's choice on CUDA), which runs no fork hook.
 _SERVER_PID_ENV = "ALIGN_SERVE_PID"
+ORPHAN_GRACE_S = 10.0  # how long a child whose server died may take to end on its own
+_WATCH_EVERY_S = 0.5
 _forked_by_main_thread = False
 _forking_pid = 0
 
@@ -31,6 +35,18 @@ def _ask_for_parent_death_signal(parent: int | None) -> None:
         return
     if parent is not None and os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=_end_if_orphaned, args=(os.getppid(),), name="align-serve-orphan-watch",
+                     daemon=True).start()
+
+
+def _end_if_orphaned(parent: int) -> None:
+    """SIGKILL for this process once ORPHAN_GRACE_S have passed since its parent died. The SIGTERM asked for
+    lets vLLM's engine core shut down in order; one whose handler cannot run (blocked in a native call)
+    or whose shutdown hangs outlived a killed server (seen in a CI run, engine core started by spawn)."""
+    while os.getppid() == parent:
+        time.sleep(_WATCH_EVERY_S)
+    time.sleep(ORPHAN_GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _before_fork() -> None:

@@ -62,3 +62,34 @@ def test_a_dead_engine_core_ends_the_server_and_its_children(tiny_vlm, log_dir):
         assert "vLLM's engine core has stopped" in server.logs()
     finally:
         server.stop()
+
+
+# A child tied to its server that ignores the death signal (as an engine core blocked in a native call, or
+# whose shutdown hangs, cannot act on it): its own watch thread kills it once the grace has passed.
+_DEAF_CHILD = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+               "from server.lifetime import tie_spawned_child; tie_spawned_child(); print('tied', flush=True); "
+               "time.sleep(600)")
+_PARENT = ("import os, subprocess, sys, time; "
+           f"child = subprocess.Popen([sys.executable, '-c', {_DEAF_CHILD!r}], stdout=subprocess.PIPE, text=True, "
+           "env={**os.environ, 'ALIGN_SERVE_PID': '1'}); "
+           "assert child.stdout.readline().strip() == 'tied'; print(child.pid, flush=True); time.sleep(600)")
+
+
+def test_a_child_deaf_to_its_servers_death_is_killed_after_the_grace():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from server.lifetime import ORPHAN_GRACE_S
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    child = psutil.Process(int(parent.stdout.readline()))  # printed once the child is tied
+    try:
+        parent.kill()
+        parent.wait(30)
+        _, alive = psutil.wait_procs([child], timeout=ORPHAN_GRACE_S + 60)
+        assert not alive, "the deaf child outlived its parent"
+    finally:
+        if child.is_running():
+            child.kill()
