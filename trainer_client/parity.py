@@ -20,7 +20,6 @@ the trainer's, and a run that trains through it moves its reward for a while and
 import logging
 from dataclasses import dataclass, field
 
-from runtime.image_tokens import VideoShape
 from trainer_client import trl_seam
 from trainer_client.sampler import image_tokens
 from trainer_client.video_training import video_frames_in, without_video_parts
@@ -132,7 +131,7 @@ def _expansion(trainer, client, servers: int, messages: list[dict], images: list
     positions."""
     expanded = trl_seam.tokenize_prompts(trainer, [messages], environments)[0]
     tokens = image_tokens(trainer)
-    ids = tokens.unexpand(expanded, [image.size for image in images], [VideoShape(len(v), *v[0].size) for v in videos]
+    ids = tokens.unexpand(expanded, [image.size for image in images], [v.shape for v in videos]
                           ) if (images or videos) and tokens else list(expanded)
     answer = client.generate(prompt_ids=[ids] * servers, images=[images] * servers, max_tokens=1,
                              temperature=0.0, logprobs=False, videos=[videos] * servers if videos else None)

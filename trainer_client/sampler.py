@@ -5,7 +5,7 @@ max_model_len), so a later tool turn is never refused for length."""
 import torch
 
 from protocol.schemas import Completion
-from runtime.image_tokens import ImageTokens, VideoShape
+from runtime.image_tokens import ImageTokens
 from trainer_client.client import AlignClient
 from trainer_client.video import split_media
 
@@ -64,7 +64,7 @@ class Sampler:
             return list(prompt_ids)
         images, videos = split_media(media)
         return self.images.unexpand(prompt_ids, [image.size for image in images],
-                                    [VideoShape(len(v), *v[0].size) for v in videos])
+                                    [v.shape for v in videos])
 
     def params(self, n: int) -> dict:
         """The sampling parameters as the trainer's mode sets them now, `n` completions per prompt, for a

@@ -21,7 +21,7 @@ from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from runtime import kv_cache
 from runtime.families import FAMILIES, UnknownFamily, family_of
-from runtime.image_tokens import ImageTokens, VideoShape
+from runtime.image_tokens import ImageTokens
 from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
 from runtime.vllm_reload import retie_embeddings
 from trainer_client import trl_seam
@@ -200,7 +200,7 @@ def _unexpanded_generate(trainer, tokens: ImageTokens, generate, prompts, images
     if media is None:
         return generate(prompts, images, *args, **kwargs)
     split = [split_media(m or []) for m in media]
-    prompts = [tokens.unexpand(p, [i.size for i in imgs], [VideoShape(len(v), *v[0].size) for v in vids])
+    prompts = [tokens.unexpand(p, [i.size for i in imgs], [v.shape for v in vids])
                for p, (imgs, vids) in zip(prompts, split, strict=True)]
     if not any(vids for _, vids in split):
         return generate(prompts, images, *args, **kwargs)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from runtime.image_tokens import VideoShape
+
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".gif")
@@ -41,6 +43,11 @@ class VideoFrames(list):
     """One video as the frames sampled from it (PIL images, all of one size), in order. A list, so that it
     travels wherever a prompt's images travel (gathered between processes, held by a read-ahead batch); its
     type tells it from an image at the edges that send it (`split_media`)."""
+
+    @property
+    def shape(self) -> VideoShape:
+        """What its expansion into video tokens depends on: its frame count and frame size."""
+        return VideoShape(len(self), *self[0].size)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import logging
 
 import torch
 
-from runtime.image_tokens import VideoShape
 from trainer_client import trl_seam
 from trainer_client.sampler import image_tokens
 from trainer_client.video import VideoBudget, VideoError, VideoFrames, resolve_budget, sample
@@ -162,7 +161,7 @@ class VideoTraining(trl_seam.VideoSeam):
         if self._video_tokens is None:
             self._video_tokens = image_tokens(self)
         tokens = self._video_tokens
-        ids = [tokens.expand_videos(p, [VideoShape(len(v), *v[0].size) for v in vids])
+        ids = [tokens.expand_videos(p, [v.shape for v in vids])
                for p, vids in zip(ids, videos, strict=True)]
         fields = dict(fields)
         fields.update(self._processed([v for vids in videos for v in vids]))
