@@ -23,9 +23,12 @@ SMALL = ["--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--log
 
 
 def parity_reward(completion_ids, **kwargs) -> list[float]:
-    """Varies within a group even on a random model (accuracy is 0 everywhere there), so GRPO's
-    advantages, hence its gradients, are non-zero."""
-    return [float(ids[0] % 2) for ids in completion_ids]
+    """Varies within every group, so GRPO's advantages, hence its gradients, are non-zero on a random
+    model too (accuracy is 0 everywhere there): 0 or 1 by the completion's place (a group's completions
+    are contiguous, at least two), plus 0.5 for an odd first token. The first token's parity alone left
+    whole runs at zero advantage when the tiny model's first token was peaked (a CI run sampled one
+    parity for every completion of both steps, and its adapter never moved)."""
+    return [float(i % 2) + 0.5 * (ids[0] % 2) for i, ids in enumerate(completion_ids)]
 
 
 REWARDS = ["--reward_funcs", "tests.test_train:parity_reward", "accuracy", "format"]
@@ -177,25 +180,40 @@ def test_server_mode_pushes_weights_every_step(method, transport, tiny_vlm, data
 
 
 def check_servers_answer_as_the_merged_adapter(trainer, *servers, api_key: str | None = None) -> None:
-    """The trained adapter changes the model's greedy answer, and every server gives the answer of
-    the model with the adapter merged."""
+    """Every server gives the greedy answer of the model with the trained adapter merged, with that
+    model's logprobs, which the adapter moved away from the base model's (so a server still holding the
+    base weights fails even where the greedy tokens happen to agree)."""
     model, processor = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
     assert hasattr(model, "peft_config")  # an adapter was trained, not the full model
     question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
     image = random_image(4)
     inputs = processor(text=[processor.apply_chat_template(question, add_generation_prompt=True)], images=[image],
                        return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
     model.eval()
+
+    def token_logprobs(ids: torch.Tensor) -> torch.Tensor:
+        # the per-token inputs (attention mask, mm_token_type_ids) extended over the completion with ones/zeros
+        extra = {k: torch.cat([v, (torch.ones_like if k == "attention_mask" else torch.zeros_like)(ids[:, n:])], 1)
+                 for k, v in inputs.items() if k in ("attention_mask", "mm_token_type_ids")}
+        logits = model(**{**inputs, **extra, "input_ids": ids}).logits.float()
+        return logits[0, n - 1:-1].log_softmax(-1).gather(-1, ids[0, n:, None])[:, 0]
+
     with torch.inference_mode():
-        lora = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+        full = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        lora, lora_lp = full[0, n:].tolist(), token_logprobs(full)
         with model.disable_adapter():
-            base = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
-    assert lora != base, "the adapter must change the answer for this check to mean anything"
+            base_lp = token_logprobs(full)
+    moved = (lora_lp - base_lp).abs().max().item()
+    assert moved > 1e-2, f"the adapter must move the model's logprobs for this check to mean anything ({moved:.2g})"
     for server in servers:
         with AlignClient(server.url, api_key=api_key) as client:
-            got = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
-                                  max_tokens=8).results[0].completions[0].token_ids
+            out = client.generate(prompt_ids=[inputs["input_ids"][0].tolist()], images=[[image]], temperature=0.0,
+                                  max_tokens=8).results[0].completions[0]
+        got = out.token_ids
         assert got == lora[: len(got)] and got, server.url
+        diff = (torch.tensor(out.logprobs) - lora_lp[: len(got)]).abs().max().item()
+        assert diff < 1e-3, f"{server.url}: logprobs {diff:.2g} away from the merged adapter's (it moved them {moved:.2g})"
 
 
 def test_server_mode_with_lora_serves_the_merged_weights(tiny_vlm, data, tmp_path, server):
