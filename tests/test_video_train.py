@@ -19,6 +19,7 @@ from tests.test_train import changed, weights
 from tests.utils import ServerProcess, assert_rollouts_match, moving_dot, random_image
 from trainer_client.cli import run
 from trainer_client.video import VideoBudget, VideoError, probe, sample, write_video
+from trainer_client.video_training import video_frames_in
 
 # The server's video budget (and so the trainer's): small frames keep the runs short.
 BUDGETS = {"videos_kwargs": {"min_pixels": 784, "max_pixels": 3136}}
@@ -199,6 +200,43 @@ def test_a_clip_unreadable_mid_run_skips_its_row(tiny_vlm, clips, tmp_path):
     trainer = grpo(tiny_vlm, write_rows(tmp_path, rows[1:], "damaged.jsonl"), tmp_path / "alone", "--max_steps", "1",
                    "--per_device_train_batch_size", "2", "--vllm-mode", "none")
     assert [e["video/skipped_rows"] for e in trainer.state.log_history if "video/skipped_rows" in e] == [1.0]
+
+
+def test_a_batch_read_ahead_is_decoded_once_and_its_skips_counted_once(clips, tmp_path, monkeypatch, caplog):
+    """Async rollouts read a batch ahead (its frames go to the server then) and TRL builds the same batch again
+    later: its clips are decoded the first time only, and a row skipped for a damaged clip is warned about and
+    counted once, for the batch TRL trains on."""
+    from trainer_client import video_training
+
+    damaged = tmp_path / "damaged.mp4"
+    write_video(damaged, moving_dot(8, "down", size=(56, 56), seed=9), fps=4)
+    data = bytearray(damaged.read_bytes())
+    mdat = data.find(b"mdat") + 4
+    data[mdat:mdat + 2000] = bytes(2000)
+    damaged.write_bytes(bytes(data))
+    decoded = []
+    monkeypatch.setattr(video_training, "sample", lambda v, *a: decoded.append(v[0]) or sample(v, *a))
+
+    class Trainer(video_training.VideoTraining):  # TRL's metric store, as GRPOTrainer keeps it
+        model, metrics = type("Model", (), {"training": True})(), []
+        video_budget = VideoBudget(fps=2.0, max_frames=8, min_pixels=784, max_pixels=3136)
+
+        def _log_metric(self, name, value):
+            self.metrics.append((name, value))
+
+    prompt = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    rows = [{"prompt": prompt, "videos": [[str(path)]], "dataset_row": i}
+            for i, path in enumerate([clips / "clip0.mp4", clips / "clip1.mp4", damaged])]
+    trainer = Trainer()
+    with caplog.at_level("WARNING", logger="trainer_client.video_training"):
+        ahead, _ = trainer.rows_with_frames(rows, read_ahead=True)
+        assert not trainer.metrics and "skipped" not in caplog.text
+        built, videos = trainer.rows_with_frames([r for r in rows for _ in range(2)])  # TRL's, num_generations 2
+    assert sorted(decoded) == sorted(map(str, [clips / "clip0.mp4", clips / "clip1.mp4", damaged]))
+    assert [v[0] for v in videos] == [v for row in ahead for v in [video_frames_in(row["prompt"])[0]] * 2]
+    assert trainer.metrics == [("video/skipped_rows", 1.0)] and caplog.text.count("row skipped") == 1
+    trainer.rows_with_frames(rows[:1])  # a later batch with the same clip decodes it anew (nothing kept)
+    assert decoded.count(str(clips / "clip0.mp4")) == 2
 
 
 def test_video_rows_for_a_model_without_video_are_refused(tmp_path_factory, clips, tmp_path):

@@ -246,7 +246,7 @@ class AsyncRollouts:
         images = [r.get("images") if "images" in r else ([r["image"]] if r.get("image") is not None else None)
                   for r in rows]
         has_images = any(images)
-        framed = self.trainer.rows_with_frames(rows) if hasattr(self.trainer, "rows_with_frames") else None
+        framed = self.trainer.rows_with_frames(rows, read_ahead=True) if hasattr(self.trainer, "rows_with_frames") else None
         rows, videos = framed if framed is not None else (rows, [[] for _ in rows])
         environment, names = {}, None
         if self.trainer.environment_factories is not None:

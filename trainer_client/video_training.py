@@ -13,6 +13,7 @@ call, which left the video markers unexpanded).
 """
 
 import logging
+from collections import deque
 
 import torch
 
@@ -21,6 +22,7 @@ from trainer_client.sampler import image_tokens
 from trainer_client.video import VideoBudget, VideoError, VideoFrames, resolve_budget, sample
 
 log = logging.getLogger(__name__)
+READ_AHEAD_BATCHES = 4  # more than async rollouts read ahead at their default staleness
 
 
 def video_frames_in(prompt: list[dict]) -> list[VideoFrames]:
@@ -63,6 +65,9 @@ class VideoTraining(trl_seam.VideoSeam):
     video_budget: VideoBudget | None = None
     prompt_videos: list[list[VideoFrames]] | None = None
     _video_tokens = None
+    # the clips of batches read ahead (async rollouts), by their paths: TRL builds those batches again later,
+    # and takes their frames from here instead of decoding them twice; the newest READ_AHEAD_BATCHES only
+    _read_ahead: deque[dict[tuple, "VideoFrames | VideoError"]] | None = None
 
     def set_video_budget(self, flags: dict, info=None, server_name: str = "the server") -> None:
         """The run's video budget from align-train's --video_* `flags` (and `rows`: the data's video rows; 0 when
@@ -85,28 +90,38 @@ class VideoTraining(trl_seam.VideoSeam):
                  self.video_budget.max_frames, self.video_budget.min_pixels, self.video_budget.max_pixels,
                  f", {self.video_budget.total_pixels} pixels a video" if self.video_budget.total_pixels else "")
 
-    def rows_with_frames(self, inputs: list[dict]) -> tuple[list[dict], list[list[VideoFrames]]] | None:
+    def rows_with_frames(self, inputs: list[dict], read_ahead: bool = False
+                         ) -> tuple[list[dict], list[list[VideoFrames]]] | None:
         """`inputs` with each row's videos sampled into its prompt's video parts, and per row its frames; None
-        when the run takes no video. A video file is decoded once per batch however many rows repeat it; a row
-        whose video cannot be decoded is skipped and counted (`video/skipped_rows`)."""
+        when the run takes no video. A video file is decoded once per batch however many rows repeat it, and
+        once for a batch `read_ahead` (async rollouts) that TRL builds again later; a row whose video cannot be
+        decoded is skipped and counted (`video/skipped_rows`, by the batch TRL trains on)."""
         if self.video_budget is None:
             return None
         if not any(row.get("videos") for row in inputs):
             return inputs, [[] for _ in inputs]  # tools may still return videos (`tool_loop`)
         decoded: dict[tuple, VideoFrames | VideoError] = {}
+        if self._read_ahead is None:
+            self._read_ahead = deque(maxlen=READ_AHEAD_BATCHES)
+        earlier = self._read_ahead
 
         def frames_of(row) -> list[VideoFrames]:
             where = f"dataset row {row['dataset_row']}" if row.get("dataset_row") is not None else "a dataset row"
             out = []
             for video in row.get("videos") or []:
-                if tuple(video) not in decoded:
-                    try:
-                        decoded[tuple(video)] = sample(video, self.video_budget, where)
-                    except VideoError as exc:
-                        decoded[tuple(video)] = exc
-                if isinstance(decoded[tuple(video)], VideoError):
-                    raise decoded[tuple(video)]
-                out.append(decoded[tuple(video)])
+                key = tuple(video)
+                if key not in decoded:
+                    batch = next((b for b in earlier if key in b), None)
+                    if batch is not None:
+                        decoded[key] = batch.pop(key)
+                    else:
+                        try:
+                            decoded[key] = sample(video, self.video_budget, where)
+                        except VideoError as exc:
+                            decoded[key] = exc
+                if isinstance(decoded[key], VideoError):
+                    raise decoded[key]
+                out.append(decoded[key])
             return out
 
         groups = _groups(inputs)  # a row's num_generations copies stand together
@@ -128,6 +143,9 @@ class VideoTraining(trl_seam.VideoSeam):
             for _ in range(stop - start):
                 rows.append({**row, "prompt": with_frames(row["prompt"], frames)} if frames else row)
                 videos.append(frames)
+        if read_ahead:
+            earlier.append(decoded)
+            return rows, videos  # warned and counted when TRL builds the batch
         for problem in skipped:
             log.warning("%s: row skipped (counted in video/skipped_rows)", problem)
         if self.model.training or skipped:
