@@ -62,6 +62,16 @@ def clips(tmp_path_factory) -> Path:
     return root
 
 
+def damaged_clip(path: Path) -> Path:
+    """An mp4 whose container opens (the start-up check passes it) but whose coded frames are zeroed."""
+    write_video(path, moving_dot(8, "down", size=(56, 56), seed=9), fps=4)
+    data = bytearray(path.read_bytes())
+    mdat = data.find(b"mdat") + 4
+    data[mdat:mdat + 2000] = bytes(2000)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def grpo(model, dataset, out, *flags, method="grpo"):
     return run([method, "--model", str(model), "--dataset", str(dataset), "--output_dir", str(out),
                 "--per_device_train_batch_size", "8", "--num_generations", "2", "--max_completion_length", "4",
@@ -183,12 +193,7 @@ def test_a_corrupt_clip_stops_the_run_at_the_data_check(tiny_vlm, clips, tmp_pat
 def test_a_clip_unreadable_mid_run_skips_its_row(tiny_vlm, clips, tmp_path):
     """Opened by the start-up check, but its frames cannot be decoded: the row is skipped and counted, the
     run goes on."""
-    frames = moving_dot(8, "down", size=(56, 56), seed=9)
-    write_video(tmp_path / "damaged.mp4", frames, fps=4)
-    data = bytearray((tmp_path / "damaged.mp4").read_bytes())
-    mdat = data.find(b"mdat") + 4
-    data[mdat:mdat + 2000] = bytes(2000)  # the coded frames zeroed, the container intact
-    (tmp_path / "damaged.mp4").write_bytes(bytes(data))
+    damaged_clip(tmp_path / "damaged.mp4")
     rows = [{"problem": QUESTION, "video": str(clips / "clip0.mp4"), "solution": "left"},
             {"problem": QUESTION, "video": str(tmp_path / "damaged.mp4"), "solution": "down"}]
     trainer = grpo(tiny_vlm, write_rows(tmp_path, rows), tmp_path / "out", "--max_steps", "1",
@@ -208,12 +213,7 @@ def test_a_batch_read_ahead_is_decoded_once_and_its_skips_counted_once(clips, tm
     counted once, for the batch TRL trains on."""
     from trainer_client import video_training
 
-    damaged = tmp_path / "damaged.mp4"
-    write_video(damaged, moving_dot(8, "down", size=(56, 56), seed=9), fps=4)
-    data = bytearray(damaged.read_bytes())
-    mdat = data.find(b"mdat") + 4
-    data[mdat:mdat + 2000] = bytes(2000)
-    damaged.write_bytes(bytes(data))
+    damaged = damaged_clip(tmp_path / "damaged.mp4")
     decoded = []
     monkeypatch.setattr(video_training, "sample", lambda v, *a: decoded.append(v[0]) or sample(v, *a))
 
