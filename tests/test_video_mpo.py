@@ -159,3 +159,17 @@ def test_video_rows_for_a_model_without_video_are_refused(arch, why, clips, tmp_
                        *FLAGS])
     assert message.startswith(f"align-train: the dataset has 1 video row(s) but --model {model} takes none: "), message
     assert re.search(why, message), message
+
+
+def test_a_clip_unreadable_mid_run_stops_it_in_one_line_naming_the_clip(tiny_vlm, clips, tmp_path):
+    """Opened by the start-up check, but its frames cannot be decoded when a batch reads it."""
+    write_video(tmp_path / "damaged.mp4", moving_dot(8, "down", size=(56, 56), seed=9), fps=4)
+    data = bytearray((tmp_path / "damaged.mp4").read_bytes())
+    mdat = data.find(b"mdat") + 4
+    data[mdat:mdat + 2000] = bytes(2000)  # the coded frames zeroed, the container intact
+    (tmp_path / "damaged.mp4").write_bytes(bytes(data))
+    rows = write_rows(tmp_path, [{"prompt": QUESTION, "video": str(tmp_path / "damaged.mp4"), "chosen": "down",
+                                  "rejected": "up"}])
+    message = refusal(["mpo", "--model", str(tiny_vlm), "--dataset", str(rows), "--output_dir", str(tmp_path / "out"),
+                       "--max_steps", "1", *VIDEO_FLAGS, *FLAGS])
+    assert message.startswith(f"align-train: MPO batch: video file {tmp_path / 'damaged.mp4'} cannot be decoded"), message
