@@ -173,3 +173,14 @@ def test_a_clip_unreadable_mid_run_stops_it_in_one_line_naming_the_clip(tiny_vlm
     message = refusal(["mpo", "--model", str(tiny_vlm), "--dataset", str(rows), "--output_dir", str(tmp_path / "out"),
                        "--max_steps", "1", *VIDEO_FLAGS, *FLAGS])
     assert message.startswith(f"align-train: MPO batch: video file {tmp_path / 'damaged.mp4'} cannot be decoded"), message
+
+
+def test_a_max_length_that_cuts_video_tokens_stops_the_run_in_one_line(tiny_vlm, rows, tmp_path):
+    """TRL cuts each sequence at --max_length (1024 by default), video tokens too: the model would refuse the
+    batch in a traceback (fewer video tokens than features)."""
+    message = refusal(["mpo", "--model", str(tiny_vlm), "--dataset", str(rows), "--output_dir", str(tmp_path / "out"),
+                       "--max_steps", "1", "--per_device_train_batch_size", "4", "--max_length", "40",
+                       *VIDEO_FLAGS, *FLAGS])
+    assert re.fullmatch(r"align-train: MPO batch: --max_length 40 cuts its prompts' video tokens \(\d+ of 200 left\): "
+                        r"give a --max_length that holds them, or fewer video tokens \(--video_max_frames, "
+                        r"--video_max_pixels, --video_total_pixels\)", message), message

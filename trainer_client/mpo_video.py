@@ -5,7 +5,7 @@ processor expands them with the prompt, and the forward of both answers reads th
 from dataclasses import dataclass, fields
 
 from trainer_client import trl_seam
-from trainer_client.video import VideoBudget, VideoFrames, sample
+from trainer_client.video import VideoBudget, VideoError, VideoFrames, sample
 
 
 @dataclass
@@ -19,3 +19,8 @@ class VideoPreferenceCollator(trl_seam.PreferenceVideoSeam):
 
     def videos_of(self, row: dict) -> list[VideoFrames]:
         return [sample(video, self.video_budget, "MPO batch") for video in row.get("videos") or []]
+
+    def videos_cut(self, kept: int, expanded: int):
+        raise VideoError(f"MPO batch: --max_length {self.max_length} cuts its prompts' video tokens ({kept} of "
+                         f"{expanded} left): give a --max_length that holds them, or fewer video tokens "
+                         "(--video_max_frames, --video_max_pixels, --video_total_pixels)")

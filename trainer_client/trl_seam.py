@@ -438,30 +438,40 @@ class PreferenceVideoSeam(DataCollatorForVisionPreference):
     videos, so a video part stays one unexpanded marker and the forward sees no video. Here that call gets the
     rows' videos (`self.videos_of(row)`, ours: per row its sampled videos), in the prompts' order, and the
     processor expands them: `pixel_values_videos`, `video_grid_thw` and the video tokens' `mm_token_type_ids`
-    reach the forward of the chosen and the rejected sequences alike. Goes when TRL's collator takes videos."""
+    reach the forward of the chosen and the rejected sequences alike. TRL then cuts every sequence at its
+    `max_length`, video tokens too (the model would refuse the batch: fewer video tokens than features); a cut
+    batch goes to `self.videos_cut(kept, expanded)` (ours: it raises), the video token counts after and before.
+    Goes when TRL's collator takes videos."""
 
     def torch_call(self, examples):
         videos = [video for example in examples for video in self.videos_of(example)]
         if not videos:
             return super().torch_call(examples)
         view = copy.copy(self)
-        view.processor = _prompts_call_with_videos(self.processor, videos * 2)
+        prompts = []
+        view.processor = _prompts_call_with_videos(self.processor, videos * 2, prompts)
         batch = super(PreferenceVideoSeam, view).torch_call(examples)
-        if "pixel_values_videos" not in batch:  # TRL tokenized its prompts in a call this seam did not find
+        if not prompts:  # TRL tokenized its prompts in a call this seam did not find
             raise RuntimeError("TRL's preference collator gave its processor no videos: trl_seam.PreferenceVideoSeam "
                                "needs its prompts call (the one given images=)")
+        token = self.processor.video_token_id
+        expanded, kept = (int((ids == token).sum()) for ids in (prompts[0], batch["input_ids"]))
+        if kept != expanded:
+            self.videos_cut(kept, expanded)
         return batch
 
 
-def _prompts_call_with_videos(processor, videos: list):
-    """A shallow copy of `processor` whose calls given `images=` (TRL's prompts call) get `videos` too; the
-    chosen and rejected answers' calls (text only) stay as they were."""
+def _prompts_call_with_videos(processor, videos: list, outputs: list):
+    """A shallow copy of `processor` whose calls given `images=` (TRL's prompts call) get `videos` too, their
+    outputs appended to `outputs`; the chosen and rejected answers' calls (text only) stay as they were."""
     cls = type(processor)
 
     def __call__(self, *args, **kwargs):
-        if "images" in kwargs:
-            kwargs["videos"] = videos
-        return cls.__call__(self, *args, **kwargs)
+        if "images" not in kwargs:
+            return cls.__call__(self, *args, **kwargs)
+        out = cls.__call__(self, *args, **kwargs, videos=videos)
+        outputs.append(out["input_ids"])  # before TRL's collator puts the cut sequences in its place
+        return out
 
     view = copy.copy(processor)
     view.__class__ = type(cls.__name__, (cls,), {"__call__": __call__})
