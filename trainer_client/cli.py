@@ -11,6 +11,7 @@ from trainer_client.config import parse_args
 from trainer_client.data import DatasetError
 from trainer_client.rewards import RewardSetupError
 from trainer_client.tools import ToolSetupError
+from trainer_client.video import VideoError
 from trainer_client.weights import TransportError
 
 
@@ -41,6 +42,8 @@ def run(argv: list[str] | None = None):
         trainer.train(resume_from_checkpoint=resume_arg(config))
     except TransportError as exc:
         sys.exit(f"align-train: --weight-transport: {exc}")
+    except VideoError as exc:  # SFT, MPO: a clip the data check opened, whose frames cannot be decoded (GRPO skips its row)
+        sys.exit(f"align-train: {exc}")
     trainer.save_model(config.output_dir)
     trainer.save_state()  # trainer_state.json: the metrics history (reward curve) beside the model
     if config.process_index == 0:

@@ -11,7 +11,7 @@ rows: a prompt, `chosen`, `rejected`, `image` or `images`. Rows come out as TRL 
 conversational prompt (after `--system_prompt` when given), the image column as datasets `Image`
 features, and for GRPO a `dataset_row` column (the 1-based row number) that reward errors quote.
 
-GRPO/GSPO and SFT rows may carry `video` (a file path, mp4/webm/..., or a list of frame image paths) or
+Rows of every method may carry `video` (a file path, mp4/webm/..., or a list of frame image paths) or
 `videos` (a list of those), beside or instead of images; paths relative to the file or dataset folder (a
 hub dataset's snapshot). They become a `videos` column of absolute paths, each video one list (`[file]`
 or its frames), sampled into frames when a batch reads the row (trainer_client/video.py); a prompt
@@ -275,20 +275,17 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
     if len(video_cols) > 1:
         raise DatasetError(f"{source} row 1: give `video` or `videos`, not both")
     video_col = video_cols[0] if video_cols else None
-    if video_col and method == "mpo":
-        raise DatasetError(f"{source}: MPO takes no video rows yet (`{video_col}`); warm up on video with "
-                           "align-train sft, then GRPO/GSPO")
     if method == "mpo":
         answer_cols = ["chosen", "rejected"]
         for c in answer_cols:
             if c not in columns:
                 raise DatasetError(f"{source} row 1: missing column `{c}`")
-        extra = [c for c in columns if c not in (prompt_col, *answer_cols, *IMAGE_COLUMNS)]
+        extra = [c for c in columns if c not in (prompt_col, *answer_cols, *IMAGE_COLUMNS, *VIDEO_COLUMNS)]
         if extra and strict_columns:
             raise DatasetError(f"{source} row 1: unknown column(s) {', '.join(sorted(extra))}; expected "
-                               f"{', '.join(sorted({'prompt', 'chosen', 'rejected', 'image', 'images'}))}")
+                               f"{', '.join(sorted({'prompt', 'chosen', 'rejected', *IMAGE_COLUMNS, *VIDEO_COLUMNS}))}")
         if extra:
-            log.info("%s: MPO uses prompt, chosen, rejected and images; ignoring %s", source, ", ".join(extra))
+            log.info("%s: MPO uses prompt, chosen, rejected, images and videos; ignoring %s", source, ", ".join(extra))
         keep = []
     else:
         solution_col = next((c for c in SOLUTION_COLUMNS if c in columns), None)
@@ -357,6 +354,10 @@ def prepare(raw: datasets.Dataset, method: str, source: str, root: Path | None =
         feature = datasets.List(datasets.Image()) if listed else datasets.Image()
         name = "images" if listed else image_col
         parts.append(datasets.Dataset.from_dict({name: paths}, features=datasets.Features({name: feature})))
+    elif video_col and method == "mpo":
+        # TRL's DPOTrainer collates rows on the fly (where the videos are sampled) only for a dataset with images
+        parts.append(datasets.Dataset.from_dict({"images": [[] for _ in videos]},
+                                                features=datasets.Features({"images": datasets.List(datasets.Image())})))
     if video_col:
         parts.append(datasets.Dataset.from_dict({"videos": videos}, features=datasets.Features(
             {"videos": datasets.List(datasets.List(datasets.Value("string")))})))

@@ -32,6 +32,7 @@ from trainer_client.data import load_datasets
 from trainer_client.dynamic_sampling import DynamicSampling
 from trainer_client.generation import ServerGeneration, with_videos
 from trainer_client.importance_sampling import LossForwardImportanceSampling
+from trainer_client.mpo_video import VideoPreferenceCollator
 from trainer_client.parity import Side
 from trainer_client.rewards import check_reward_columns, load_rewards
 from trainer_client.rollout_health import RolloutHealth, RolloutLine
@@ -62,7 +63,13 @@ class PushWeightsCallback(TrainerCallback):
 
 
 class MPOTrainer(RestoresCheckpointWeights, DPOTrainer):
-    """TRL's DPOTrainer, resuming with the checkpoint's weights."""
+    """TRL's DPOTrainer, resuming with the checkpoint's weights. With a `video_budget` (the rows have videos) its
+    collator samples each row's videos and hands them to the processor with the prompt (`VideoPreferenceCollator`)."""
+
+    def __init__(self, *args, video_budget: VideoBudget | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if video_budget is not None:
+            self.data_collator = VideoPreferenceCollator.like(self.data_collator, video_budget)
 
 
 class SFTRunTrainer(RestoresCheckpointWeights, SFTTrainer):
@@ -325,7 +332,7 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
     if method == "sft":
         collator = AssistantTurnsCollator(processor, tools + (environment_tools(environment) if environment else []),
                                           assistant_only=config.assistant_only_loss, end_token_ids=eos_token_ids(align.model),
-                                          video_budget=sft_video_budget(align, processor, family, dataset, eval_dataset))
+                                          video_budget=dataset_video_budget(align, processor, family, dataset, eval_dataset))
         # TRL's own masking off (it refuses vision datasets before transformers 5.18): the collator masks.
         trl_config = copy.copy(config)
         trl_config.assistant_only_loss = False
@@ -334,8 +341,13 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
         return SFTRunTrainer(model=align.model, args=trl_config, train_dataset=dataset, eval_dataset=eval_dataset,
                              processing_class=processor, data_collator=collator, peft_config=peft_config)
     if method == "mpo":
-        return MPOTrainer(model=align.model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
-                          processing_class=processor, peft_config=peft_config)
+        budget = dataset_video_budget(align, processor, family, dataset, eval_dataset)
+        trl_config = config
+        if budget is not None:  # the collator reads `videos`, which TRL's vision signature would drop
+            trl_config = copy.copy(config)
+            trl_config.remove_unused_columns = False
+        return MPOTrainer(model=align.model, args=trl_config, train_dataset=dataset, eval_dataset=eval_dataset,
+                          processing_class=processor, peft_config=peft_config, video_budget=budget)
 
     check_reward_columns(align.reward_funcs, rewards, dataset.column_names, align.dataset or align.dataset_name)
     if eval_dataset is not None:
@@ -388,9 +400,9 @@ def video_budget_flags(align: AlignArguments) -> dict:
                 total_pixels=align.video_total_pixels)
 
 
-def sft_video_budget(align: AlignArguments, processor, family, *splits):
-    """The video budget SFT samples with (`--video_*` flags, else the model's video processor's own), None
-    without video rows."""
+def dataset_video_budget(align: AlignArguments, processor, family, *splits):
+    """The video budget SFT and MPO sample their rows' videos with (`--video_*` flags, else the model's video
+    processor's own), None without video rows."""
     flags = video_flags(align, processor, family, *splits)
     if flags is None:
         return None

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from peft import PeftMixedModel, PeftModel
 from trl import GRPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict, unsplit_pixel_values_by_grid
 
 log = logging.getLogger(__name__)
@@ -430,6 +431,53 @@ class VideoSeam:
             hook.remove()
 
 
+class PreferenceVideoSeam(DataCollatorForVisionPreference):
+    """Overrides `DataCollatorForVisionPreference.torch_call`, which TRL's DPOTrainer collates a vision dataset's
+    rows with (MPO's preference pairs). TRL 1.16 collates images only: its processor call that tokenizes the
+    prompts (the one given `images=`, every row's prompt twice: for its chosen, then its rejected answer) gets no
+    videos, so a video part stays one unexpanded marker and the forward sees no video. Here that call gets the
+    rows' videos (`self.videos_of(row)`, ours: per row its sampled videos), in the prompts' order, and the
+    processor expands them: `pixel_values_videos`, `video_grid_thw` and the video tokens' `mm_token_type_ids`
+    reach the forward of the chosen and the rejected sequences alike. TRL then cuts every sequence at its
+    `max_length`, video tokens too (the model would refuse the batch: fewer video tokens than features); a cut
+    batch goes to `self.videos_cut(kept, expanded)` (ours: it raises), the video token counts after and before.
+    Goes when TRL's collator takes videos."""
+
+    def torch_call(self, examples):
+        videos = [video for example in examples for video in self.videos_of(example)]
+        if not videos:
+            return super().torch_call(examples)
+        view = copy.copy(self)
+        prompts = []
+        view.processor = _prompts_call_with_videos(self.processor, videos * 2, prompts)
+        batch = super(PreferenceVideoSeam, view).torch_call(examples)
+        if not prompts:  # TRL tokenized its prompts in a call this seam did not find
+            raise RuntimeError("TRL's preference collator gave its processor no videos: trl_seam.PreferenceVideoSeam "
+                               "needs its prompts call (the one given images=)")
+        token = self.processor.video_token_id
+        expanded, kept = (int((ids == token).sum()) for ids in (prompts[0], batch["input_ids"]))
+        if kept != expanded:
+            self.videos_cut(kept, expanded)
+        return batch
+
+
+def _prompts_call_with_videos(processor, videos: list, outputs: list):
+    """A shallow copy of `processor` whose calls given `images=` (TRL's prompts call) get `videos` too, their
+    outputs appended to `outputs`; the chosen and rejected answers' calls (text only) stay as they were."""
+    cls = type(processor)
+
+    def __call__(self, *args, **kwargs):
+        if "images" not in kwargs:
+            return cls.__call__(self, *args, **kwargs)
+        out = cls.__call__(self, *args, **kwargs, videos=videos)
+        outputs.append(out["input_ids"])  # before TRL's collator puts the cut sequences in its place
+        return out
+
+    view = copy.copy(processor)
+    view.__class__ = type(cls.__name__, (cls,), {"__call__": __call__})
+    return view
+
+
 class _ObservationOnly:
     """Stands in TRL's environment pool for a sample whose environment was reset elsewhere: TRL's reset gets
     the observation that reset returned, and resets nothing."""
@@ -489,6 +537,7 @@ class Attribute:
 
 
 GRPO = "trl.GRPOTrainer"
+PREFERENCE_COLLATOR = "trl.trainer.dpo_trainer.DataCollatorForVisionPreference"
 VLLM_GENERATION = "trl.generation.vllm_generation.VLLMGeneration"
 SEAM = "trainer_client.trl_seam"
 
@@ -512,6 +561,8 @@ RELIED_ON = (
             "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids",
             "image_position_ids")),
     Method(f"{GRPO}._prepare_inputs", ("self", "generation_batch"), (f"{SEAM}.PrepareInputsSeam._prepare_inputs",)),
+    Method(f"{PREFERENCE_COLLATOR}.torch_call", ("self", "examples"), (f"{SEAM}.PreferenceVideoSeam.torch_call",)),
+    Attribute(PREFERENCE_COLLATOR, "processor", ("torch_call",)),
     Method("transformers.Trainer._load_from_checkpoint", ("self", "resume_from_checkpoint", "model"),
            (f"{SEAM}.RestoresCheckpointWeights._load_from_checkpoint",)),
     # TRL's vLLM seam: our backends stand where its VLLMGeneration stands
