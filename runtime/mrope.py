@@ -25,7 +25,7 @@ def _positions(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_gr
     merge = self.config.vision_config.spatial_merge_size
     grids = {1: iter(image_grid_thw if image_grid_thw is not None else []),
              2: iter(video_grid_thw if video_grid_thw is not None else [])}
-    seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+    seconds = iter(torch.as_tensor(second_per_grid_ts).tolist() if second_per_grid_ts is not None else [])
     position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
     deltas = []
     for b in range(input_ids.shape[0]):
