@@ -34,6 +34,7 @@ MAX_PROMPT_TOKENS = 1 << 20
 MAX_MESSAGES = 1024
 MAX_TEXT_CHARS = 1 << 22
 MAX_FRAMES_PER_VIDEO = 4096  # the wire's bound; the served model's video budget (/v1/info) is lower
+MAX_VIDEO_FPS = 1000.0  # above any camera's rate: a larger value is a unit mistake (frames per millisecond?)
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 N = Annotated[int, Field(ge=1, le=MAX_N, description="completions per prompt")]
@@ -102,6 +103,10 @@ class VideoRef(_Strict):
     (by hash once the server holds it, or inline), so a video's frames cross the wire once."""
 
     frames: list[ImageRef] = Field(min_length=1, max_length=MAX_FRAMES_PER_VIDEO)
+    # The frames' timing: frame k was taken at k / fps seconds. Qwen2.5-VL's positions and Qwen3-VL's
+    # timestamps depend on it: the server refuses a video without it for a family that reads it.
+    fps: float | None = Field(None, gt=0, le=MAX_VIDEO_FPS, allow_inf_nan=False,
+                              description="the rate the frames were sampled at, frames per second")
 
 
 class TextPart(_Strict):

@@ -21,9 +21,11 @@ model's config names the feature token (`image_token_id`). An entry says what di
   several images differently (LLaVA-OneVision: anyres per image in vLLM, a smaller multi-image layout
   in the HF processor, so the features the trainer's forward computes would not be the ones sampled);
 - `video`: the server takes videos for it (as frames the client sampled): one marker per video (the
-  processor's `video_token`), expanded by the model's own video processor, as images are. Only where
-  the expansion and the positions depend on the frames alone: Qwen2.5-VL's positions and Qwen3-VL's
-  timestamps also need each video's frame timing, which the protocol does not carry yet.
+  processor's `video_token`), expanded by the model's own video processor, as images are;
+- `video_fps`: the model reads each video's frame timing (Qwen2.5-VL's M-RoPE spaces a video's frames by
+  `second_per_grid_ts`, the seconds one temporal patch spans), so a video must carry the rate its frames
+  were sampled at (the wire's `VideoRef.fps`), which both engines and the trainer's forward hand the
+  processor as the video's metadata.
 
 Adding a family: an entry below, its tiny model (`examples/tiny_models/`), and its row in
 docs/models.md; tests/test_families.py runs it on both engines.
@@ -44,6 +46,7 @@ class Family:
     vllm_lora: bool = True
     images_per_prompt: int | None = None
     video: bool = False
+    video_fps: bool = False
 
     def vllm_weight_name(self, name: str) -> str:
         """A trainer's parameter name (`named_parameters()`) as vLLM's `load_weights` takes it."""
@@ -88,7 +91,7 @@ _NESTED_TOWER = "model.vision_tower.vision_model."
 
 FAMILIES = (
     Family("Qwen2-VL", ("qwen2_vl",), "Qwen/Qwen2-VL-2B-Instruct", video=True),
-    Family("Qwen2.5-VL", ("qwen2_5_vl",), "Qwen/Qwen2.5-VL-3B-Instruct"),
+    Family("Qwen2.5-VL", ("qwen2_5_vl",), "Qwen/Qwen2.5-VL-3B-Instruct", video=True, video_fps=True),
     Family("Qwen3-VL", ("qwen3_vl",), "Qwen/Qwen3-VL-2B-Instruct"),
     Family("Gemma 3", ("gemma3",), "google/gemma-3-4b-it", wrappers=("<end_of_image>",), siglip_tower=True,
            bidirectional_images=True),

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 from PIL import Image
 
 from runtime.families import family_of
@@ -41,6 +42,20 @@ class VideoShape(NamedTuple):
     frames: int
     width: int
     height: int
+
+
+def video_metadata(frames: int, fps: float | None) -> dict:
+    """A video's metadata as HF's processors and vLLM take it, for `frames` sampled at `fps` (frame k at k / fps
+    seconds) and none resampled: what a family's positions read of a video's timing (`Family.video_fps`)."""
+    return {"total_num_frames": frames, "fps": fps, "frames_indices": list(range(frames)),
+            "duration": frames / fps if fps else None}
+
+
+def vllm_video(frames: Sequence[Image.Image], fps: float | None) -> tuple:
+    """A video as vLLM's multimodal data takes it: one (frames, height, width, 3) array and its metadata. vLLM
+    hands both to the same HF video processor, the frames unsampled, so its features, token count and temporal
+    positions are those of transformers given the same frames and `video_metadata`."""
+    return np.stack([np.asarray(f) for f in frames]), {**video_metadata(len(frames), fps), "do_sample_frames": False}
 
 
 class ImageTokens:

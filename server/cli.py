@@ -253,6 +253,7 @@ def _family_limits(engine, config) -> None:
             log.warning("no video served: %s", config.video_refusal)
     else:
         config.max_frames_per_video = engine.processing.images.video_budgets()["max_frames"]
+        config.video_fps_read_by = family.name if family.video_fps else None
     if family is None:
         return
     config.max_images_per_prompt, why = family.images_limit(config.max_images_per_prompt)

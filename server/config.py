@@ -14,6 +14,7 @@ class ServeConfig:
     max_videos_per_prompt: int = 1
     video_refusal: str | None = None  # why the served model takes no video (then max_videos_per_prompt is 0)
     max_frames_per_video: int = 0  # the served model's video budget (its video processor's max_frames)
+    video_fps_read_by: str | None = None  # the served family, where it reads each video's fps (Family.video_fps)
     image_cache_bytes: int = 2 * 1024**3
     body_timeout_s: float = 300.0
     generate_timeout_s: float = 600.0

@@ -46,6 +46,11 @@ def check_videos(prompt: GeneratePrompt, i: int, config: ServeConfig) -> None:
                            f"{field}[{j}].frames has {len(video.frames)} frames; the served model's video budget "
                            f"takes up to {config.max_frames_per_video} (max_frames, --mm-processor-kwargs): "
                            "sample fewer frames", {"field": f"{field}[{j}].frames", "limit": config.max_frames_per_video})
+        if video.fps is None and config.video_fps_read_by is not None:
+            raise APIError(400, ErrorCode.invalid_request,
+                           f"{field}[{j}].fps is missing: {config.video_fps_read_by} places a video's frames by their "
+                           "timing, so give the rate they were sampled at (frames per second)",
+                           {"field": f"{field}[{j}].fps"})
 
 
 def _refs(prompt: GeneratePrompt, i: int):
@@ -172,7 +177,8 @@ def to_engine_prompt(engine: Engine, prompt: GeneratePrompt, i: int, sampling: S
                 f"prompts[{i}].prompt_ids has {video_placeholders} video placeholder tokens (id {video_marker}) "
                 f"but {len(videos)} videos; send exactly one placeholder per video, not the processor-expanded run",
                 {"field": f"prompts[{i}].prompt_ids"})
-    ep = EnginePrompt(prompt_ids=list(ids), images=images, videos=list(videos))
+    ep = EnginePrompt(prompt_ids=list(ids), images=images, videos=list(videos),
+                      video_fps=[v.fps for v in prompt.videos or []])
     length = engine.prompt_len(ep)
     if length + sampling.max_tokens > engine.max_model_len:
         raise APIError(

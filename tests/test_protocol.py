@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from protocol import GeneratePrompt, GenerateRequest, ImageRef, SamplingParams
+from protocol import GeneratePrompt, GenerateRequest, ImageRef, SamplingParams, VideoRef
+from protocol.schemas import MAX_VIDEO_FPS
 from server.images import ImageCache, ImageError, decode_image
 from tests.utils import png_bytes, random_image
 from trainer_client import collapse_image_runs
@@ -51,6 +52,15 @@ def test_prompt_needs_exactly_one_of_ids_or_messages():
         ImageRef(sha256="not-a-hash")
     with pytest.raises(ValidationError):
         GenerateRequest(prompts=[])
+
+
+@pytest.mark.parametrize("fps", [0, -1.0, float("inf"), float("nan"), MAX_VIDEO_FPS * 2])
+def test_a_videos_rate_is_positive_finite_and_bounded(fps):
+    frames = [{"sha256": "a" * 64}]
+    assert VideoRef(frames=frames, fps=2.5).fps == 2.5 and VideoRef(frames=frames).fps is None
+    with pytest.raises(ValidationError) as err:
+        GeneratePrompt(prompt_ids=[1], videos=[{"frames": frames, "fps": fps}])
+    assert err.value.errors()[0]["loc"] == ("videos", 0, "fps")
 
 
 def test_one_request_holds_a_bounded_number_of_sequences():

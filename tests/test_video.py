@@ -12,21 +12,26 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from examples.tiny_model import build
-from runtime.image_tokens import ImageTokens, VideoShape
+from runtime import mrope
+from runtime.image_tokens import ImageTokens, VideoShape, video_metadata
 from runtime.torchvision_compat import load_processor
 from server.engines.processing import ModelProcessing
 from tests.utils import ServerProcess, moving_dot, png_bytes, random_image
 from trainer_client import AlignClient
+from trainer_client.video import VideoFrames
 
 BUDGETS = {"videos_kwargs": {"min_pixels": 3136, "max_pixels": 12544, "max_frames": 8}}
 SERVE = ["--mm-processor-kwargs", json.dumps(BUDGETS)]
 QUESTION = "Which way does the dot move?"
+FPS = 2.0  # the rate the test clips' frames were sampled at, as the trainer sends it (Qwen2-VL reads none)
 
 
 class Local:
-    """What the trainer holds: the model, its processor with the server's budgets, its token counts."""
+    """What the trainer holds: the model (its video positions the reference's, as the trainer's: runtime.mrope),
+    its processor with the server's budgets, its token counts."""
 
     def __init__(self, path):
+        mrope.install()
         self.processor = load_processor(path)
         self.tokenizer = self.processor.tokenizer
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
@@ -40,9 +45,11 @@ class Local:
         """A prompt as the client sends it: one marker per image and per video."""
         return self.tokenizer.encode(self.text(videos, images), add_special_tokens=False)
 
-    def inputs(self, videos: list, images: list = ()) -> dict:
-        """The processor's inputs for the same prompt: each video expanded by the video processor."""
+    def inputs(self, videos: list, images: list = (), fps: float = FPS) -> dict:
+        """The processor's inputs for the same prompt: each video (its frames sampled at `fps`) expanded by the
+        video processor."""
         return self.processor(text=[self.text(len(videos), len(images))], videos=videos or None,
+                              video_metadata=[video_metadata(len(v), fps) for v in videos] or None,
                               images=list(images) or None, return_tensors="pt", add_special_tokens=False, **BUDGETS)
 
     def greedy(self, inputs: dict, n: int = 8) -> list[int]:
@@ -95,7 +102,8 @@ def check_token_exact(server: ServerProcess, local: Local) -> None:
             expanded = inputs["input_ids"][0].tolist()
             shape = VideoShape(len(clip), *clip[0].size)
             assert local.tokens.expand(local.ids(), [], [shape]) == expanded
-            out = client.generate(prompt_ids=[local.ids()], videos=[[clip]], temperature=0.0, max_tokens=8)
+            out = client.generate(prompt_ids=[local.ids()], videos=[[VideoFrames(clip, FPS)]], temperature=0.0,
+                                  max_tokens=8)
             result = out.results[0]
             assert result.prompt_ids == local.ids()
             assert result.prompt_tokens == len(expanded)
@@ -103,14 +111,14 @@ def check_token_exact(server: ServerProcess, local: Local) -> None:
             assert completion.token_ids == local.greedy(inputs)
             assert completion.logprobs == pytest.approx(local.logprobs(inputs, completion.token_ids), abs=2e-4)
         # both clips (two shapes) in one request, batched by the engine: each answer still its own
-        out = client.generate(prompt_ids=[local.ids()] * 2, videos=[[clip] for clip in CLIPS], temperature=0.0,
-                              max_tokens=8)
+        out = client.generate(prompt_ids=[local.ids()] * 2, videos=[[VideoFrames(clip, FPS)] for clip in CLIPS],
+                              temperature=0.0, max_tokens=8)
         for clip, result in zip(CLIPS, out.results, strict=True):
             assert result.completions[0].token_ids == local.greedy(local.inputs([clip]))
         # an image and a video in one prompt: each expanded by its own processor
         image, clip = random_image(3), CLIPS[0]
         inputs = local.inputs([clip], [image])
-        out = client.generate(prompt_ids=[local.ids(images=1)], images=[[image]], videos=[[clip]],
+        out = client.generate(prompt_ids=[local.ids(images=1)], images=[[image]], videos=[[VideoFrames(clip, FPS)]],
                               temperature=0.0, max_tokens=8)
         assert out.results[0].prompt_tokens == inputs["input_ids"].shape[1]
         assert out.results[0].completions[0].token_ids == local.greedy(inputs)
@@ -274,7 +282,7 @@ def test_video_markers_must_match_the_videos(served, local):
 
 
 def test_a_family_without_video_refuses_it_in_one_line(tmp_path_factory, log_dir):
-    path = build(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), "qwen2_5_vl", seed=0)
+    path = build(tmp_path_factory.mktemp("tiny_qwen3_vl"), "qwen3_vl", seed=0)
     local = Local(path)
     with serving(path, "transformers", log_dir) as server:
         with AlignClient(server.url) as client:
@@ -283,7 +291,7 @@ def test_a_family_without_video_refuses_it_in_one_line(tmp_path_factory, log_dir
         assert info.limits.max_videos_per_prompt == 0
         video = {"frames": [_frame(f) for f in moving_dot(2, "left")]}
         r = _post(server, {"prompt_ids": local.ids(), "videos": [video]})
-        _refused(r, "prompts[0].videos", "Qwen2.5-VL is served without video", "Qwen2-VL")
+        _refused(r, "prompts[0].videos", "Qwen3-VL is served without video", "Qwen2-VL, Qwen2.5-VL")
 
 
 def test_a_text_only_model_refuses_video(tiny_text, log_dir, local):

@@ -101,6 +101,17 @@ def test_collated_videos_are_the_processors_and_carry_no_labels(tiny_vlm, clips,
     assert learnt == [f"{a}<|im_end|>" for a in ANSWERS]
 
 
+def test_a_qwen2_5_vl_batch_carries_each_videos_rate(rows, tmp_path):
+    """Qwen2.5-VL's positions read each video's timing: the collator gives the processor the rate each video's
+    frames were sampled at (thinned to 2 frames at 4 fps: 1.5 s of clip is 1.33 fps, 1 s is 2 fps), as the
+    server gets it, where the processor's own default would be 24 fps (1/12 s a temporal patch of 2 frames)."""
+    processor = load_processor(build(tmp_path / "qwen2_5_vl", "qwen2_5_vl", seed=0))
+    budget = resolve_budget(processor, fps=4, max_frames=2, max_pixels=MAX_PIXELS)
+    dataset = load_train_dataset(rows, "sft")
+    batch = AssistantTurnsCollator(processor, [], video_budget=budget)([dataset[i] for i in range(len(dataset))])
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx([1.5, 1.0, 1.0])
+
+
 def test_sft_on_video_rows_lowers_the_loss(tiny_vlm, rows, tmp_path):
     trainer = run(["sft", "--model", str(tiny_vlm), "--dataset", str(rows), "--output_dir", str(tmp_path / "out"),
                    "--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
@@ -125,7 +136,7 @@ def test_a_corrupt_video_stops_the_run_at_the_data_check_naming_the_row(tiny_vlm
 
 
 @pytest.mark.parametrize("arch, why", [
-    ("qwen3_vl", r"Qwen3-VL trains without video here \(video is trained and served for Qwen2-VL\)"),
+    ("qwen3_vl", r"Qwen3-VL trains without video here \(video is trained and served for Qwen2-VL, Qwen2.5-VL\)"),
     ("gemma3", r"its processor takes no video"),
 ])
 def test_video_rows_for_a_model_without_video_are_refused(arch, why, clips, tmp_path):

@@ -240,10 +240,10 @@ def test_a_batch_read_ahead_is_decoded_once_and_its_skips_counted_once(clips, tm
 
 
 def test_video_rows_for_a_model_without_video_are_refused(tmp_path_factory, clips, tmp_path):
-    qwen25 = build(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl", seed=0)
-    with pytest.raises(SystemExit, match=r"the dataset has 3 video row\(s\) but --model .* takes none: Qwen2.5-VL "
+    qwen3 = build(tmp_path_factory.mktemp("qwen3_vl"), "qwen3_vl", seed=0)
+    with pytest.raises(SystemExit, match=r"the dataset has 3 video row\(s\) but --model .* takes none: Qwen3-VL "
                                          r"trains without video here"):
-        grpo(qwen25, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "1", "--vllm-mode", "none")
+        grpo(qwen3, clips / "grpo.jsonl", tmp_path / "out", "--max_steps", "1", "--vllm-mode", "none")
 
 
 @pytest.mark.vllm

@@ -71,9 +71,10 @@ log = logging.getLogger(__name__)
 
 
 def image_key(image) -> tuple:
-    """An image's identity by content: its size, mode and the sha256 of its pixels; a video's, its frames'."""
+    """An image's identity by content: its size, mode and the sha256 of its pixels; a video's, its frames' and
+    their rate (Qwen2.5-VL places the same frames otherwise at another)."""
     if isinstance(image, VideoFrames):
-        return "video", tuple(image_key(frame) for frame in image)
+        return "video", image.fps, tuple(image_key(frame) for frame in image)
     return image.size, image.mode, hashlib.sha256(image.tobytes()).hexdigest()
 
 

@@ -212,7 +212,8 @@ class AlignClient:
 
         image_refs = [[ref(img) for img in imgs] for imgs in images]
         video_refs = None if videos is None else [
-            [VideoRef(frames=[ref(frame) for frame in video]) for video in vids] or None for vids in videos]
+            [VideoRef(frames=[ref(frame) for frame in video], fps=getattr(video, "fps", None)) for video in vids] or None
+            for vids in videos]
         return image_refs, video_refs, inline
 
     # ---- generation -----------------------------------------------------------------------------
@@ -230,7 +231,8 @@ class AlignClient:
         markers than images has them collapsed, as in a Qwen-VL processor's runs) or chat messages, each with
         its images (PIL or encoded bytes); `videos`: each prompt's videos (with prompt_ids holding one video
         marker, /v1/info's video_token_id, per video), each the list of frames sampled from it, sent as images
-        are (once, then by hash). Sampling fields as keywords
+        are (once, then by hash), with its `fps` where it has one (a `VideoFrames`: the rate they were sampled
+        at, which Qwen2.5-VL needs). Sampling fields as keywords
         (`n=8, temperature=1.0, max_tokens=64, ...`) or a `SamplingParams`. With several servers
         the batch is split across them and answered in order. `check(server, answer)` sees each
         server's answer before they are merged and may refuse it by raising (the trainer refuses

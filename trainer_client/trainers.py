@@ -13,15 +13,14 @@ import logging
 import os
 from urllib.parse import urlsplit
 
-import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig, TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-from runtime import kv_cache
+from runtime import kv_cache, mrope
 from runtime.families import FAMILIES, UnknownFamily, family_of
-from runtime.image_tokens import ImageTokens
+from runtime.image_tokens import ImageTokens, vllm_video
 from runtime.torchvision_compat import inspect_vllm_models_here, load_processor
 from runtime.vllm_reload import retie_embeddings
 from trainer_client import trl_seam
@@ -215,8 +214,8 @@ def _unexpanded_generate(trainer, tokens: ImageTokens, generate, prompts, images
 
     def with_video_data(requests, *a, **kw):
         for request, (_, vids) in zip(requests, split, strict=True):
-            if vids:  # as align-serve's vLLM engine: each video one (frames, height, width, 3) array
-                request.setdefault("multi_modal_data", {})["video"] = [np.stack([np.asarray(f) for f in v]) for v in vids]
+            if vids:  # as align-serve's vLLM engine gives them
+                request.setdefault("multi_modal_data", {})["video"] = [vllm_video(v, v.fps) for v in vids]
         return type(llm).generate(llm, requests, *a, **kw)
 
     llm.generate = with_video_data
@@ -316,6 +315,7 @@ def build_trainer(method: str, align: AlignArguments, config: RunConfig, peft_co
     `peft_config` TRL trains an adapter; server mode pushes the adapter alone or the merged weights
     (`--lora_sync`, see ServerGeneration)."""
     generates = method in ("grpo", "gspo")
+    mrope.install()  # the positions vLLM and the server's transformers engine give a video
     rewards = load_rewards(align.reward_funcs) if generates else []  # fails in a second, not after loading
     tools, environment = (load_tools(align.tools), load_environment(align.environment)) if method != "mpo" else ([], None)
     try:

@@ -8,14 +8,19 @@ server (each frame an image sent once and then named by hash). Both sides' video
 same frames; the budgets that size them (`VideoBudget`) are the server's or refused at start
 (`check_against_server`).
 
-- `fps`: frames per second of the clip taken from a video file (the first at t=0); frame lists are taken
-  as given (they were sampled by whoever wrote them).
+- `fps`: frames per second of the clip taken from a video file (the first at t=0; never more often than
+  the clip has frames: a clip of a lower rate gives each of its frames); frame lists are taken as given
+  (they were sampled by whoever wrote them) and read as sampled at `fps`.
 - `max_frames`: at most this many frames per video; more are thinned evenly over the clip.
 - `max_pixels`: each frame scaled down (aspect kept) to at most this many pixels; also the video
   processor's own per-frame bound (its `size.longest_edge`), which must be the server's.
 - `total_pixels`: all frames of a video together at most this many pixels (each frame scaled down further
   when frames x max_pixels would exceed it); None: no such bound. Applied here, before the frames leave,
   so the server sees the frames already sized and nothing of the server's has to match it.
+
+Each sampled video keeps the rate its frames stand for (`VideoFrames.fps`: the rate sampled at, lowered by
+thinning as HF's own sampling reports it), which travels with it (the wire's `VideoRef.fps`) and reaches
+every processor that reads frame timing (Qwen2.5-VL's positions).
 """
 
 import io
@@ -40,9 +45,14 @@ class VideoError(ValueError):
 
 
 class VideoFrames(list):
-    """One video as the frames sampled from it (PIL images, all of one size), in order. A list, so that it
-    travels wherever a prompt's images travel (gathered between processes, held by a read-ahead batch); its
-    type tells it from an image at the edges that send it (`split_media`)."""
+    """One video as the frames sampled from it (PIL images, all of one size), in order, and `fps`: the rate
+    they were sampled at (frame k stands for k / fps seconds). A list, so that it travels wherever a prompt's
+    images travel (gathered between processes, held by a read-ahead batch); its type tells it from an image
+    at the edges that send it (`split_media`)."""
+
+    def __init__(self, frames=(), fps: float | None = None):
+        super().__init__(frames)
+        self.fps = fps
 
     @property
     def shape(self) -> VideoShape:
@@ -153,10 +163,11 @@ def probe(entries: Sequence[str], budget: VideoBudget, where: str) -> int:
 def sample(entries: Sequence[str] | Sequence[Image.Image], budget: VideoBudget, where: str = "video") -> VideoFrames:
     """The frames the trainer trains and generates on: decoded (a file: at `budget.fps`), thinned to
     `max_frames`, scaled to `max_pixels` and `total_pixels`, all of the first frame's size."""
+    fps = budget.fps  # a frame list's rate: the budget's, as if sampled by it
     if entries and all(isinstance(e, Image.Image) for e in entries):
         frames = [e.convert("RGB") for e in entries]
     elif is_video_file(entries):
-        frames = _decode(entries[0], budget, where)
+        frames, fps = _decode(entries[0], budget, where)
     else:
         frames = []
         for frame in entries:
@@ -169,8 +180,8 @@ def sample(entries: Sequence[str] | Sequence[Image.Image], budget: VideoBudget, 
                 raise VideoError(f"{where}: video frame {frame} cannot be read ({type(exc).__name__}: {exc})") from exc
     if not frames:
         raise VideoError(f"{where}: the video gave no frames")
-    frames = thin(frames, budget.max_frames)
-    return VideoFrames(resize(frames, budget))
+    kept = thin(frames, budget.max_frames)
+    return VideoFrames(resize(kept, budget), fps * len(kept) / len(frames))
 
 
 def thin(frames: list, limit: int) -> list:
@@ -206,15 +217,19 @@ def _duration(container, stream) -> float | None:
     return None
 
 
+def _rate(fps: float, rate: float | None) -> float:
+    """The rate a clip of frame rate `rate` is sampled at for `fps`: never more often than it has frames."""
+    return min(fps, rate) if rate else fps
+
+
 def _times(duration: float, fps: float, rate: float | None) -> list[float]:
     """The instants sampled from a clip of `duration` seconds at `fps`: 0, 1/fps, ... (at least one)."""
-    count = max(1, math.floor(duration * fps + 1e-6))
-    if rate:  # never more often than the clip has frames
-        count = min(count, max(1, round(duration * rate)))
-    return [i / fps for i in range(count)]
+    fps = _rate(fps, rate)
+    return [i / fps for i in range(max(1, math.floor(duration * fps + 1e-6)))]
 
 
-def _decode(path: str, budget: VideoBudget, where: str) -> list[Image.Image]:
+def _decode(path: str, budget: VideoBudget, where: str) -> tuple[list[Image.Image], float]:
+    """The frames sampled from the clip at `path`, and the rate they were sampled at."""
     import av
 
     decoded = []
@@ -234,8 +249,8 @@ def _decode(path: str, budget: VideoBudget, where: str) -> list[Image.Image]:
         duration = decoded[-1][0] - decoded[0][0] + 1 / (rate or budget.fps) if decoded[0][0] is not None else None
     if not decoded:
         raise VideoError(f"{where}: video file {path} holds no frames")
-    if decoded[0][0] is None or not duration:
-        return [img for _, img in decoded]
+    if decoded[0][0] is None or not duration:  # no timing to sample by: every frame, at the clip's rate
+        return [img for _, img in decoded], rate or budget.fps
     start = decoded[0][0]
     out, k = [], 0
     for t in _times(duration, budget.fps, rate):
@@ -243,7 +258,7 @@ def _decode(path: str, budget: VideoBudget, where: str) -> list[Image.Image]:
         while k + 1 < len(decoded) and decoded[k + 1][0] - start <= t + 1e-6:
             k += 1
         out.append(decoded[k][1])
-    return out
+    return out, _rate(budget.fps, rate)
 
 
 def write_video(path: str | Path, frames: Sequence[Image.Image], fps: float = 4.0) -> None:

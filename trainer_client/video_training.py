@@ -17,12 +17,15 @@ from collections import deque
 
 import torch
 
+from runtime.image_tokens import video_metadata
 from trainer_client import trl_seam
 from trainer_client.sampler import image_tokens
 from trainer_client.video import VideoBudget, VideoError, VideoFrames, resolve_budget, sample
 
 log = logging.getLogger(__name__)
 READ_AHEAD_BATCHES = 4  # more than async rollouts read ahead at their default staleness
+
+VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")  # what a forward reads of a video
 
 
 def video_frames_in(prompt: list[dict]) -> list[VideoFrames]:
@@ -199,8 +202,12 @@ class VideoTraining(trl_seam.VideoSeam):
         return out
 
     def _processed(self, videos: list[VideoFrames]) -> dict:
-        """The video processor's inputs for `videos`, each video processed once (kept on its frames)."""
+        """The processor's video inputs for `videos` (Qwen2.5-VL's `second_per_grid_ts` from each one's fps, as
+        the server's processor reads it), each video processed once (kept on its frames)."""
+        processor = self.processing_class
         for video in videos:
             if getattr(video, "processed", None) is None:
-                video.processed = dict(self.processing_class.video_processor(videos=[list(video)], return_tensors="pt"))
-        return {key: torch.cat([v.processed[key] for v in videos]) for key in ("pixel_values_videos", "video_grid_thw")}
+                out = processor(text=[processor.video_token], videos=[list(video)],
+                                video_metadata=[video_metadata(len(video), video.fps)], return_tensors="pt")
+                video.processed = {k: v for k, v in out.items() if k in VIDEO_INPUTS}
+        return {key: torch.cat([v.processed[key] for v in videos]) for key in videos[0].processed}

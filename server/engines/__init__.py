@@ -41,6 +41,7 @@ class EnginePrompt:
     prompt_ids: list[int]  # one image marker per image, one video marker per video
     images: list[Image.Image] = field(default_factory=list)
     videos: list[list[Image.Image]] = field(default_factory=list)  # each video's frames, all of one size
+    video_fps: list[float | None] = field(default_factory=list)  # each video's sampling rate (VideoRef.fps)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from runtime.families import family_of
-from runtime.image_tokens import ImageTokens, VideoShape, complete_pixel_budgets
+from runtime.image_tokens import ImageTokens, VideoShape, complete_pixel_budgets, video_metadata
 from runtime.torchvision_compat import load_processor
 from server.engines import EnginePrompt
 
@@ -122,11 +122,14 @@ class ModelProcessing:
                      if k not in ("input_ids", "attention_mask", *PER_TOKEN_INPUTS)}
         with_videos = [p for p in prompts if p.videos]
         if with_videos:
-            # The video processor's inputs (pixel_values_videos, video_grid_thw), videos in the order their
-            # markers come, each a list of frames: the frames the client sampled, none resampled here.
+            # The video processor's inputs (pixel_values_videos, video_grid_thw, Qwen2.5-VL's second_per_grid_ts),
+            # videos in the order their markers come, each a list of frames: the frames the client sampled, none
+            # resampled here, with their timing.
             motion = self.processor(text=[self.images.video_marker * len(p.videos) for p in with_videos],
-                                    videos=[v for p in with_videos for v in p.videos], return_tensors="pt",
-                                    padding=True, **self.mm_kwargs)
+                                    videos=[v for p in with_videos for v in p.videos],
+                                    video_metadata=[video_metadata(len(v), fps) for p in with_videos
+                                                    for v, fps in zip(p.videos, p.video_fps, strict=True)],
+                                    return_tensors="pt", padding=True, **self.mm_kwargs)
             extra |= {k: v.to(device) for k, v in motion.items()
                       if k not in ("input_ids", "attention_mask", *PER_TOKEN_INPUTS)}
         if self.token_types is not None:

@@ -12,6 +12,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from protocol import SamplingParams
+from runtime import mrope
 from server.engines import Engine, EngineCompletion, EnginePrompt
 from server.engines.processing import ModelProcessing
 
@@ -73,6 +74,7 @@ class TransformersEngine(Engine):
         if self.device == "cpu" and dtype == "auto":
             dtype = torch.float32  # half precision on CPU is slow and diverges from fp32 references
         cls = AutoModelForImageTextToText if self.processing.is_vlm else AutoModelForCausalLM
+        mrope.install()  # a video's positions as vLLM's (and the trainer's)
         self.model = cls.from_pretrained(self.model_path, dtype=dtype,
                                           trust_remote_code=self.trust_remote_code).to(self.device).eval()
         self.image_token_id = self.processing.image_token_id

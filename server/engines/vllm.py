@@ -16,11 +16,11 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from protocol import SamplingParams
 from runtime import kv_cache
+from runtime.image_tokens import vllm_video
 from runtime.torchvision_compat import inspect_vllm_models_here
 from server.engines import (
     Engine,
@@ -200,9 +200,7 @@ class VLLMEngine(Engine):
         if prompt.images:
             data["image"] = prompt.images
         if prompt.videos:
-            # Each video as one (frames, height, width, 3) array: vLLM hands it to the same HF video processor
-            # unsampled, so its features and token count are the transformers engine's.
-            data["video"] = [np.stack([np.asarray(frame) for frame in video]) for video in prompt.videos]
+            data["video"] = [vllm_video(video, fps) for video, fps in zip(prompt.videos, prompt.video_fps, strict=True)]
         if data:
             request["multi_modal_data"] = data
         return request
