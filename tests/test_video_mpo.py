@@ -184,3 +184,18 @@ def test_a_max_length_that_cuts_video_tokens_stops_the_run_in_one_line(tiny_vlm,
     assert re.fullmatch(r"align-train: MPO batch: --max_length 40 cuts its prompts' video tokens \(\d+ of 200 left\): "
                         r"give a --max_length that holds them, or fewer video tokens \(--video_max_frames, "
                         r"--video_max_pixels, --video_total_pixels\)", message), message
+
+
+def test_a_qwen2_5_vl_batch_carries_each_videos_rate(clips, tmp_path):
+    """Qwen2.5-VL's positions read each video's timing: the preference collator gives the processor the rate each
+    video's frames were sampled at (the 4 fps clip at the budget's 4 fps, the frame list read as 4 fps), as SFT
+    and the server get it; the processor's own default would be 24 fps (1/12 s a temporal patch of 2 frames)."""
+    model = build(tmp_path / "qwen2_5_vl", "qwen2_5_vl", seed=0)
+    data = write_rows(tmp_path, [{"prompt": QUESTION, "video": str(clips / "right.mp4"), "chosen": "right",
+                                  "rejected": "left"},
+                                 {"prompt": QUESTION, "video": [str(clips / f"down{i}.png") for i in range(4)],
+                                  "chosen": "down", "rejected": "up"}])
+    trainer = mpo_trainer(model, data, tmp_path / "out")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    # chosen then rejected, each row's video once per copy: 2 frames a temporal patch at 4 fps, 0.5 s each
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx([0.5] * 4)
