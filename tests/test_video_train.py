@@ -313,11 +313,17 @@ def build_replay_model(out: Path) -> Path:
     return out
 
 
-def test_a_tool_that_returns_a_video_is_seen_by_the_next_turn_token_exact(tmp_path_factory, tmp_path, log_dir):
-    model = build_replay_model(tmp_path_factory.mktemp("replay_qwen2_vl"))
+@pytest.fixture(scope="module")
+def replay_model(tmp_path_factory) -> Path:
+    return build_replay_model(tmp_path_factory.mktemp("replay_qwen2_vl"))
+
+
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_a_tool_that_returns_a_video_is_seen_by_the_next_turn_token_exact(engine, replay_model, tmp_path, log_dir):
+    model = replay_model
     # a text row: the only video is the one the tool returns (the run's budget comes from the server)
     dataset = write_rows(tmp_path, [{"problem": REPLAY_QUESTION, "solution": "left"}])
-    server = ServerProcess(model, "transformers", log_dir=log_dir, extra=SERVE).wait_ready(600)
+    server = ServerProcess(model, engine, log_dir=log_dir, extra=SERVE).wait_ready(600)
     try:
         trainer = grpo(model, dataset, tmp_path / "out", "--max_steps", "1", "--per_device_train_batch_size", "2",
                        "--max_completion_length", "160", "--temperature", "0.1", "--tools",
