@@ -14,7 +14,6 @@ import json
 
 from trl.data_utils import prepare_multimodal_messages
 
-from runtime.image_tokens import video_metadata
 from trainer_client.video import VideoBudget, sample
 from trainer_client.video_training import video_frames_in
 
@@ -40,7 +39,7 @@ class AssistantTurnsCollator:
         # renders expand videos exactly as the whole conversation's. Each video's timing goes with it, as to
         # the server (Qwen2.5-VL's positions read it).
         videos = [v for c in conversations for v in video_frames_in(c)]
-        timing = {"video_metadata": [video_metadata(len(v), v.fps) for v in videos]} if videos else {}
+        timing = {"video_metadata": [v.metadata for v in videos]} if videos else {}
         return self.processor.apply_chat_template(
             conversations, tools=self.tools, add_generation_prompt=generation_prompt, tokenize=True,
             return_dict=True, return_tensors="pt",

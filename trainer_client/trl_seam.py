@@ -26,8 +26,6 @@ from trl import GRPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict, unsplit_pixel_values_by_grid
 
-from runtime.image_tokens import video_metadata
-
 log = logging.getLogger(__name__)
 
 
@@ -472,7 +470,7 @@ def _prompts_call_with_videos(processor, videos: list, outputs: list):
         if "images" not in kwargs:
             return cls.__call__(self, *args, **kwargs)
         # each video's timing with it, as SFT and the server give it (Qwen2.5-VL's positions read it)
-        timing = [video_metadata(len(v), getattr(v, "fps", None)) for v in videos]
+        timing = [v.metadata for v in videos]  # VideoFrames
         out = cls.__call__(self, *args, **kwargs, videos=videos, video_metadata=timing)
         outputs.append(out["input_ids"])  # before TRL's collator puts the cut sequences in its place
         return out

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from runtime.image_tokens import VideoShape
+from runtime.image_tokens import VideoShape, video_metadata
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ class VideoFrames(list):
     def shape(self) -> VideoShape:
         """What its expansion into video tokens depends on: its frame count and frame size."""
         return VideoShape(len(self), *self[0].size)
+
+    @property
+    def metadata(self) -> dict:
+        """Its timing as a processor takes it (`video_metadata=`): what Qwen2.5-VL's positions read."""
+        return video_metadata(len(self), self.fps)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from collections import deque
 
 import torch
 
-from runtime.image_tokens import video_metadata
 from trainer_client import trl_seam
 from trainer_client.sampler import image_tokens
 from trainer_client.video import VideoBudget, VideoError, VideoFrames, resolve_budget, sample
@@ -208,6 +207,6 @@ class VideoTraining(trl_seam.VideoSeam):
         for video in videos:
             if getattr(video, "processed", None) is None:
                 out = processor(text=[processor.video_token], videos=[list(video)],
-                                video_metadata=[video_metadata(len(video), video.fps)], return_tensors="pt")
+                                video_metadata=[video.metadata], return_tensors="pt")
                 video.processed = {k: v for k, v in out.items() if k in VIDEO_INPUTS}
         return {key: torch.cat([v.processed[key] for v in videos]) for key in videos[0].processed}
